@@ -1,0 +1,172 @@
+"""BYOL: Bootstrap Your Own Latent (Grill et al. 2020, arXiv:2006.07733).
+
+An online network (backbone, projector, predictor) predicts the projection that a target
+network (backbone and projector, an exponential moving average of the online ones) gives for
+the other view of the same image. No negatives; the predictor and the slowly moving target keep
+the representation from collapsing.
+
+Loss for a pair of views, summed over both directions (Section 3.2, eq. 2):
+
+    L = (2 - 2 cos(q(z1), z2')) + (2 - 2 cos(q(z2), z1'))
+
+where ``q`` is the predictor, ``z`` online projections and ``z'`` target projections. After each
+optimizer step the target moves: ``xi <- tau * xi + (1 - tau) * theta`` with ``tau`` rising from
+``tau_base`` to 1 on a cosine schedule.
+
+Run without a target network (``--target-update none``), the loss regresses onto the online
+network's own projections with the gradient stopped, which is SimSiam (Chen & He 2021).
+
+Usage::
+
+    sslplug run --plugin byol --set byol.tau_base=0.99
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import ClassVar
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import sslplug
+from sslplug import MLP, Encoder, Outputs, RunContext, TargetUpdate, Views
+
+
+def _unit_interval(instance: object, attribute: attrs.Attribute, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise sslplug.ConfigError(f"{attribute.name} must be between 0 and 1, got {value!r}")
+
+
+@attrs.define
+class BYOLSettings:
+    """BYOL's published recipe (Grill et al. 2020, Section 3.3 and Appendix B).
+
+    Projector and predictor: Linear(4096)-BN-ReLU-Linear(256). EMA rate from 0.996 to 1.
+    Augmentation (Table 6): crop scale 0.08-1, colour jitter 0.4/0.4/0.2/0.1 with p=0.8,
+    grayscale p=0.2, blur p=1.0 and 0.1, solarisation p=0.0 and 0.2 for the two views.
+    """
+
+    projector_hidden_dim: int = 4096
+    projection_dim: int = 256
+    predictor_hidden_dim: int = 4096
+    tau_base: float = attrs.field(default=0.996, validator=_unit_interval)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    jitter_prob: float = attrs.field(default=0.8, validator=_unit_interval)
+    grayscale_prob: float = attrs.field(default=0.2, validator=_unit_interval)
+    blur_prob: tuple[float, float] = (1.0, 0.1)
+    solarize_prob: tuple[float, float] = (0.0, 0.2)
+
+
+class BYOLEncoder(Encoder):
+    """Backbone, projector and predictor; all views pass through in one batched call."""
+
+    provides: ClassVar[frozenset[str]] = frozenset({"projection", "prediction"})
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, settings: BYOLSettings) -> None:
+        super().__init__(backbone, feature_dim)
+        self.projector = MLP(feature_dim, [settings.projector_hidden_dim], settings.projection_dim)
+        self.predictor = MLP(
+            settings.projection_dim, [settings.predictor_hidden_dim], settings.projection_dim
+        )
+
+    def forward(self, views: Views) -> Outputs:
+        sizes = [v.shape[0] for v in views.images]
+        features = self.backbone(torch.cat(views.images))
+        projections = self.projector(features)
+        predictions = self.predictor(projections)
+        return Outputs(
+            features=features.split(sizes),
+            projections=projections.split(sizes),
+            predictions=predictions.split(sizes),
+        )
+
+
+class BYOLTarget(TargetUpdate):
+    """The target network: a copy of the online backbone and projector, moved by EMA."""
+
+    requires: ClassVar[frozenset[str]] = frozenset({"projection"})
+    provides: ClassVar[frozenset[str]] = frozenset({"target_projection"})
+
+    def __init__(self, encoder: Encoder, tau_base: float) -> None:
+        super().__init__()
+        projector = getattr(encoder, "projector", None)
+        if not isinstance(projector, nn.Module):
+            raise sslplug.ComponentMismatchError(
+                f"the BYOL target update copies the encoder's backbone and projector, but the "
+                f"encoder {type(encoder).__name__} has no 'projector' module"
+            )
+        self.network = nn.Sequential(copy.deepcopy(encoder.backbone), copy.deepcopy(projector))
+        self.network.requires_grad_(False)
+        self.tau_base = tau_base
+
+    def forward(self, views: Views) -> Outputs:
+        sizes = [v.shape[0] for v in views.images]
+        return Outputs(projections=self.network(torch.cat(views.images)).split(sizes))
+
+    @torch.no_grad()
+    def step(self, encoder: Encoder, step: int, total_steps: int) -> dict[str, float]:
+        tau = sslplug.cosine_tau(self.tau_base, step, total_steps)
+        sslplug.ema_update(self.network, nn.Sequential(encoder.backbone, encoder.projector), tau)
+        return {"tau": tau}
+
+
+def regression_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """``2 - 2 cos(prediction, target)`` averaged over the batch (eq. 2 of the paper)."""
+    return (2.0 - 2.0 * F.cosine_similarity(prediction, target.detach(), dim=-1)).mean()
+
+
+class BYOLLoss(nn.Module):
+    """The symmetrised BYOL loss. Without a target network it uses the stop-gradient online
+    projections (SimSiam)."""
+
+    requires: ClassVar[frozenset[str]] = frozenset({"two_views", "projection", "prediction"})
+
+    def forward(
+        self, outputs: Outputs, views: Views, target: Outputs | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        p1, p2 = outputs.predictions[:2]
+        z1, z2 = (target if target is not None and target.projections else outputs).projections[:2]
+        loss = regression_loss(p1, z2) + regression_loss(p2, z1)
+        return loss, {"cosine": 1.0 - loss.detach() / 4.0}
+
+
+@sslplug.hookimpl
+def sslplug_settings() -> type:
+    return BYOLSettings
+
+
+@sslplug.hookimpl
+def sslplug_augmentation(settings: BYOLSettings, run: RunContext) -> tuple[nn.Module, nn.Module]:
+    return sslplug.byol_recipe(
+        run.image_size,
+        crop_scale=settings.crop_scale,
+        jitter=settings.jitter,
+        jitter_prob=settings.jitter_prob,
+        grayscale_prob=settings.grayscale_prob,
+        blur_prob=settings.blur_prob,
+        solarize_prob=settings.solarize_prob,
+    )
+
+
+@sslplug.hookimpl
+def sslplug_views(augmentations: tuple[nn.Module, ...]) -> sslplug.ViewGenerator:
+    return sslplug.MultiViewGenerator(augmentations)
+
+
+@sslplug.hookimpl
+def sslplug_encoder(settings: BYOLSettings, backbone: nn.Module, feature_dim: int) -> Encoder:
+    return BYOLEncoder(backbone, feature_dim, settings)
+
+
+@sslplug.hookimpl
+def sslplug_loss() -> nn.Module:
+    return BYOLLoss()
+
+
+@sslplug.hookimpl
+def sslplug_target_update(settings: BYOLSettings, encoder: Encoder) -> TargetUpdate:
+    return BYOLTarget(encoder, settings.tau_base)

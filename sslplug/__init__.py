@@ -1,0 +1,59 @@
+"""sslplug: self-supervised pre-training of image encoders, every method a plugin.
+
+The public API for plugin authors is what this module exports: the hook marker, the objects
+that flow between components, and the shared building blocks (augmentation recipes, heads,
+the EMA update). Built-in methods under ``plugins/`` import nothing else from the core.
+"""
+
+from __future__ import annotations
+
+from sslplug.augment import MultiViewGenerator, byol_recipe, denormalize, normalize, to_float
+from sslplug.components import (
+    CAPABILITIES,
+    Encoder,
+    Outputs,
+    TargetUpdate,
+    ViewGenerator,
+    Views,
+    per_view,
+)
+from sslplug.config import RunContext
+from sslplug.errors import (
+    CheckpointError,
+    ComponentMismatchError,
+    ConfigError,
+    DataError,
+    PluginError,
+    SslplugError,
+)
+from sslplug.hookspecs import hookimpl
+from sslplug.nn import MLP, cosine_tau, ema_update
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CAPABILITIES",
+    "MLP",
+    "CheckpointError",
+    "ComponentMismatchError",
+    "ConfigError",
+    "DataError",
+    "Encoder",
+    "MultiViewGenerator",
+    "Outputs",
+    "PluginError",
+    "RunContext",
+    "SslplugError",
+    "TargetUpdate",
+    "ViewGenerator",
+    "Views",
+    "__version__",
+    "byol_recipe",
+    "cosine_tau",
+    "denormalize",
+    "ema_update",
+    "hookimpl",
+    "normalize",
+    "per_view",
+    "to_float",
+]

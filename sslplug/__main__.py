@@ -1,0 +1,5 @@
+"""``python -m sslplug``, as torchrun needs."""
+
+from sslplug.cli import main
+
+raise SystemExit(main())

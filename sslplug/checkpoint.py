@@ -1,0 +1,77 @@
+"""Checkpoints: written atomically, read with ``weights_only=True`` so a file can never run code.
+
+A checkpoint is a dict of tensors and plain data holding everything needed to continue a run:
+the encoder, the loss and the target network, the optimizer and schedule, the step and epoch,
+the random-number states and the settings. It is written to a temporary file in the same folder
+and renamed over the old one, so a crash while writing leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sslplug.errors import CheckpointError
+
+__all__ = ["FORMAT", "VERSION", "load_checkpoint", "save_checkpoint"]
+
+FORMAT = "sslplug-checkpoint"
+VERSION = 1
+FILENAME = "last.pt"
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write ``state`` (plus the format marker) to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint``.
+
+    ``path`` may be a run folder, whose ``last.pt`` is read. Raises ``CheckpointError`` for a
+    missing file, one that is not a checkpoint, a truncated one, or one of another format.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.is_file():
+        raise CheckpointError(
+            f"no checkpoint at {str(path)!r}: give a run folder that holds {FILENAME} or a "
+            f"checkpoint file written by sslplug"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable sslplug checkpoint (truncated, corrupt, or another "
+            f"kind of file): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{str(path)!r} is a PyTorch file but not an sslplug checkpoint (no "
+            f"'format': {FORMAT!r} entry)"
+        )
+    if state.get("version") != VERSION:
+        raise CheckpointError(
+            f"{str(path)!r} has checkpoint version {state.get('version')!r}; this sslplug "
+            f"reads version {VERSION}"
+        )
+    return state

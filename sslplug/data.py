@@ -1,0 +1,472 @@
+"""Data sets as fixed-size uint8 images, and the loader that moves them to the device.
+
+Every data set is a ``DataSet`` with a train split (pre-training, and the kNN memory bank) and,
+when labelled, a test split (kNN queries). A split that fits in memory is one uint8 tensor
+``(N, C, H, W)``, decoded once; batches are slices of it. A larger image folder streams: images
+are decoded and resized in DataLoader workers every epoch. Either way the loader yields uint8
+batches on the device, where augmentation happens.
+
+Sources:
+
+* ``shapes``, the embedded default: ten classes of geometric shapes drawn procedurally, with
+  colours, textures, positions, sizes and orientations that vary at random and carry no
+  information about the class. No download; the same images on every machine.
+* ``cifar10``, ``cifar100``, ``stl10`` through torchvision, downloaded only when asked.
+* any image folder: class subfolders (labelled) or a flat folder (unlabelled), with optional
+  ``train/`` and ``test/`` subfolders.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+import torchvision
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from sslplug.config import DataSettings
+from sslplug.errors import DataError
+
+__all__ = [
+    "BUILTIN",
+    "IMAGE_EXTENSIONS",
+    "DataSet",
+    "ImageFolder",
+    "Loader",
+    "Split",
+    "load_data",
+    "make_shapes",
+]
+
+log = logging.getLogger(__name__)
+
+BUILTIN = ("shapes", "cifar10", "cifar100", "stl10")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+SHAPE_CLASSES = (
+    "disk", "ring", "square", "frame", "triangle", "plus", "half_disk", "two_dots", "stripes", "bar",
+)  # fmt: skip
+
+
+@attrs.define
+class Split:
+    """One split: in memory (``images``) or streamed from disk (``source``)."""
+
+    labels: Tensor
+    images: Tensor | None = None
+    source: Dataset | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(len(self.labels)) and bool((self.labels >= 0).all())
+
+
+@attrs.define
+class DataSet:
+    name: str
+    train: Split
+    test: Split | None
+    image_size: int
+    classes: tuple[str, ...] = ()
+    skipped: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# ------------------------------------------------------------------------------------------
+# the embedded default
+
+
+def _shape_masks(label: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """Boolean masks ``(N, H, W)``: shape ``label[i]`` in the rotated, scaled frame ``(x, y)``."""
+    r = torch.sqrt(x**2 + y**2)
+    box = torch.maximum(x.abs(), y.abs())
+    masks = torch.stack(
+        [
+            r < 1.0,
+            (r > 0.55) & (r < 1.0),
+            box < 0.8,
+            (box > 0.45) & (box < 0.85),
+            (y > -0.5) & (math.sqrt(3.0) * x.abs() + y < 1.0),
+            ((x.abs() < 0.3) & (y.abs() < 0.95)) | ((y.abs() < 0.3) & (x.abs() < 0.95)),
+            (r < 1.0) & (y > 0.0),
+            ((x - 0.55) ** 2 + y**2 < 0.16) | ((x + 0.55) ** 2 + y**2 < 0.16),
+            (r < 1.0) & (torch.cos(x * 2.5 * math.pi) > 0.0),
+            (x.abs() < 1.0) & (y.abs() < 0.3),
+        ],
+        dim=1,
+    )
+    return masks[torch.arange(len(label)), label]
+
+
+def make_shapes(per_class: int, seed: int, size: int = 32) -> tuple[Tensor, Tensor]:
+    """Draw ``per_class`` images of each of the ten shape classes: ``(uint8 images, labels)``.
+
+    Colour of shape and background, a low-frequency background texture, position, size,
+    orientation and pixel noise are random and independent of the class, so the class is in the
+    shape alone. A randomly initialised network's features mostly encode colour and brightness,
+    which is why it does poorly here; invariance to colour and crop, which the BYOL and SimCLR
+    augmentations teach, is what the task rewards.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = per_class * len(SHAPE_CLASSES)
+    label = torch.arange(len(SHAPE_CLASSES)).repeat_interleave(per_class)
+    label = label[torch.randperm(n, generator=g)]
+
+    def uniform(lo: float, hi: float, *shape: int) -> Tensor:
+        return lo + (hi - lo) * torch.rand(*shape, generator=g)
+
+    grid = torch.linspace(-1.0, 1.0, size)
+    v, u = torch.meshgrid(grid, grid, indexing="ij")
+    cx, cy = uniform(-0.35, 0.35, n, 1, 1), uniform(-0.35, 0.35, n, 1, 1)
+    scale = uniform(0.4, 0.7, n, 1, 1)
+    angle = uniform(0.0, 2 * math.pi, n, 1, 1)
+    du, dv = u - cx, v - cy
+    x = (du * torch.cos(angle) + dv * torch.sin(angle)) / scale
+    y = (-du * torch.sin(angle) + dv * torch.cos(angle)) / scale
+    mask = _shape_masks(label, x, y).unsqueeze(1).float()
+
+    background = torch.rand(n, 3, 1, 1, generator=g)
+    foreground = torch.rand(n, 3, 1, 1, generator=g)
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    weak = ((foreground - background) * luma).sum(1, keepdim=True).abs() < 0.25
+    foreground = torch.where(weak, 1.0 - background, foreground)
+    texture = torch.nn.functional.interpolate(
+        torch.randn(n, 3, 4, 4, generator=g), size=(size, size), mode="bilinear"
+    )
+    image = background * (1 + 0.25 * texture) * (1 - mask) + foreground * mask
+    image = image + 0.04 * torch.randn(n, 3, size, size, generator=g)
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8), label
+
+
+def _shapes() -> DataSet:
+    train, train_labels = make_shapes(per_class=500, seed=0)
+    test, test_labels = make_shapes(per_class=100, seed=1)
+    return DataSet(
+        name="shapes",
+        train=Split(images=train, labels=train_labels),
+        test=Split(images=test, labels=test_labels),
+        image_size=32,
+        classes=SHAPE_CLASSES,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# torchvision data sets
+
+
+def _torchvision(name: str, settings: DataSettings) -> DataSet:
+    root = Path(settings.root or Path.home() / ".cache" / "sslplug" / "datasets").expanduser()
+    splits: dict[str, Split] = {}
+    classes: tuple[str, ...] = ()
+    for split in ("train", "test"):
+        try:
+            if name == "stl10":
+                ds = torchvision.datasets.STL10(str(root), split=split, download=settings.download)
+                images = torch.from_numpy(ds.data)
+                labels = torch.as_tensor(ds.labels, dtype=torch.int64)
+            else:
+                cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+                ds = cls(str(root), train=split == "train", download=settings.download)
+                images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+                labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+        except RuntimeError as exc:
+            raise DataError(
+                f"{name} was not found under {str(root)!r} ({exc}). Put it there, point "
+                f"data.root at a folder that holds it, or add --set data.download=true to "
+                f"download it (needs internet)"
+            ) from None
+        except OSError as exc:
+            raise DataError(f"could not download or read {name} under {str(root)!r}: {exc}") from None
+        classes = tuple(ds.classes)
+        splits[split] = Split(images=images, labels=labels)
+    size = splits["train"].images.shape[-1]
+    if settings.image_size and settings.image_size != size:
+        splits = {k: Split(images=_resize(s.images, settings.image_size), labels=s.labels) for k, s in splits.items()}
+        size = settings.image_size
+    return DataSet(name=name, train=splits["train"], test=splits["test"], image_size=size, classes=classes)
+
+
+def _resize(images: Tensor, size: int) -> Tensor:
+    from torchvision.transforms.v2 import functional as F
+
+    return torch.cat([F.resize(chunk, [size, size], antialias=True) for chunk in images.split(1024)])
+
+
+# ------------------------------------------------------------------------------------------
+# image folders
+
+
+def _decode(path: Path) -> Tensor:
+    """Read an image file as uint8 RGB ``(3, H, W)``: grayscale, palette, RGBA and 16-bit too."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    try:
+        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        if image.dtype != torch.uint8:  # 16-bit PNG
+            image = (image.to(torch.int32) // 257).to(torch.uint8)
+        return image
+    except (RuntimeError, ValueError):
+        from PIL import Image
+
+        with Image.open(path) as pil:
+            pil.load()
+            if pil.mode in ("I;16", "I;16B", "I", "F"):
+                pil = pil.point(lambda v: v / 256).convert("L")
+            array = torch.frombuffer(bytearray(pil.convert("RGB").tobytes()), dtype=torch.uint8)
+            return array.view(pil.height, pil.width, 3).permute(2, 0, 1).contiguous()
+
+
+def _fit(image: Tensor, size: int) -> Tensor:
+    """Resize the shorter side to ``size`` and crop the centre square."""
+    from torchvision.transforms.v2 import functional as F
+
+    image = F.resize(image, size, antialias=True)
+    return F.center_crop(image, [size, size])
+
+
+class ImageFolder(Dataset):
+    """Image files with labels; ``__getitem__`` gives ``(uint8 (3, size, size), label)``, or
+    ``None`` for a file that cannot be decoded (counted and skipped by the loader)."""
+
+    def __init__(self, files: list[Path], labels: list[int], size: int, strict: bool) -> None:
+        self.files, self.labels, self.size, self.strict = files, labels, size, strict
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
+        path = self.files[index]
+        try:
+            image = _decode(path)
+        except Exception as exc:
+            if self.strict:
+                raise DataError(
+                    f"cannot read image {str(path)!r}: {exc}. Remove the file, or set "
+                    f"data.strict=false to skip unreadable images"
+                ) from None
+            log.warning("skipping unreadable image %s: %s", path, exc)
+            return None
+        return _fit(image, self.size), self.labels[index]
+
+
+def _collate(items: list[tuple[Tensor, int] | None]) -> tuple[Tensor, Tensor, int]:
+    good = [item for item in items if item is not None]
+    skipped = len(items) - len(good)
+    if not good:
+        return torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), skipped
+    images = torch.stack([img for img, _ in good])
+    return images, torch.tensor([lab for _, lab in good], dtype=torch.int64), skipped
+
+
+def _scan(folder: Path) -> tuple[list[Path], list[int], tuple[str, ...]]:
+    def images_in(d: Path) -> list[Path]:
+        return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+    class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and images_in(d))
+    if class_dirs:
+        files, labels = [], []
+        for index, d in enumerate(class_dirs):
+            found = images_in(d)
+            files += found
+            labels += [index] * len(found)
+        return files, labels, tuple(d.name for d in class_dirs)
+    files = images_in(folder)
+    return files, [-1] * len(files), ()
+
+
+def _image_folder(settings: DataSettings, seed: int) -> DataSet:
+    root = Path(settings.name).expanduser()
+    if (root / "train").is_dir():
+        parts = {"train": root / "train", "test": root / "test"}
+        if not parts["test"].is_dir():
+            del parts["test"]
+    else:
+        parts = {"train": root}
+    scanned = {name: _scan(folder) for name, folder in parts.items()}
+    files, labels, classes = scanned["train"]
+    if not files:
+        raise DataError(
+            f"no images found in {str(parts['train'])!r}: expected class subfolders of images, "
+            f"or image files ({', '.join(IMAGE_EXTENSIONS)}) directly in it"
+        )
+    if "test" in scanned and scanned["test"][2] and scanned["test"][2] != classes:
+        raise DataError(
+            f"the class folders of {str(parts['test'])!r} {scanned['test'][2]} differ from those "
+            f"of {str(parts['train'])!r} {classes}"
+        )
+    size = settings.image_size or _first_size(files)
+    lists = {"train": (files, labels)}
+    if "test" in scanned and scanned["test"][0]:
+        lists["test"] = scanned["test"][:2]
+    elif classes and settings.test_fraction > 0:
+        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_test = max(1, int(len(files) * settings.test_fraction))
+        held = set(order[:n_test])
+        lists["test"] = ([files[i] for i in sorted(held)], [labels[i] for i in sorted(held)])
+        lists["train"] = (
+            [f for i, f in enumerate(files) if i not in held],
+            [lab for i, lab in enumerate(labels) if i not in held],
+        )
+
+    total = sum(len(f) for f, _ in lists.values())
+    in_memory = total * 3 * size * size <= settings.cache_gb * 2**30
+    splits: dict[str, Split] = {}
+    skipped = 0
+    for name, (f, lab) in lists.items():
+        source = ImageFolder(f, lab, size, settings.strict)
+        if in_memory:
+            images, labels_t, n_bad = _decode_all(source, settings.workers)
+            skipped += n_bad
+            if not len(images):
+                raise DataError(f"none of the {len(f)} images under {str(root)!r} could be read")
+            splits[name] = Split(images=images, labels=labels_t)
+        else:
+            splits[name] = Split(labels=torch.tensor(lab, dtype=torch.int64), source=source)
+    if skipped:
+        log.warning("skipped %d unreadable image(s) under %s", skipped, root)
+    return DataSet(
+        name=str(root),
+        train=splits["train"],
+        test=splits.get("test") if classes else None,
+        image_size=size,
+        classes=classes,
+        skipped=skipped,
+    )
+
+
+def _first_size(files: list[Path]) -> int:
+    for path in files[:50]:
+        try:
+            return min(_decode(path).shape[-2:])
+        except Exception:
+            continue
+    raise DataError(f"none of the first images in {str(files[0].parent)!r} could be read")
+
+
+def _decode_all(source: ImageFolder, workers: int) -> tuple[Tensor, Tensor, int]:
+    loader = DataLoader(source, batch_size=256, num_workers=workers, collate_fn=_collate)
+    images, labels, skipped = [], [], 0
+    for batch, lab, bad in loader:
+        if len(batch):
+            images.append(batch)
+            labels.append(lab)
+        skipped += bad
+    if not images:
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), skipped
+    return torch.cat(images), torch.cat(labels), skipped
+
+
+def load_data(settings: DataSettings, seed: int = 0) -> DataSet:
+    """Load the data set that ``settings.name`` names; raise ``DataError`` when it cannot be."""
+    if settings.name == "shapes":
+        return _shapes()
+    if settings.name in ("cifar10", "cifar100", "stl10"):
+        return _torchvision(settings.name, settings)
+    path = Path(settings.name).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"data {settings.name!r} is neither a built-in data set ({', '.join(BUILTIN)}) "
+            f"nor an existing folder"
+        )
+    if not path.is_dir():
+        raise DataError(f"data {settings.name!r} is a file; give a folder of images")
+    return _image_folder(settings, seed)
+
+
+# ------------------------------------------------------------------------------------------
+# the loader
+
+
+class Loader:
+    """Yields ``(uint8 images, labels)`` batches on ``device``, and measures waiting for them.
+
+    ``wait_seconds`` accumulates the time spent producing batches (indexing or worker output
+    plus the transfer), which the engine reports as the data-wait share of step time.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        device: torch.device,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int = 0,
+        workers: int = 2,
+    ) -> None:
+        self.split, self.batch_size, self.device = split, batch_size, device
+        self.shuffle, self.drop_last, self.seed, self.workers = shuffle, drop_last, seed, workers
+        self.wait_seconds = 0.0
+        self.skipped = 0
+        self._pin = device.type == "cuda"
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The batches of one epoch; the order depends only on the seed and ``epoch``."""
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        if self.split.images is not None:
+            yield from self._from_memory(generator)
+        else:
+            yield from self._from_workers(generator)
+
+    def _to_device(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        if self._pin:
+            images, labels = images.pin_memory(), labels.pin_memory()
+        return (
+            images.to(self.device, non_blocking=True),
+            labels.to(self.device, non_blocking=True),
+        )
+
+    def _from_memory(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.split)
+        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        for b in range(len(self)):
+            start = time.perf_counter()
+            index = order[b * self.batch_size : (b + 1) * self.batch_size]
+            batch = self._to_device(self.split.images[index], self.split.labels[index])
+            self.wait_seconds += time.perf_counter() - start
+            yield batch
+
+    def _from_workers(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        loader = DataLoader(
+            self.split.source,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            drop_last=self.drop_last,
+            num_workers=self.workers,
+            collate_fn=_collate,
+            generator=generator,
+            pin_memory=self._pin,
+            persistent_workers=False,
+        )
+        iterator: Any = iter(loader)
+        while True:
+            start = time.perf_counter()
+            try:
+                images, labels, skipped = next(iterator)
+            except StopIteration:
+                return
+            self.skipped += skipped
+            if not len(images):
+                continue
+            batch = (
+                images.to(self.device, non_blocking=True),
+                labels.to(self.device, non_blocking=True),
+            )
+            self.wait_seconds += time.perf_counter() - start
+            yield batch

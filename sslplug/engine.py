@@ -1,0 +1,388 @@
+"""The training loop: set-up, steps, logging, checkpoints, resume and evaluation.
+
+``train(config, registry)`` builds the data, the backbone and the five components, checks them,
+and trains. After every epoch it writes ``last.pt`` atomically, so a crash or a kill loses at
+most the epoch in progress; ``train(..., resume=RUN_DIR)`` continues from it. The run folder
+holds ``settings.toml`` (the resolved settings), ``last.pt``, ``views.png`` (what the model
+sees), ``tensorboard/`` and, at the end, ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import tomli_w
+import torch
+import torchvision
+from torch import nn
+from tqdm import tqdm
+
+from sslplug.augment import denormalize
+from sslplug.checkpoint import FILENAME, load_checkpoint, save_checkpoint
+from sslplug.config import RunConfig, RunContext
+from sslplug.data import DataSet, Loader, load_data
+from sslplug.errors import CheckpointError, ConfigError, SslplugError
+from sslplug.evaluate import knn_accuracy
+from sslplug.nn import build_backbone
+from sslplug.optim import build_optimizer, warmup_cosine
+from sslplug.plugins import Components, PluginRegistry
+
+__all__ = ["NonFiniteLossError", "resolve_device", "train"]
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(SslplugError):
+    """The loss became NaN or infinite."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else the CPU; anything else must be a valid torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device {name!r} is not a device; valid: auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but CUDA is not available here; use cpu or auto")
+    return device
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _default_out(config: RunConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.components.plugin}-{stamp}"
+
+
+@attrs.define
+class _Run:
+    """What the loop holds; kept together so checkpointing sees all of it."""
+
+    config: RunConfig
+    context: RunContext
+    data: DataSet
+    components: Components
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    epoch: int = 0
+    step: int = 0
+    history: list[dict[str, float]] = attrs.Factory(list)
+    knn_baseline: float | None = None
+
+    def trained_modules(self) -> dict[str, nn.Module | None]:
+        return {
+            "encoder": self.components.encoder,
+            "loss": self.components.loss,
+            "target_update": self.components.target_update,
+        }
+
+    def state(self) -> dict[str, Any]:
+        modules = {k: (m.state_dict() if m is not None else None) for k, m in self.trained_modules().items()}
+        return {
+            **modules,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "rng": _rng_state(),
+            "settings": self.config.to_dict(),
+            "components": dict(self.context.components),
+            "history": self.history,
+            "knn_baseline": self.knn_baseline,
+            "feature_dim": self.components.encoder.feature_dim,
+        }
+
+    def restore(self, state: dict[str, Any], source: Path) -> None:
+        if state.get("components") != self.context.components:
+            raise CheckpointError(
+                f"{str(source)!r} was written by components {state.get('components')}, not "
+                f"{self.context.components}"
+            )
+        for key, module in self.trained_modules().items():
+            if module is None or state.get(key) is None:
+                continue
+            try:
+                module.load_state_dict(state[key])
+            except RuntimeError as exc:
+                first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+                raise CheckpointError(
+                    f"the {key} in {str(source)!r} does not match this run's model "
+                    f"(backbone {self.config.model.backbone!r}): {first}"
+                ) from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = list(state.get("history", []))
+        self.knn_baseline = state.get("knn_baseline")
+        _set_rng_state(state["rng"])
+
+
+def _write_settings(config: RunConfig, components: dict[str, str], out_dir: Path) -> None:
+    settings = config.to_dict()
+    settings["components"].update(components)
+    (out_dir / "settings.toml").write_text(tomli_w.dumps(settings))
+
+
+def _save_view_grid(views: Any, out_dir: Path, writer: Any) -> None:
+    rows = [denormalize(v[:8].float().cpu()) for v in views.images if v.dim() == 4]
+    if not rows:
+        return
+    grid = torchvision.utils.make_grid(torch.cat(rows), nrow=8, padding=1)
+    torchvision.utils.save_image(grid, out_dir / "views.png")
+    writer.add_image("views", grid, 0)
+
+
+def _evaluate(run: _Run, device: torch.device) -> float | None:
+    data = run.data
+    if data.test is None or not data.test.labelled or not data.train.labelled:
+        return None
+    settings = run.config.eval
+    return knn_accuracy(
+        run.components.encoder,
+        data.train,
+        data.test,
+        data.num_classes,
+        device,
+        k=settings.knn_k,
+        temperature=settings.knn_temperature,
+    )
+
+
+def train(
+    config: RunConfig,
+    registry: PluginRegistry,
+    resume: str | Path | None = None,
+) -> dict[str, Any]:
+    """Pre-train an encoder as ``config`` says; return the summary also written to ``summary.json``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    device = resolve_device(config.train.device)
+    checkpoint = load_checkpoint(resume) if resume is not None else None
+    out_dir = Path(resume) if resume is not None and Path(resume).is_dir() else None
+    out_dir = out_dir or Path(config.train.out or _default_out(config))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _seed_everything(config.train.seed)
+
+    data = load_data(config.data, seed=config.train.seed)
+    if len(data.train) < config.train.batch_size:
+        raise ConfigError(
+            f"train.batch_size {config.train.batch_size} is larger than the {len(data.train)} "
+            f"training images of {data.name!r}; use a batch size of at most {len(data.train)}"
+        )
+    loader = Loader(
+        data.train,
+        config.train.batch_size,
+        device,
+        shuffle=True,
+        drop_last=True,
+        seed=config.train.seed,
+        workers=config.data.workers,
+    )
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * config.train.epochs
+    context = RunContext(
+        config=config,
+        image_size=data.image_size,
+        channels=3,
+        num_classes=data.num_classes,
+        device=device,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        out_dir=out_dir,
+    )
+    backbone, feature_dim = build_backbone(config.model.backbone, data.image_size, config.model.cifar_stem)
+    components = registry.build(config, context, backbone, feature_dim)
+    for module in (components.views, components.encoder, components.loss, components.target_update):
+        if module is not None:
+            module.to(device)
+            if config.train.channels_last:
+                module.to(memory_format=torch.channels_last)
+
+    params = [components.encoder, components.loss]
+    optimizer = build_optimizer(config.optim, params)
+    warmup = round(config.optim.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total_steps))
+    run = _Run(config, context, data, components, optimizer, scheduler)
+    if checkpoint is not None:
+        run.restore(checkpoint, Path(resume))
+        log.info("resumed from %s at epoch %d, step %d", resume, run.epoch, run.step)
+    _write_settings(config, context.components, out_dir)
+
+    precision = config.train.precision
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if use_bf16
+        else contextlib.nullcontext()
+    )
+    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=run.step or None)
+    registry.run_start(context)
+    encoder, loss_fn, target_update = components.encoder, components.loss, components.target_update
+
+    if run.knn_baseline is None and config.eval.baseline and run.epoch == 0:
+        run.knn_baseline = _evaluate(run, device)
+        if run.knn_baseline is not None:
+            writer.add_scalar("knn/top1", run.knn_baseline, 0)
+            _print(f"kNN top-1 of the randomly initialised encoder: {run.knn_baseline:.2f}%")
+
+    progress = tqdm(
+        total=total_steps,
+        initial=run.step,
+        disable=not config.train.progress,
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+    run_start = time.perf_counter()
+    images_per_second: list[float] = []
+    wait_shares: list[float] = []
+    last_loss = float("nan")
+    try:
+        for epoch in range(run.epoch, config.train.epochs):
+            encoder.train()
+            loss_fn.train()
+            if target_update is not None:
+                target_update.train()
+            loader.wait_seconds = 0.0
+            epoch_start = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            window_start, window_images = time.perf_counter(), 0
+            for images, _ in loader.epoch(epoch):
+                with torch.no_grad():
+                    views = components.views(images)
+                if run.step == 0:
+                    _save_view_grid(views, out_dir, writer)
+                with autocast:
+                    outputs = encoder(views)
+                    target = None
+                    if target_update is not None:
+                        with torch.no_grad():
+                            target = target_update(views)
+                    loss, metrics = loss_fn(outputs, views, target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                target_metrics = (
+                    target_update.step(encoder, run.step, total_steps) if target_update is not None else {}
+                )
+                loss_sum += loss.detach()
+                run.step += 1
+                window_images += images.shape[0]
+                progress.update(1)
+                if run.step % config.train.log_every == 0:
+                    last_loss = loss.item()
+                    if not math.isfinite(last_loss):
+                        raise NonFiniteLossError(
+                            f"the loss is {last_loss} at step {run.step} (epoch {epoch + 1}); the "
+                            f"last good checkpoint is {str(out_dir / FILENAME)!r} at epoch {run.epoch}. "
+                            f"Lower optim.lr or check the components' settings"
+                        )
+                    elapsed = time.perf_counter() - window_start
+                    scalars = {
+                        "loss": last_loss,
+                        "lr": scheduler.get_last_lr()[0],
+                        "images_per_second": window_images / max(elapsed, 1e-9),
+                        **{k: float(v) for k, v in metrics.items()},
+                        **target_metrics,
+                    }
+                    for key, value in scalars.items():
+                        writer.add_scalar(f"train/{key}", value, run.step)
+                    registry.step_end(context, run.step, scalars)
+                    progress.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch + 1)
+                    window_start, window_images = time.perf_counter(), 0
+
+            epoch_seconds = time.perf_counter() - epoch_start
+            run.epoch = epoch + 1
+            mean_loss = (loss_sum / steps_per_epoch).item()
+            if not math.isfinite(mean_loss):
+                raise NonFiniteLossError(
+                    f"the mean loss of epoch {run.epoch} is {mean_loss}; the last good checkpoint "
+                    f"is {str(out_dir / FILENAME)!r} at epoch {run.epoch - 1}. Lower optim.lr"
+                )
+            epoch_metrics = {
+                "epoch": run.epoch,
+                "loss": mean_loss,
+                "images_per_second": steps_per_epoch * config.train.batch_size / epoch_seconds,
+                "data_wait_share": loader.wait_seconds / epoch_seconds,
+            }
+            images_per_second.append(epoch_metrics["images_per_second"])
+            wait_shares.append(epoch_metrics["data_wait_share"])
+            every = config.eval.every
+            if run.epoch == config.train.epochs or (every and run.epoch % every == 0):
+                top1 = _evaluate(run, device)
+                if top1 is not None:
+                    epoch_metrics["knn_top1"] = top1
+                    writer.add_scalar("knn/top1", top1, run.step)
+            for key in ("loss", "images_per_second", "data_wait_share"):
+                writer.add_scalar(f"epoch/{key}", epoch_metrics[key], run.epoch)
+            run.history.append(epoch_metrics)
+            save_checkpoint(run.state(), out_dir / FILENAME)
+            registry.epoch_end(context, run.epoch, epoch_metrics)
+            knn_text = f", kNN top-1 {epoch_metrics['knn_top1']:.2f}%" if "knn_top1" in epoch_metrics else ""
+            progress.write(
+                f"epoch {run.epoch}/{config.train.epochs}: loss {mean_loss:.4f}, "
+                f"{epoch_metrics['images_per_second']:.0f} img/s, "
+                f"data wait {100 * epoch_metrics['data_wait_share']:.1f}%{knn_text}"
+            )
+    finally:
+        progress.close()
+        writer.flush()
+
+    knn_points = [h for h in run.history if "knn_top1" in h]
+    summary = {
+        "run_dir": str(out_dir),
+        "data": data.name,
+        "backbone": config.model.backbone,
+        "components": dict(context.components),
+        "epochs": run.epoch,
+        "steps": run.step,
+        "final_loss": run.history[-1]["loss"] if run.history else None,
+        "knn_top1": knn_points[-1]["knn_top1"] if knn_points else None,
+        "knn_top1_random_init": run.knn_baseline,
+        "knn_history": [{"epoch": h["epoch"], "top1": h["knn_top1"]} for h in knn_points],
+        "images_per_second_median": statistics.median(images_per_second) if images_per_second else None,
+        "data_wait_share_median": statistics.median(wait_shares) if wait_shares else None,
+        "wall_seconds_this_session": time.perf_counter() - run_start,
+        "skipped_images": data.skipped,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for key in ("knn_top1", "knn_top1_random_init"):
+        if summary[key] is not None:
+            writer.add_scalar(f"summary/{key}", summary[key], run.step)
+    writer.close()
+    registry.run_end(context, summary)
+    return summary
+
+
+def _print(text: str) -> None:
+    tqdm.write(text, file=sys.stderr)

@@ -1,0 +1,167 @@
+"""The hook specifications: the contract between the sslplug core and its plugins.
+
+This module is the reference for plugin authors. A plugin is a module (or any object) with
+functions decorated ``@sslplug.hookimpl`` whose names match the specs below. It is registered
+under a name through the entry-point group ``sslplug``::
+
+    [project.entry-points.sslplug]
+    mymethod = "my_package.my_module"
+
+Component hooks (``sslplug_augmentation`` to ``sslplug_target_update``) are called once, at
+set-up, on exactly one plugin each: the one the user chose for that component (``--plugin``
+for all five, ``--augmentation``, ``--views``, ``--encoder``, ``--loss``, ``--target-update``
+for one). They return objects that the training loop then calls directly; no hook is called
+inside a step. A plugin may implement any subset of them.
+
+A hook implementation may accept any subset of the arguments a spec names, so a loss that needs
+no settings is simply ``def sslplug_loss(): ...``.
+
+``settings`` is always the settings object of the plugin whose hook is called: an instance of
+the class that plugin returned from ``sslplug_settings``, filled from the user's config and
+``--set NAME.key=value``; ``None`` for a plugin that declares no settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from sslplug.components import Encoder, TargetUpdate, ViewGenerator
+    from sslplug.config import RunContext
+
+PROJECT_NAME = "sslplug"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def sslplug_settings() -> type | None:
+    """Declare the plugin's settings.
+
+    Called once for every registered plugin, when plugins are loaded.
+
+    Return an attrs class (decorated with ``@attrs.define`` or ``@attrs.frozen``) whose fields
+    have defaults; the defaults are the method's published recipe, and the class docstring says
+    which paper and table they come from. Users change a field with ``--set NAME.field=value`` or
+    a ``[NAME]`` table in ``--config``. Fields may be ``bool``, ``int``, ``float``, ``str``, or a
+    ``tuple`` of those. Return ``None`` (or do not implement the hook) for no settings.
+    """
+
+
+@hookspec(firstresult=True)
+def sslplug_augmentation(settings: Any, run: RunContext) -> Sequence[nn.Module] | None:
+    """Build the augmentation pipelines, one per view.
+
+    Args:
+        settings: this plugin's settings.
+        run: image size, channels, device and other facts of the run.
+
+    Return a sequence of modules, one per view. Each maps a float batch ``(B, C, H, W)`` in
+    ``[0, 1]`` on the device to an augmented, normalised batch of shape
+    ``(B, C, run.image_size, run.image_size)``, drawing random parameters per sample (kornia
+    augmentations do). ``sslplug.augment`` has the standard recipes.
+    """
+
+
+@hookspec(firstresult=True)
+def sslplug_views(
+    settings: Any, run: RunContext, augmentations: Sequence[nn.Module]
+) -> ViewGenerator | None:
+    """Build the view generator.
+
+    Args:
+        settings: this plugin's settings.
+        run: facts of the run.
+        augmentations: the modules returned by the chosen ``sslplug_augmentation``.
+
+    Return a ``ViewGenerator``: a module mapping the loader's uint8 batch ``(B, C, H, W)``, on the
+    device, to ``Views``. Set its ``provides`` (``"two_views"`` and so on) so that the core can
+    check it against the encoder and the loss. ``sslplug.augment.MultiViewGenerator`` applies each
+    augmentation to the batch once and suits every method whose views are augmented copies.
+    """
+
+
+@hookspec(firstresult=True)
+def sslplug_encoder(settings: Any, run: RunContext, backbone: nn.Module, feature_dim: int) -> Encoder | None:
+    """Build the encoder: the backbone plus this method's heads.
+
+    Args:
+        settings: this plugin's settings.
+        run: facts of the run.
+        backbone: the network chosen with ``--backbone``, mapping ``(B, C, H, W)`` to
+            ``(B, feature_dim)``; already initialised.
+        feature_dim: the width of the backbone's output.
+
+    Return an ``Encoder`` (an ``nn.Module``) whose ``forward(views)`` returns ``Outputs``, whose
+    ``backbone`` attribute is the given backbone, and whose ``features(images)`` gives the
+    features of whole images used by evaluation. Declare what it fills in ``provides``.
+    """
+
+
+@hookspec(firstresult=True)
+def sslplug_loss(settings: Any, run: RunContext) -> nn.Module | None:
+    """Build the loss.
+
+    Args:
+        settings: this plugin's settings.
+        run: facts of the run.
+
+    Return an ``nn.Module`` whose ``forward(outputs, views, target)`` returns ``(loss, metrics)``:
+    a scalar tensor to minimise and a dict of detached scalar tensors to log. ``target`` is the
+    target update's ``Outputs``, or ``None`` when the run has no target network. Its parameters,
+    if any, are trained with the encoder's. Declare what it needs in ``requires``.
+    """
+
+
+@hookspec(firstresult=True)
+def sslplug_target_update(settings: Any, run: RunContext, encoder: Encoder) -> TargetUpdate | None:
+    """Build the target network and its update rule, or return ``None`` for none.
+
+    Args:
+        settings: this plugin's settings.
+        run: facts of the run.
+        encoder: the online encoder, already built; copy from it what the target needs.
+
+    Return a ``TargetUpdate`` (BYOL: an EMA copy of backbone and projector, updated by
+    ``step`` after every optimizer step), or ``None``. A plugin that does not implement this hook
+    gives a run without a target network, as does ``--target-update none``.
+    """
+
+
+@hookspec
+def sslplug_run_start(run: RunContext) -> None:
+    """Called on every registered plugin once a run is set up, before its first step.
+
+    ``run.out_dir`` is the run folder; ``run.components`` names the plugin chosen for each
+    component. Loggers and callbacks open their files here.
+    """
+
+
+@hookspec
+def sslplug_step_end(run: RunContext, step: int, metrics: dict[str, float]) -> None:
+    """Called on every registered plugin after each optimizer step that is logged.
+
+    Called every ``train.log_every`` steps, not every step, so that reading the loss back from
+    the device does not stall the loop. ``metrics`` holds the loss, learning rate, images per
+    second and the metrics the loss and target update returned, as Python floats.
+    """
+
+
+@hookspec
+def sslplug_epoch_end(run: RunContext, epoch: int, metrics: dict[str, float]) -> None:
+    """Called on every registered plugin after each epoch's checkpoint is written.
+
+    ``epoch`` counts from 1. ``metrics`` holds the epoch's mean loss, throughput, the data-wait
+    share and, in epochs that evaluate, ``knn_top1``.
+    """
+
+
+@hookspec
+def sslplug_run_end(run: RunContext, summary: dict[str, Any]) -> None:
+    """Called on every registered plugin when a run ends normally, after ``summary.json`` is written."""

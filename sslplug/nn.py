@@ -1,0 +1,129 @@
+"""Backbones and heads shared by methods.
+
+``build_backbone`` gives a network mapping ``(B, 3, H, W)`` to pooled features ``(B, D)``:
+torchvision's ResNet-18/34/50 (with the CIFAR stem for small images: a 3x3 stride-1 first
+convolution and no max-pool, as in SimCLR's CIFAR experiments, Chen et al. 2020, Appendix B.9)
+or ``small``, a six-layer convolutional network that makes CPU runs practical.
+
+``MLP`` is the projector and predictor of SimCLR, BYOL and Barlow Twins.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from sslplug.errors import ConfigError
+
+__all__ = [
+    "BACKBONES",
+    "MLP",
+    "SmallConvNet",
+    "build_backbone",
+    "cosine_tau",
+    "ema_update",
+    "uses_cifar_stem",
+]
+
+BACKBONES = ("small", "resnet18", "resnet34", "resnet50")
+
+
+class MLP(nn.Sequential):
+    """Linear layers with batch norm and ReLU between them; none after the last by default.
+
+    ``MLP(512, [4096], 256)`` is BYOL's projector: Linear-BN-ReLU-Linear (Grill et al. 2020,
+    Section 3.3). ``last_batch_norm`` adds an affine-free BN after the last layer, as Barlow
+    Twins' and SimSiam's projectors do.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dims: Sequence[int],
+        out_dim: int,
+        last_batch_norm: bool = False,
+    ) -> None:
+        layers: list[nn.Module] = []
+        dims = [in_dim, *hidden_dims]
+        for d_in, d_out in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+        layers.append(nn.Linear(dims[-1], out_dim, bias=not last_batch_norm))
+        if last_batch_norm:
+            layers.append(nn.BatchNorm1d(out_dim, affine=False))
+        super().__init__(*layers)
+        self.out_dim = out_dim
+
+
+def _conv_bn(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+    return [
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    ]
+
+
+class SmallConvNet(nn.Module):
+    """Four 3x3 conv-BN-ReLU layers (widths w, 2w, 4w, 8w; stride 2 from the second on) and
+    global average pooling: about 98k parameters and 128 features at ``width=16``.
+
+    Small enough to pre-train for a few minutes on two CPU cores, deep enough that pre-training
+    beats a random initialisation by a wide margin.
+    """
+
+    def __init__(self, in_channels: int = 3, width: int = 16) -> None:
+        super().__init__()
+        w = width
+        plan = [(in_channels, w, 1), (w, 2 * w, 2), (2 * w, 4 * w, 2), (4 * w, 8 * w, 2)]
+        self.features = nn.Sequential(
+            *[m for c_in, c_out, s in plan for m in _conv_bn(c_in, c_out, s)]
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.out_dim = 8 * w
+
+    def forward(self, images: Tensor) -> Tensor:
+        return torch.flatten(self.pool(self.features(images)), 1)
+
+
+def uses_cifar_stem(cifar_stem: str, image_size: int) -> bool:
+    """``auto`` picks the CIFAR stem for images of 64 px or less."""
+    if cifar_stem == "auto":
+        return image_size <= 64
+    return cifar_stem == "on"
+
+
+def build_backbone(name: str, image_size: int, cifar_stem: str = "auto") -> tuple[nn.Module, int]:
+    """The backbone ``name`` and the width of its pooled output, randomly initialised."""
+    if name == "small":
+        net = SmallConvNet()
+        return net, net.out_dim
+    if name not in BACKBONES:
+        raise ConfigError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
+    net = getattr(torchvision.models, name)(weights=None)
+    if uses_cifar_stem(cifar_stem, image_size):
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    feature_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, feature_dim
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
+    """``target <- tau * target + (1 - tau) * online`` for parameters; buffers (batch-norm
+    statistics) are copied. ``target`` and ``online`` must have the same structure."""
+    target_params = list(target.parameters())
+    online_params = [p.detach() for p in online.parameters()]
+    torch._foreach_lerp_(target_params, online_params, 1.0 - tau)
+    for t, o in zip(target.buffers(), online.buffers()):
+        t.copy_(o)
+
+
+def cosine_tau(tau_base: float, step: int, total_steps: int) -> float:
+    """BYOL's EMA rate: ``1 - (1 - tau_base) * (cos(pi * step / total_steps) + 1) / 2``, rising
+    from ``tau_base`` at the first step to 1 at the last (Grill et al. 2020, Section 3.2)."""
+    progress = min(1.0, step / max(1, total_steps))
+    return 1.0 - (1.0 - tau_base) * (math.cos(math.pi * progress) + 1.0) / 2.0
