@@ -28,6 +28,7 @@ from typing import Any
 import attrs
 import torch
 import torchvision
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -113,9 +114,11 @@ def _shape_masks(label: Tensor, x: Tensor, y: Tensor) -> Tensor:
 def make_shapes(per_class: int, seed: int, size: int = 32) -> tuple[Tensor, Tensor]:
     """Draw ``per_class`` images of each of the ten shape classes: ``(uint8 images, labels)``.
 
-    Colour of shape and background, a low-frequency background texture, position, size,
-    orientation and pixel noise are random and independent of the class, so the class is in the
-    shape alone. A randomly initialised network's features mostly encode colour and brightness,
+    Colour of shape and background, position, size, orientation and pixel noise are random and
+    independent of the class, so the class is in the shape alone. The background is flat on
+    purpose: a textured one gives two crops of an image a shared pattern that identifies the
+    image without saying anything about its class, and self-supervised methods learn that
+    shortcut instead of the shape. A randomly initialised network's features mostly encode colour and brightness,
     which is why it does poorly here; invariance to colour and crop, which the BYOL and SimCLR
     augmentations teach, is what the task rewards.
     """
@@ -129,24 +132,22 @@ def make_shapes(per_class: int, seed: int, size: int = 32) -> tuple[Tensor, Tens
 
     grid = torch.linspace(-1.0, 1.0, size)
     v, u = torch.meshgrid(grid, grid, indexing="ij")
-    cx, cy = uniform(-0.35, 0.35, n, 1, 1), uniform(-0.35, 0.35, n, 1, 1)
-    scale = uniform(0.4, 0.7, n, 1, 1)
+    cx, cy = uniform(-0.2, 0.2, n, 1, 1), uniform(-0.2, 0.2, n, 1, 1)
+    scale = uniform(0.6, 0.85, n, 1, 1)
     angle = uniform(0.0, 2 * math.pi, n, 1, 1)
     du, dv = u - cx, v - cy
     x = (du * torch.cos(angle) + dv * torch.sin(angle)) / scale
     y = (-du * torch.sin(angle) + dv * torch.cos(angle)) / scale
     mask = _shape_masks(label, x, y).unsqueeze(1).float()
 
-    background = torch.rand(n, 3, 1, 1, generator=g)
-    foreground = torch.rand(n, 3, 1, 1, generator=g)
-    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-    weak = ((foreground - background) * luma).sum(1, keepdim=True).abs() < 0.25
-    foreground = torch.where(weak, 1.0 - background, foreground)
-    texture = torch.nn.functional.interpolate(
-        torch.randn(n, 3, 4, 4, generator=g), size=(size, size), mode="bilinear"
-    )
-    image = background * (1 + 0.25 * texture) * (1 - mask) + foreground * mask
-    image = image + 0.04 * torch.randn(n, 3, size, size, generator=g)
+    # grey levels with a weak random tint; shape and background at least 0.3 apart in brightness
+    background = uniform(0.0, 1.0, n, 1, 1, 1)
+    foreground = uniform(0.3, 1.0, n, 1, 1, 1)
+    foreground = torch.where(background > 0.5, background - foreground * background, background + foreground * (1 - background))
+    tint = uniform(-0.15, 0.15, n, 3, 1, 1)
+    background, foreground = background + tint, foreground + tint
+    image = background * (1 - mask) + foreground * mask
+    image = image + 0.06 * torch.randn(n, 3, size, size, generator=g)
     return (image.clamp(0, 1) * 255).round().to(torch.uint8), label
 
 
@@ -210,22 +211,15 @@ def _resize(images: Tensor, size: int) -> Tensor:
 
 def _decode(path: Path) -> Tensor:
     """Read an image file as uint8 RGB ``(3, H, W)``: grayscale, palette, RGBA and 16-bit too."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-
-    try:
-        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-        if image.dtype != torch.uint8:  # 16-bit PNG
-            image = (image.to(torch.int32) // 257).to(torch.uint8)
-        return image
-    except (RuntimeError, ValueError):
-        from PIL import Image
-
-        with Image.open(path) as pil:
-            pil.load()
-            if pil.mode in ("I;16", "I;16B", "I", "F"):
-                pil = pil.point(lambda v: v / 256).convert("L")
-            array = torch.frombuffer(bytearray(pil.convert("RGB").tobytes()), dtype=torch.uint8)
-            return array.view(pil.height, pil.width, 3).permute(2, 0, 1).contiguous()
+    with Image.open(path) as pil:
+        pil.load()
+        if pil.mode in ("I;16", "I;16B", "I;16L", "I"):
+            pil = pil.point(lambda v: v / 256).convert("L")
+        elif pil.mode == "F":
+            pil = pil.convert("L")
+        rgb = pil.convert("RGB")
+        array = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+        return array.view(rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
 
 
 def _fit(image: Tensor, size: int) -> Tensor:

@@ -29,7 +29,21 @@ NO_TARGET = "none"
 
 _HOOK_OF = {name: f"sslplug_{name}" for name in COMPONENTS}
 
+_RETURN_TYPE: dict[str, type | tuple[type, ...]] = {
+    "augmentation": (list, tuple),
+    "views": ViewGenerator,
+    "encoder": Encoder,
+    "loss": nn.Module,
+    "target_update": TargetUpdate,
+}
+
 log = logging.getLogger(__name__)
+
+
+def _describe(expected: type | tuple[type, ...]) -> str:
+    if isinstance(expected, tuple):
+        return "a list or tuple of augmentation modules, one per view"
+    return f"a {expected.__module__}.{expected.__qualname__}"
 
 
 @attrs.frozen
@@ -235,8 +249,14 @@ class PluginRegistry:
                 raise PluginError(
                     f"plugin {name!r} failed to build its {component}: {exc!r}"
                 ) from exc
-            if result is None and component != "target_update":
-                raise PluginError(f"plugin {name!r} returned None from {_HOOK_OF[component]}")
+            if result is None and component == "target_update":
+                return None
+            expected = _RETURN_TYPE[component]
+            if not isinstance(result, expected):
+                raise PluginError(
+                    f"plugin {name!r} returned {type(result).__name__} from "
+                    f"{_HOOK_OF[component]}; expected {_describe(expected)}"
+                )
             return result
 
         augmentations = tuple(call("augmentation", settings=settings("augmentation"), run=run))
@@ -260,27 +280,8 @@ class PluginRegistry:
             run.components["target_update"] = NO_TARGET
         loss = call("loss", settings=settings("loss"), run=run)
 
-        self._check_types(sources, views, encoder, loss, target_update)
         check_compatible(sources, views, encoder, loss, target_update)
         return Components(augmentations, views, encoder, loss, target_update, sources)
-
-    @staticmethod
-    def _check_types(
-        sources: dict[str, str], views: Any, encoder: Any, loss: Any, target: Any
-    ) -> None:
-        expected = [
-            ("views", views, ViewGenerator),
-            ("encoder", encoder, Encoder),
-            ("loss", loss, nn.Module),
-        ]
-        if target is not None:
-            expected.append(("target_update", target, TargetUpdate))
-        for component, obj, cls in expected:
-            if not isinstance(obj, cls):
-                raise PluginError(
-                    f"plugin {sources[component]!r} returned {type(obj).__name__} from "
-                    f"{_HOOK_OF[component]}; expected a {cls.__module__}.{cls.__qualname__}"
-                )
 
     # lifecycle -----------------------------------------------------------------------------
 

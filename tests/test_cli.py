@@ -1,0 +1,51 @@
+"""The command line: list, help, and bad input answered with a message instead of a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sslplug.cli import main
+
+
+def test_list_shows_byol_with_distribution_and_components(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    header, *rows = out.strip().splitlines()
+    assert header.split()[:3] == ["plugin", "distribution", "version"]
+    byol = next(row.split() for row in rows if row.startswith("byol"))
+    assert byol[1] == "sslplug" and byol[3:8] == ["x"] * 5
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        (["run", "--plugin", "simclr-typo"], "unknown plugin 'simclr-typo' for the augmentation.*Installed plugins: .*byol"),
+        (["run", "--set", "byol.tau=0.9"], "unknown key in \\[byol\\] 'tau'"),
+        (["run", "--set", "train.batch_size=big"], "train.batch_size must be int, got 'big'"),
+        (["run", "--backbone", "vgg"], "model.backbone must be one of 'small', 'resnet18'"),
+        (["run", "--device", "tpu"], "train.device 'tpu' is not a device"),
+        (["run", "--data", "/does/not/exist"], "neither a built-in data set"),
+        (["run", "--config", "/does/not/exist.toml"], "does not exist"),
+    ],
+)
+def test_bad_input_is_a_message_and_exit_code_2(args, pattern, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sslplug: error: ")
+    assert __import__("re").search(pattern, err), err
+
+
+def test_batch_larger_than_the_data_is_refused(shapes_folder, capsys):
+    assert main(["run", "--data", str(shapes_folder), "--batch-size", "1000", "--set", "data.workers=0"]) == 2
+    assert "larger than the 80 training images" in capsys.readouterr().err
+
+
+def test_console_script_help_runs():
+    result = subprocess.run(
+        [sys.executable, "-m", "sslplug", "run", "--help"], capture_output=True, text=True, check=True
+    )
+    for flag in ("--plugin", "--loss", "--target-update", "--set", "--epochs", "--resume", "--out"):
+        assert flag in result.stdout

@@ -1,0 +1,132 @@
+"""Data: the embedded default, image folders, torchvision offline, and the loader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sslplug.config import DataSettings
+from sslplug.data import Loader, Split, load_data, make_shapes
+from sslplug.errors import DataError
+
+from .conftest import write_images
+
+
+def test_shapes_are_deterministic_balanced_uint8():
+    a, la = make_shapes(per_class=20, seed=3)
+    b, lb = make_shapes(per_class=20, seed=3)
+    c, _ = make_shapes(per_class=20, seed=4)
+    assert a.dtype == torch.uint8 and a.shape == (200, 3, 32, 32)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    assert not torch.equal(a, c)
+    assert torch.bincount(la).tolist() == [20] * 10
+
+
+def test_shapes_colour_carries_no_class_information():
+    images, labels = make_shapes(per_class=200, seed=0)
+    mean_colour = images.float().mean(dim=(2, 3))
+    per_class = torch.stack([mean_colour[labels == k].mean(0) for k in range(10)])
+    # class means of colour differ far less than colours differ between images
+    assert per_class.std(0).max() < 0.25 * mean_colour.std(0).min()
+
+
+def test_default_data_has_labelled_train_and_test():
+    data = load_data(DataSettings())
+    assert data.name == "shapes" and data.image_size == 32 and data.num_classes == 10
+    assert len(data.train) == 5000 and len(data.test) == 1000
+    assert data.train.labelled and data.test.labelled
+
+
+def test_image_folder_with_splits_and_classes(shapes_folder):
+    data = load_data(DataSettings(name=str(shapes_folder), workers=0))
+    assert data.classes[:2] == ("bar", "disk")  # sorted folder names
+    assert data.train.images.shape == (80, 3, 32, 32) and data.train.images.dtype == torch.uint8
+    assert len(data.test) == 20 and data.test.labelled
+
+
+def test_image_folder_is_resized_to_a_fixed_size(shapes_folder):
+    data = load_data(DataSettings(name=str(shapes_folder), image_size=24, workers=0))
+    assert data.image_size == 24 and data.train.images.shape[-2:] == (24, 24)
+
+
+def test_flat_folder_is_unlabelled(tmp_path):
+    images, labels = make_shapes(per_class=1, seed=0)
+    write_images(images, labels, tmp_path, classes=False)
+    data = load_data(DataSettings(name=str(tmp_path), workers=0))
+    assert len(data.train) == 10 and data.test is None
+    assert not data.train.labelled and data.num_classes == 0
+
+
+def test_labelled_folder_without_test_split_holds_out_a_seeded_fraction(tmp_path):
+    images, labels = make_shapes(per_class=10, seed=0)
+    write_images(images, labels, tmp_path)
+    a = load_data(DataSettings(name=str(tmp_path), workers=0, test_fraction=0.2), seed=1)
+    b = load_data(DataSettings(name=str(tmp_path), workers=0, test_fraction=0.2), seed=1)
+    assert len(a.test) == 20 and len(a.train) == 80
+    assert torch.equal(a.test.images, b.test.images)
+
+
+def test_missing_and_empty_folders_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match=r"'nowhere' is neither a built-in data set \(shapes, cifar10"):
+        load_data(DataSettings(name="nowhere"))
+    with pytest.raises(DataError, match=r"no images found in .*expected class subfolders"):
+        load_data(DataSettings(name=str(tmp_path)))
+
+
+def _mixed_folder(root):
+    cls = root / "things"
+    cls.mkdir(parents=True)
+    rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(cls / "rgb.jpg")
+    Image.fromarray(rgb[..., 0]).save(cls / "gray.png")
+    Image.fromarray(np.dstack([rgb, np.full((20, 30), 128, np.uint8)])).save(cls / "rgba.png")
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(cls / "deep.png")
+    (cls / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    return cls
+
+
+def test_unreadable_images_are_skipped_and_counted_and_modes_converted(tmp_path):
+    _mixed_folder(tmp_path)
+    data = load_data(DataSettings(name=str(tmp_path), image_size=16, workers=0, test_fraction=0))
+    assert data.skipped == 1
+    assert data.train.images.shape == (4, 3, 16, 16)
+
+
+def test_strict_mode_names_the_unreadable_file(tmp_path):
+    _mixed_folder(tmp_path)
+    with pytest.raises(DataError, match=r"cannot read image '.*broken\.jpg'.*data\.strict=false"):
+        load_data(DataSettings(name=str(tmp_path), image_size=16, workers=0, strict=True))
+
+
+def test_large_folder_streams_through_workers(shapes_folder):
+    data = load_data(DataSettings(name=str(shapes_folder), workers=0, cache_gb=0.0))
+    assert data.train.images is None and data.train.source is not None
+    loader = Loader(data.train, 16, torch.device("cpu"), shuffle=True, drop_last=True, workers=0)
+    batches = list(loader.epoch(0))
+    assert len(batches) == 5
+    assert all(b.dtype == torch.uint8 and b.shape == (16, 3, 32, 32) for b, _ in batches)
+
+
+def test_torchvision_data_offline_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match=r"cifar10 was not found under .*data\.download=true"):
+        load_data(DataSettings(name="cifar10", root=str(tmp_path)))
+
+
+def test_loader_order_depends_on_seed_and_epoch_only():
+    split = Split(images=torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1).expand(100, 3, 2, 2).contiguous(),
+                  labels=torch.arange(100))
+    def order(seed, epoch):
+        loader = Loader(split, 10, torch.device("cpu"), shuffle=True, drop_last=True, seed=seed)
+        return torch.cat([lab for _, lab in loader.epoch(epoch)])
+
+    assert torch.equal(order(0, 1), order(0, 1))
+    assert not torch.equal(order(0, 1), order(0, 2))
+    assert sorted(order(0, 1).tolist()) == list(range(100))
+
+
+def test_loader_drops_the_last_partial_batch_only_when_asked():
+    split = Split(images=torch.zeros(25, 3, 2, 2, dtype=torch.uint8), labels=torch.zeros(25, dtype=torch.int64))
+    assert len(Loader(split, 10, torch.device("cpu"), True, drop_last=True)) == 2
+    assert len(Loader(split, 10, torch.device("cpu"), False, drop_last=False)) == 3

@@ -1,0 +1,119 @@
+"""The training loop end to end: what a run leaves, resume, and bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sslplug.checkpoint import load_checkpoint, save_checkpoint
+from sslplug.cli import main
+from sslplug.errors import CheckpointError
+
+
+def test_short_run_leaves_settings_checkpoint_logs_and_summary(fast_args, tmp_path):
+    assert main(fast_args) == 0
+    run = tmp_path / "run"
+    for name in ("settings.toml", "last.pt", "summary.json", "views.png"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["steps"] == 4
+    assert summary["components"]["loss"] == "byol"
+    assert 0 <= summary["knn_top1"] <= 100 and 0 <= summary["knn_top1_random_init"] <= 100
+    assert math.isfinite(summary["final_loss"])
+    assert 0 <= summary["data_wait_share_median"] < 1
+    state = load_checkpoint(run)
+    assert state["epoch"] == 2 and state["step"] == 4
+    assert state["target_update"] is not None and state["optimizer"]["state"]
+    assert "target_update = \"byol\"" in (run / "settings.toml").read_text()
+
+
+def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run)["encoder"]
+
+
+def test_resume_continues_exactly(fast_args, tmp_path):
+    full = [*fast_args[:-1], str(tmp_path / "full")]
+    assert main(full) == 0
+
+    half = list(fast_args)
+    half[half.index("--epochs") + 1] = "1"
+    half[-1] = str(tmp_path / "half")
+    assert main(half) == 0
+    assert load_checkpoint(tmp_path / "half")["epoch"] == 1
+    assert main(["run", "--resume", str(tmp_path / "half"), "--epochs", "2"]) == 0
+
+    resumed, straight = _final_weights(tmp_path / "half"), _final_weights(tmp_path / "full")
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], msg=key)
+    a = json.loads((tmp_path / "half" / "summary.json").read_text())
+    b = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-5)
+
+
+def test_resume_of_a_folder_without_a_run(tmp_path, capsys):
+    assert main(["run", "--resume", str(tmp_path)]) == 2
+    assert "no settings.toml there" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "pattern"),
+    [
+        (b"not a checkpoint at all", "not a readable sslplug checkpoint"),
+        ("truncated", "not a readable sslplug checkpoint"),
+        ("foreign", "not an sslplug checkpoint"),
+    ],
+)
+def test_corrupt_or_foreign_checkpoint_is_refused(fast_args, tmp_path, content, pattern, capsys):
+    one = list(fast_args)
+    one[one.index("--epochs") + 1] = "1"
+    assert main(one) == 0
+    path = tmp_path / "run" / "last.pt"
+    if content == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif content == "foreign":
+        torch.save({"model": torch.zeros(3)}, path)
+    else:
+        path.write_bytes(content)
+    assert main(["run", "--resume", str(tmp_path / "run"), "--epochs", "2"]) == 2
+    assert pattern in capsys.readouterr().err
+
+
+def test_checkpoint_from_another_backbone_is_refused(fast_args, tmp_path, capsys):
+    one = list(fast_args)
+    one[one.index("--epochs") + 1] = "1"
+    assert main(one) == 0
+    settings = tmp_path / "run" / "settings.toml"
+    settings.write_text(settings.read_text().replace('backbone = "small"', 'backbone = "resnet18"'))
+    assert main(["run", "--resume", str(tmp_path / "run"), "--epochs", "2"]) == 2
+    assert "does not match this run's model (backbone 'resnet18')" in capsys.readouterr().err
+
+
+def test_checkpoint_load_never_runs_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "sslplug-checkpoint", "version": 1, "x": Evil()}, path)
+    with pytest.raises(CheckpointError, match="not a readable sslplug checkpoint"):
+        load_checkpoint(path)
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"epoch": 1}, path)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
