@@ -121,7 +121,7 @@ class TrainSettings:
     the small backbone here) and on tensor cores.
     """
 
-    epochs: int = attrs.field(default=25, validator=_positive)
+    epochs: int = attrs.field(default=15, validator=_positive)
     batch_size: int = attrs.field(default=256, validator=_positive)
     device: str = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"
