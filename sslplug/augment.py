@@ -1,4 +1,4 @@
-"""Augmentation recipes as kornia modules that run batched on the device, and the generic view generator.
+"""Augmentation recipes as kornia modules, batched on the device, and the generic view generator.
 
 Every recipe maps a float batch ``(B, C, H, W)`` in ``[0, 1]`` to an augmented, normalised batch,
 drawing its random parameters per sample. Methods share these recipes, so a third-party plugin
@@ -39,7 +39,7 @@ def to_float(batch: Tensor) -> Tensor:
 
 
 def normalize(images: Tensor) -> Tensor:
-    """Standardise float images in ``[0, 1]`` with ``MEAN`` and ``STD``, as every recipe does last."""
+    """Standardise float images in ``[0, 1]`` with ``MEAN`` and ``STD`` (every recipe ends so)."""
     mean = images.new_tensor(MEAN[: images.shape[1]]).view(1, -1, 1, 1)
     std = images.new_tensor(STD[: images.shape[1]]).view(1, -1, 1, 1)
     return (images - mean) / std
@@ -96,9 +96,7 @@ def _two_view_pipeline(
     solarize_prob: float,
 ) -> nn.Module:
     steps: list[nn.Module] = [
-        K.RandomResizedCrop(
-            (image_size, image_size), scale=crop_scale, cropping_mode="resample"
-        ),
+        K.RandomResizedCrop((image_size, image_size), scale=crop_scale, cropping_mode="resample"),
         K.RandomHorizontalFlip(p=0.5),
         K.ColorJitter(*jitter, p=jitter_prob),
         K.RandomGrayscale(p=grayscale_prob),

@@ -57,11 +57,15 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     group = run.add_argument_group("components (plugin names; see `sslplug list`)")
-    group.add_argument("--plugin", help="plugin supplying every component not named below (default byol)")
+    group.add_argument(
+        "--plugin", help="plugin supplying every component not named below (default byol)"
+    )
     for component in COMPONENTS:
         flag = "--" + component.replace("_", "-")
         extra = "; 'none' for no target network" if component == "target_update" else ""
-        group.add_argument(flag, dest=component, help=f"plugin supplying the {component.replace('_', ' ')}{extra}")
+        group.add_argument(
+            flag, dest=component, help=f"plugin supplying the {component.replace('_', ' ')}{extra}"
+        )
     common = run.add_argument_group("settings")
     common.add_argument("--config", type=Path, help="TOML file with [section] tables of settings")
     common.add_argument(
@@ -74,12 +78,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--epochs", type=int)
     common.add_argument("--batch-size", type=int)
-    common.add_argument("--data", help="shapes (default), cifar10, cifar100, stl10, or an image folder")
+    common.add_argument(
+        "--data", help="shapes (default), cifar10, cifar100, stl10, or an image folder"
+    )
     common.add_argument("--backbone", help="small (default), resnet18, resnet34, resnet50")
     common.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     common.add_argument("--seed", type=int)
     common.add_argument("--out", help="run folder (default runs/PLUGIN-TIME)")
-    common.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    common.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last checkpoint",
+    )
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sub.add_parser("list", help="show installed plugins and the components each provides")
@@ -108,7 +119,13 @@ def _cmd_list(registry: PluginRegistry) -> int:
     for info in registry.info():
         marks = tuple("x" if c in info.components else "-" for c in COMPONENTS)
         rows.append(
-            (info.name, info.distribution or "?", info.version or "?", *marks, "yes" if info.has_settings else "-")
+            (
+                info.name,
+                info.distribution or "?",
+                info.version or "?",
+                *marks,
+                "yes" if info.has_settings else "-",
+            )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -132,9 +149,7 @@ def _cmd_run(args: argparse.Namespace, registry: PluginRegistry) -> int:
         import tomllib
 
         base = tomllib.loads(settings_file.read_text())
-    config = load_config(
-        args.config, _assignments(args), registry.settings_classes(), base=base
-    )
+    config = load_config(args.config, _assignments(args), registry.settings_classes(), base=base)
     summary = train(config, registry, resume=args.resume)
     _print_summary(summary)
     return 0

@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 BUILTIN = ("shapes", "cifar10", "cifar100", "stl10")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SHAPE_CLASSES = (
-    "disk", "ring", "square", "frame", "triangle", "plus", "half_disk", "two_dots", "stripes", "bar",
+    "disk", "ring", "square", "frame", "triangle",
+    "plus", "half_disk", "two_dots", "stripes", "bar",
 )  # fmt: skip
 
 
@@ -172,7 +173,11 @@ def _torchvision(name: str, settings: DataSettings) -> DataSet:
                 images = torch.from_numpy(ds.data)
                 labels = torch.as_tensor(ds.labels, dtype=torch.int64)
             else:
-                cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+                cls = (
+                    torchvision.datasets.CIFAR10
+                    if name == "cifar10"
+                    else torchvision.datasets.CIFAR100
+                )
                 ds = cls(str(root), train=split == "train", download=settings.download)
                 images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
                 labels = torch.as_tensor(ds.targets, dtype=torch.int64)
@@ -183,20 +188,29 @@ def _torchvision(name: str, settings: DataSettings) -> DataSet:
                 f"download it (needs internet)"
             ) from None
         except OSError as exc:
-            raise DataError(f"could not download or read {name} under {str(root)!r}: {exc}") from None
+            raise DataError(
+                f"could not download or read {name} under {str(root)!r}: {exc}"
+            ) from None
         classes = tuple(ds.classes)
         splits[split] = Split(images=images, labels=labels)
     size = splits["train"].images.shape[-1]
     if settings.image_size and settings.image_size != size:
-        splits = {k: Split(images=_resize(s.images, settings.image_size), labels=s.labels) for k, s in splits.items()}
+        splits = {
+            k: Split(images=_resize(s.images, settings.image_size), labels=s.labels)
+            for k, s in splits.items()
+        }
         size = settings.image_size
-    return DataSet(name=name, train=splits["train"], test=splits["test"], image_size=size, classes=classes)
+    return DataSet(
+        name=name, train=splits["train"], test=splits["test"], image_size=size, classes=classes
+    )
 
 
 def _resize(images: Tensor, size: int) -> Tensor:
     from torchvision.transforms.v2 import functional as F
 
-    return torch.cat([F.resize(chunk, [size, size], antialias=True) for chunk in images.split(1024)])
+    return torch.cat(
+        [F.resize(chunk, [size, size], antialias=True) for chunk in images.split(1024)]
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -253,14 +267,20 @@ def _collate(items: list[tuple[Tensor, int] | None]) -> tuple[Tensor, Tensor, in
     good = [item for item in items if item is not None]
     skipped = len(items) - len(good)
     if not good:
-        return torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), skipped
+        return (
+            torch.empty(0, 3, 0, 0, dtype=torch.uint8),
+            torch.empty(0, dtype=torch.int64),
+            skipped,
+        )
     images = torch.stack([img for img, _ in good])
     return images, torch.tensor([lab for _, lab in good], dtype=torch.int64), skipped
 
 
 def _scan(folder: Path) -> tuple[list[Path], list[int], tuple[str, ...]]:
     def images_in(d: Path) -> list[Path]:
-        return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        return sorted(
+            p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
 
     class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and images_in(d))
     if class_dirs:

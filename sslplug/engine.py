@@ -53,9 +53,13 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device {name!r} is not a device; valid: auto, cpu, cuda, cuda:N") from None
+        raise ConfigError(
+            f"train.device {name!r} is not a device; valid: auto, cpu, cuda, cuda:N"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {name!r} but CUDA is not available here; use cpu or auto")
+        raise ConfigError(
+            f"train.device is {name!r} but CUDA is not available here; use cpu or auto"
+        )
     return device
 
 
@@ -106,7 +110,10 @@ class _Run:
         }
 
     def state(self) -> dict[str, Any]:
-        modules = {k: (m.state_dict() if m is not None else None) for k, m in self.trained_modules().items()}
+        modules = {
+            k: (m.state_dict() if m is not None else None)
+            for k, m in self.trained_modules().items()
+        }
         return {
             **modules,
             "optimizer": self.optimizer.state_dict(),
@@ -133,7 +140,9 @@ class _Run:
             try:
                 module.load_state_dict(state[key])
             except RuntimeError as exc:
-                first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+                first = (
+                    str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+                )
                 raise CheckpointError(
                     f"the {key} in {str(source)!r} does not match this run's model "
                     f"(backbone {self.config.model.backbone!r}): {first}"
@@ -182,7 +191,7 @@ def train(
     registry: PluginRegistry,
     resume: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Pre-train an encoder as ``config`` says; return the summary also written to ``summary.json``."""
+    """Pre-train an encoder as ``config`` says; return the summary (also in ``summary.json``)."""
     from torch.utils.tensorboard import SummaryWriter
 
     device = resolve_device(config.train.device)
@@ -219,7 +228,9 @@ def train(
         total_steps=total_steps,
         out_dir=out_dir,
     )
-    backbone, feature_dim = build_backbone(config.model.backbone, data.image_size, config.model.cifar_stem)
+    backbone, feature_dim = build_backbone(
+        config.model.backbone, data.image_size, config.model.cifar_stem
+    )
     components = registry.build(config, context, backbone, feature_dim)
     for module in (components.views, components.encoder, components.loss, components.target_update):
         if module is not None:
@@ -240,9 +251,7 @@ def train(
     precision = config.train.precision
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if use_bf16
-        else contextlib.nullcontext()
+        torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     )
     writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=run.step or None)
     registry.run_start(context)
@@ -293,7 +302,9 @@ def train(
                 optimizer.step()
                 scheduler.step()
                 target_metrics = (
-                    target_update.step(encoder, run.step, total_steps) if target_update is not None else {}
+                    target_update.step(encoder, run.step, total_steps)
+                    if target_update is not None
+                    else {}
                 )
                 loss_sum += loss.detach()
                 run.step += 1
@@ -304,7 +315,8 @@ def train(
                     if not math.isfinite(last_loss):
                         raise NonFiniteLossError(
                             f"the loss is {last_loss} at step {run.step} (epoch {epoch + 1}); the "
-                            f"last good checkpoint is {str(out_dir / FILENAME)!r} at epoch {run.epoch}. "
+                            f"last good checkpoint is {str(out_dir / FILENAME)!r} at epoch "
+                            f"{run.epoch}. "
                             f"Lower optim.lr or check the components' settings"
                         )
                     elapsed = time.perf_counter() - window_start
@@ -348,7 +360,11 @@ def train(
             run.history.append(epoch_metrics)
             save_checkpoint(run.state(), out_dir / FILENAME)
             registry.epoch_end(context, run.epoch, epoch_metrics)
-            knn_text = f", kNN top-1 {epoch_metrics['knn_top1']:.2f}%" if "knn_top1" in epoch_metrics else ""
+            knn_text = (
+                f", kNN top-1 {epoch_metrics['knn_top1']:.2f}%"
+                if "knn_top1" in epoch_metrics
+                else ""
+            )
             progress.write(
                 f"epoch {run.epoch}/{config.train.epochs}: loss {mean_loss:.4f}, "
                 f"{epoch_metrics['images_per_second']:.0f} img/s, "
@@ -370,7 +386,9 @@ def train(
         "knn_top1": knn_points[-1]["knn_top1"] if knn_points else None,
         "knn_top1_random_init": run.knn_baseline,
         "knn_history": [{"epoch": h["epoch"], "top1": h["knn_top1"]} for h in knn_points],
-        "images_per_second_median": statistics.median(images_per_second) if images_per_second else None,
+        "images_per_second_median": statistics.median(images_per_second)
+        if images_per_second
+        else None,
         "data_wait_share_median": statistics.median(wait_shares) if wait_shares else None,
         "wall_seconds_this_session": time.perf_counter() - run_start,
         "skipped_images": data.skipped,

@@ -23,7 +23,7 @@ __all__ = ["extract_features", "knn_accuracy", "knn_predict"]
 def extract_features(
     encoder: Encoder, split: Split, device: torch.device, batch_size: int = 512, workers: int = 2
 ) -> tuple[Tensor, Tensor]:
-    """``encoder.features`` of every image of ``split`` (un-augmented, normalised) and the labels."""
+    """``encoder.features`` of every image of ``split`` (un-augmented, normalised), and labels."""
     was_training = encoder.training
     encoder.eval()
     loader = Loader(split, batch_size, device, shuffle=False, drop_last=False, workers=workers)
@@ -70,5 +70,7 @@ def knn_accuracy(
     """Top-1 kNN accuracy in percent of ``encoder.features`` on ``test``, memory bank ``train``."""
     train_features, train_labels = extract_features(encoder, train, device)
     test_features, test_labels = extract_features(encoder, test, device)
-    predicted = knn_predict(train_features, train_labels, test_features, num_classes, k, temperature)
+    predicted = knn_predict(
+        train_features, train_labels, test_features, num_classes, k, temperature
+    )
     return 100.0 * (predicted == test_labels).float().mean().item()

@@ -88,7 +88,9 @@ def sslplug_views(
 
 
 @hookspec(firstresult=True)
-def sslplug_encoder(settings: Any, run: RunContext, backbone: nn.Module, feature_dim: int) -> Encoder | None:
+def sslplug_encoder(
+    settings: Any, run: RunContext, backbone: nn.Module, feature_dim: int
+) -> Encoder | None:
     """Build the encoder: the backbone plus this method's heads.
 
     Args:
@@ -164,4 +166,4 @@ def sslplug_epoch_end(run: RunContext, epoch: int, metrics: dict[str, float]) ->
 
 @hookspec
 def sslplug_run_end(run: RunContext, summary: dict[str, Any]) -> None:
-    """Called on every registered plugin when a run ends normally, after ``summary.json`` is written."""
+    """Called on every registered plugin when a run ends normally, after ``summary.json``."""

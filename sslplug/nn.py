@@ -10,6 +10,7 @@ or ``small``, a six-layer convolutional network that makes CPU runs practical.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -49,8 +50,12 @@ class MLP(nn.Sequential):
     ) -> None:
         layers: list[nn.Module] = []
         dims = [in_dim, *hidden_dims]
-        for d_in, d_out in zip(dims[:-1], dims[1:]):
-            layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+        for d_in, d_out in itertools.pairwise(dims):
+            layers += [
+                nn.Linear(d_in, d_out, bias=False),
+                nn.BatchNorm1d(d_out),
+                nn.ReLU(inplace=True),
+            ]
         layers.append(nn.Linear(dims[-1], out_dim, bias=not last_batch_norm))
         if last_batch_norm:
             layers.append(nn.BatchNorm1d(out_dim, affine=False))

@@ -109,9 +109,7 @@ class PluginRegistry:
                 other = self._distributions[ep.name][0]
                 if other == dist:  # the same distribution seen twice on sys.path
                     continue
-                self._fail(
-                    ep.name, dist, f"the name is already taken by distribution {other!r}"
-                )
+                self._fail(ep.name, dist, f"the name is already taken by distribution {other!r}")
                 continue
             try:
                 plugin = ep.load()
@@ -162,9 +160,7 @@ class PluginRegistry:
     # queries -------------------------------------------------------------------------------
 
     def names(self) -> list[str]:
-        return sorted(
-            name for name, _ in self.pm.list_name_plugin() if name in self._distributions
-        )
+        return sorted(name for name, _ in self.pm.list_name_plugin() if name in self._distributions)
 
     def provides(self, name: str) -> tuple[str, ...]:
         """The components plugin ``name`` implements, in data-flow order."""
@@ -216,7 +212,9 @@ class PluginRegistry:
             return result[0] if result else None
         return result
 
-    def build(self, config: RunConfig, run: RunContext, backbone: nn.Module, feature_dim: int) -> Components:
+    def build(
+        self, config: RunConfig, run: RunContext, backbone: nn.Module, feature_dim: int
+    ) -> Components:
         """Build every component of a run and check that they fit together.
 
         Raises ``PluginError`` for an unknown plugin or one that does not provide a component

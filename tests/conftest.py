@@ -37,7 +37,9 @@ def registry() -> PluginRegistry:
     return reg
 
 
-def write_images(images: torch.Tensor, labels: torch.Tensor, root: Path, classes: bool = True) -> None:
+def write_images(
+    images: torch.Tensor, labels: torch.Tensor, root: Path, classes: bool = True
+) -> None:
     """Save uint8 images as PNG files, in class subfolders when ``classes``."""
     root.mkdir(parents=True, exist_ok=True)
     for index, (image, label) in enumerate(zip(images, labels)):

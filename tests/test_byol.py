@@ -14,6 +14,7 @@ from sslplug.nn import SmallConvNet, cosine_tau
 
 def reference_loss(p1, p2, z1, z2):
     """Eq. 2 of Grill et al. written out: ||p/|p| - z/|z|||^2 = 2 - 2cos, both directions."""
+
     def one(p, z):
         total = 0.0
         for a, b in zip(p.tolist(), z.tolist()):
@@ -86,7 +87,10 @@ def test_ema_moves_target_toward_online_by_one_minus_tau():
         for p in encoder.parameters():
             p.add_(1.0)
     before = [p.clone() for p in target.network.parameters()]
-    online = [p.clone() for p in list(encoder.backbone.parameters()) + list(encoder.projector.parameters())]
+    online = [
+        p.clone()
+        for p in list(encoder.backbone.parameters()) + list(encoder.projector.parameters())
+    ]
     metrics = target.step(encoder, step=0, total_steps=10)
     assert metrics["tau"] == pytest.approx(0.9)
     for old, new, on in zip(before, target.network.parameters(), online):

@@ -22,7 +22,10 @@ def test_list_shows_byol_with_distribution_and_components(capsys):
 @pytest.mark.parametrize(
     ("args", "pattern"),
     [
-        (["run", "--plugin", "simclr-typo"], "unknown plugin 'simclr-typo' for the augmentation.*Installed plugins: .*byol"),
+        (
+            ["run", "--plugin", "simclr-typo"],
+            "unknown plugin 'simclr-typo' for the augmentation.*Installed plugins: .*byol",
+        ),
         (["run", "--set", "byol.tau=0.9"], "unknown key in \\[byol\\] 'tau'"),
         (["run", "--set", "train.batch_size=big"], "train.batch_size must be int, got 'big'"),
         (["run", "--backbone", "vgg"], "model.backbone must be one of 'small', 'resnet18'"),
@@ -39,13 +42,21 @@ def test_bad_input_is_a_message_and_exit_code_2(args, pattern, capsys):
 
 
 def test_batch_larger_than_the_data_is_refused(shapes_folder, capsys):
-    assert main(["run", "--data", str(shapes_folder), "--batch-size", "1000", "--set", "data.workers=0"]) == 2
+    assert (
+        main(
+            ["run", "--data", str(shapes_folder), "--batch-size", "1000", "--set", "data.workers=0"]
+        )
+        == 2
+    )
     assert "larger than the 80 training images" in capsys.readouterr().err
 
 
 def test_console_script_help_runs():
     result = subprocess.run(
-        [sys.executable, "-m", "sslplug", "run", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "sslplug", "run", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     for flag in ("--plugin", "--loss", "--target-update", "--set", "--epochs", "--resume", "--out"):
         assert flag in result.stdout

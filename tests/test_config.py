@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import sslplug_byol as byol
 import pytest
+import sslplug_byol as byol
 import tomli_w
 
 from sslplug.config import RunConfig, load_config, parse_assignment
@@ -58,7 +58,9 @@ def test_unknown_key_lists_valid_keys_and_suggests_one():
 
 
 def test_unknown_section_lists_sections_including_plugins():
-    with pytest.raises(ConfigError, match=r"unknown settings section 'trian'.*Did you mean 'train'.*byol"):
+    with pytest.raises(
+        ConfigError, match=r"unknown settings section 'trian'.*Did you mean 'train'.*byol"
+    ):
         load_config(assignments=["trian.epochs=3"], plugin_settings=PLUGINS)
 
 
@@ -83,7 +85,7 @@ def test_bad_values_name_the_value_and_what_is_valid(assignment, pattern):
 
 def test_config_file_then_set(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('[train]\nepochs = 7\nbatch_size = 64\n[byol]\ntau_base = 0.98\n')
+    path.write_text("[train]\nepochs = 7\nbatch_size = 64\n[byol]\ntau_base = 0.98\n")
     config = load_config(path, ["train.epochs=9"], PLUGINS)
     assert (config.train.epochs, config.train.batch_size) == (9, 64)
     assert config.plugins["byol"].tau_base == 0.98

@@ -26,10 +26,13 @@ def test_shapes_are_deterministic_balanced_uint8():
 
 def test_shapes_differ_only_in_shape_not_in_brightness():
     images, labels = make_shapes(per_class=50, seed=0)
-    ground = images.float().flatten(1).median(dim=1).values / 255  # most pixels are background
-    assert (ground - 0.15).abs().max() < 0.06
-    per_class = torch.stack([ground[labels == k].mean() for k in range(10)])
-    assert per_class.std() < 0.01
+    pixels = images.float().mean(1).flatten(1) / 255
+    dark = torch.stack([row[row < 0.5].mean() for row in pixels])
+    light = torch.stack([row[row >= 0.5].mean() for row in pixels])
+    # every image: the same two levels, ground 0.15 and shape 0.85 (plus noise)
+    assert (dark - 0.15).abs().max() < 0.03 and (light - 0.85).abs().max() < 0.03
+    shape_share = (pixels >= 0.5).float().mean(1)
+    assert all(shape_share[labels == k].mean() < 0.6 for k in range(10))
 
 
 def test_default_data_has_labelled_train_and_test():
@@ -69,7 +72,9 @@ def test_labelled_folder_without_test_split_holds_out_a_seeded_fraction(tmp_path
 
 
 def test_missing_and_empty_folders_are_clear_errors(tmp_path):
-    with pytest.raises(DataError, match=r"'nowhere' is neither a built-in data set \(shapes, cifar10"):
+    with pytest.raises(
+        DataError, match=r"'nowhere' is neither a built-in data set \(shapes, cifar10"
+    ):
         load_data(DataSettings(name="nowhere"))
     with pytest.raises(DataError, match=r"no images found in .*expected class subfolders"):
         load_data(DataSettings(name=str(tmp_path)))
@@ -82,7 +87,7 @@ def _mixed_folder(root):
     Image.fromarray(rgb).save(cls / "rgb.jpg")
     Image.fromarray(rgb[..., 0]).save(cls / "gray.png")
     Image.fromarray(np.dstack([rgb, np.full((20, 30), 128, np.uint8)])).save(cls / "rgba.png")
-    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(cls / "deep.png")
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(cls / "deep.png")
     (cls / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
     return cls
 
@@ -115,8 +120,14 @@ def test_torchvision_data_offline_is_a_clear_error(tmp_path):
 
 
 def test_loader_order_depends_on_seed_and_epoch_only():
-    split = Split(images=torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1).expand(100, 3, 2, 2).contiguous(),
-                  labels=torch.arange(100))
+    split = Split(
+        images=torch.arange(100, dtype=torch.uint8)
+        .view(100, 1, 1, 1)
+        .expand(100, 3, 2, 2)
+        .contiguous(),
+        labels=torch.arange(100),
+    )
+
     def order(seed, epoch):
         loader = Loader(split, 10, torch.device("cpu"), shuffle=True, drop_last=True, seed=seed)
         return torch.cat([lab for _, lab in loader.epoch(epoch)])
@@ -127,6 +138,9 @@ def test_loader_order_depends_on_seed_and_epoch_only():
 
 
 def test_loader_drops_the_last_partial_batch_only_when_asked():
-    split = Split(images=torch.zeros(25, 3, 2, 2, dtype=torch.uint8), labels=torch.zeros(25, dtype=torch.int64))
+    split = Split(
+        images=torch.zeros(25, 3, 2, 2, dtype=torch.uint8),
+        labels=torch.zeros(25, dtype=torch.int64),
+    )
     assert len(Loader(split, 10, torch.device("cpu"), True, drop_last=True)) == 2
     assert len(Loader(split, 10, torch.device("cpu"), False, drop_last=False)) == 3

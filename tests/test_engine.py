@@ -12,6 +12,7 @@ import torch
 from sslplug.checkpoint import load_checkpoint, save_checkpoint
 from sslplug.cli import main
 from sslplug.errors import CheckpointError
+from sslplug.plugins import PluginRegistry
 
 
 def test_short_run_leaves_settings_checkpoint_logs_and_summary(fast_args, tmp_path):
@@ -29,23 +30,30 @@ def test_short_run_leaves_settings_checkpoint_logs_and_summary(fast_args, tmp_pa
     state = load_checkpoint(run)
     assert state["epoch"] == 2 and state["step"] == 4
     assert state["target_update"] is not None and state["optimizer"]["state"]
-    assert "target_update = \"byol\"" in (run / "settings.toml").read_text()
+    assert 'target_update = "byol"' in (run / "settings.toml").read_text()
+
+
+def _with(args: list[str], flag: str, value: str) -> list[str]:
+    out = list(args)
+    out[out.index(flag) + 1] = value
+    return out
 
 
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(run)["encoder"]
 
 
-def test_resume_continues_exactly(fast_args, tmp_path):
-    full = [*fast_args[:-1], str(tmp_path / "full")]
-    assert main(full) == 0
+def test_resume_after_a_kill_continues_exactly(fast_args, tmp_path, monkeypatch):
+    assert main(_with(fast_args, "--out", str(tmp_path / "full"))) == 0
 
-    half = list(fast_args)
-    half[half.index("--epochs") + 1] = "1"
-    half[-1] = str(tmp_path / "half")
-    assert main(half) == 0
+    def killed_after_first_epoch(self, run, epoch, metrics):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PluginRegistry, "epoch_end", killed_after_first_epoch)
+        assert main(_with(fast_args, "--out", str(tmp_path / "half"))) == 130
     assert load_checkpoint(tmp_path / "half")["epoch"] == 1
-    assert main(["run", "--resume", str(tmp_path / "half"), "--epochs", "2"]) == 0
+    assert main(["run", "--resume", str(tmp_path / "half")]) == 0
 
     resumed, straight = _final_weights(tmp_path / "half"), _final_weights(tmp_path / "full")
     for key in straight:
@@ -53,6 +61,7 @@ def test_resume_continues_exactly(fast_args, tmp_path):
     a = json.loads((tmp_path / "half" / "summary.json").read_text())
     b = json.loads((tmp_path / "full" / "summary.json").read_text())
     assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-5)
+    assert a["knn_top1"] == b["knn_top1"]
 
 
 def test_resume_of_a_folder_without_a_run(tmp_path, capsys):
@@ -69,9 +78,7 @@ def test_resume_of_a_folder_without_a_run(tmp_path, capsys):
     ],
 )
 def test_corrupt_or_foreign_checkpoint_is_refused(fast_args, tmp_path, content, pattern, capsys):
-    one = list(fast_args)
-    one[one.index("--epochs") + 1] = "1"
-    assert main(one) == 0
+    assert main(_with(fast_args, "--epochs", "1")) == 0
     path = tmp_path / "run" / "last.pt"
     if content == "truncated":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -84,9 +91,7 @@ def test_corrupt_or_foreign_checkpoint_is_refused(fast_args, tmp_path, content, 
 
 
 def test_checkpoint_from_another_backbone_is_refused(fast_args, tmp_path, capsys):
-    one = list(fast_args)
-    one[one.index("--epochs") + 1] = "1"
-    assert main(one) == 0
+    assert main(_with(fast_args, "--epochs", "1")) == 0
     settings = tmp_path / "run" / "settings.toml"
     settings.write_text(settings.read_text().replace('backbone = "small"', 'backbone = "resnet18"'))
     assert main(["run", "--resume", str(tmp_path / "run"), "--epochs", "2"]) == 2

@@ -61,7 +61,9 @@ def test_plugin_that_fails_to_import_is_reported_and_left_out(monkeypatch):
     def boom():
         raise ImportError("no module named 'missing_dependency'")
 
-    _with_entry_points(monkeypatch, [FakeEntryPoint("broken", "broken_mod", boom, dist="broken-dist")])
+    _with_entry_points(
+        monkeypatch, [FakeEntryPoint("broken", "broken_mod", boom, dist="broken-dist")]
+    )
     registry = PluginRegistry()
     registry.load_entry_points()
     assert "byol" in registry.names()
@@ -76,7 +78,7 @@ def test_strict_loading_turns_a_failure_into_an_error(monkeypatch):
         raise RuntimeError("kaput")
 
     _with_entry_points(monkeypatch, [FakeEntryPoint("broken", "broken_mod", boom)])
-    with pytest.raises(PluginError, match="broken.*kaput"):
+    with pytest.raises(PluginError, match=r"broken.*kaput"):
         PluginRegistry(strict=True).load_entry_points()
 
 
@@ -129,7 +131,9 @@ def test_build_resolves_every_component_from_the_chosen_plugin(registry):
 
 
 def test_unknown_plugin_lists_the_installed_ones(registry):
-    with pytest.raises(PluginError, match=r"unknown plugin 'nope' for the loss.*Installed plugins: .*byol"):
+    with pytest.raises(
+        PluginError, match=r"unknown plugin 'nope' for the loss.*Installed plugins: .*byol"
+    ):
         _build(registry, "components.loss=nope")
 
 
@@ -168,7 +172,9 @@ def test_incompatible_mix_fails_before_training_naming_both_components(registry)
 
 def test_plugin_without_the_component_asked_for(registry):
     registry.register(_one_view_plugin(), "oneview")
-    with pytest.raises(PluginError, match=r"plugin 'oneview' provides no loss\. Plugins that do: byol"):
+    with pytest.raises(
+        PluginError, match=r"plugin 'oneview' provides no loss\. Plugins that do: byol"
+    ):
         _build(registry, "components.loss=oneview")
 
 
@@ -188,7 +194,9 @@ def test_hook_that_raises_names_plugin_and_component(registry):
         raise ValueError("bad temperature")
 
     registry.register(_module("raiser", sslplug_loss=sslplug_loss), "raiser")
-    with pytest.raises(PluginError, match=r"plugin 'raiser' failed to build its loss: .*bad temperature"):
+    with pytest.raises(
+        PluginError, match=r"plugin 'raiser' failed to build its loss: .*bad temperature"
+    ):
         _build(registry, "components.loss=raiser")
 
 

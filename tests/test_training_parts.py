@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sslplug.augment import MultiViewGenerator, byol_recipe, denormalize, normalize
+from sslplug.augment import MultiViewGenerator, byol_recipe, denormalize
 from sslplug.config import OptimSettings
 from sslplug.evaluate import knn_predict
 from sslplug.nn import MLP, build_backbone, ema_update
@@ -49,12 +49,18 @@ def test_biases_and_norms_get_no_weight_decay_and_no_lars_scaling():
 
 def test_knn_matches_a_brute_force_reference():
     g = torch.Generator().manual_seed(0)
-    bank, labels, queries = torch.randn(50, 6, generator=g), torch.randint(0, 3, (50,), generator=g), torch.randn(7, 6, generator=g)
+    bank, labels, queries = (
+        torch.randn(50, 6, generator=g),
+        torch.randint(0, 3, (50,), generator=g),
+        torch.randn(7, 6, generator=g),
+    )
     predicted = knn_predict(bank, labels, queries, num_classes=3, k=5, temperature=0.5)
     for q, p in zip(queries, predicted):
         sims = torch.nn.functional.cosine_similarity(bank, q[None], dim=1)
         top = sims.topk(5).indices
-        votes = [sum(float(torch.exp(sims[i] / 0.5)) for i in top if labels[i] == c) for c in range(3)]
+        votes = [
+            sum(float(torch.exp(sims[i] / 0.5)) for i in top if labels[i] == c) for c in range(3)
+        ]
         assert int(p) == max(range(3), key=votes.__getitem__)
 
 
@@ -70,7 +76,9 @@ def test_knn_separates_separable_clusters():
 
 def test_byol_recipe_draws_parameters_per_sample():
     torch.manual_seed(0)
-    views = MultiViewGenerator(byol_recipe(32))(torch.full((64, 3, 32, 32), 128, dtype=torch.uint8).clone())
+    views = MultiViewGenerator(byol_recipe(32))(
+        torch.full((64, 3, 32, 32), 128, dtype=torch.uint8).clone()
+    )
     assert len(views.images) == 2 and views.images[0].shape == (64, 3, 32, 32)
     per_image_mean = denormalize(views.images[0]).mean(dim=(1, 2, 3))
     assert per_image_mean.std() > 0.01  # colour jitter differs between images of one batch
