@@ -122,3 +122,93 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_lifecycle_hooks_and_a_mixed_in_augmentation_during_a_real_run(
+    registry, shapes_folder, tmp_path
+):
+    import types
+
+    import kornia.augmentation as K
+    from torch import nn
+
+    import sslplug
+    from sslplug.config import load_config
+    from sslplug.engine import train
+
+    from .conftest import FAST
+
+    calls: list[tuple[str, object]] = []
+    plugin = types.ModuleType("listener")
+
+    @sslplug.hookimpl
+    def sslplug_augmentation(run):
+        flip_only = nn.Sequential(
+            K.RandomHorizontalFlip(p=0.5), K.Normalize(sslplug.augment.MEAN, sslplug.augment.STD)
+        )
+        return (flip_only, flip_only)
+
+    @sslplug.hookimpl
+    def sslplug_target_update():
+        return None  # this plugin has no target network
+
+    @sslplug.hookimpl
+    def sslplug_run_start(run):
+        calls.append(("start", dict(run.components)))
+
+    @sslplug.hookimpl
+    def sslplug_step_end(step, metrics):
+        calls.append(("step", (step, sorted(metrics))))
+
+    @sslplug.hookimpl
+    def sslplug_epoch_end(epoch, metrics):
+        calls.append(("epoch", epoch))
+
+    @sslplug.hookimpl
+    def sslplug_run_end(summary):
+        calls.append(("end", summary["epochs"]))
+
+    for fn in (
+        sslplug_augmentation,
+        sslplug_target_update,
+        sslplug_run_start,
+        sslplug_step_end,
+        sslplug_epoch_end,
+        sslplug_run_end,
+    ):
+        setattr(plugin, fn.__name__, fn)
+    assert registry.register(plugin, "listener")
+    assert registry.provides("listener") == ("augmentation", "target_update")
+
+    config = load_config(
+        assignments=[
+            *FAST,
+            f"data.name={shapes_folder}",
+            "train.epochs=1",
+            f"train.out={tmp_path / 'run'}",
+            "components.augmentation=listener",
+        ],
+        plugin_settings=registry.settings_classes(),
+    )
+    summary = train(config, registry)
+    assert summary["components"]["augmentation"] == "listener"
+    assert summary["components"]["target_update"] == "byol"
+    kinds = [kind for kind, _ in calls]
+    assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("epoch") == 1
+    step, keys = next(value for kind, value in calls if kind == "step")
+    assert step == 1 and {"loss", "lr", "images_per_second", "tau"} <= set(keys)
+
+    # the same plugin chosen for the target update gives a run without a target network
+    calls.clear()
+    config = load_config(
+        assignments=[
+            *FAST,
+            f"data.name={shapes_folder}",
+            "train.epochs=1",
+            f"train.out={tmp_path / 'run2'}",
+            "components.target_update=listener",
+        ],
+        plugin_settings=registry.settings_classes(),
+    )
+    summary = train(config, registry)
+    assert summary["components"]["target_update"] == "none"
