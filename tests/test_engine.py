@@ -180,17 +180,20 @@ def test_lifecycle_hooks_and_a_mixed_in_augmentation_during_a_real_run(
     assert registry.register(plugin, "listener")
     assert registry.provides("listener") == ("augmentation", "target_update")
 
-    config = load_config(
-        assignments=[
-            *FAST,
-            f"data.name={shapes_folder}",
-            "train.epochs=1",
-            f"train.out={tmp_path / 'run'}",
-            "components.augmentation=listener",
-        ],
-        plugin_settings=registry.settings_classes(),
-    )
-    summary = train(config, registry)
+    def one_epoch(out: str, choice: str) -> dict:
+        config = load_config(
+            assignments=[
+                *FAST,
+                f"data.name={shapes_folder}",
+                "train.epochs=1",
+                f"train.out={tmp_path / out}",
+                choice,
+            ],
+            plugin_settings=registry.settings_classes(),
+        )
+        return train(config, registry)
+
+    summary = one_epoch("run", "components.augmentation=listener")
     assert summary["components"]["augmentation"] == "listener"
     assert summary["components"]["target_update"] == "byol"
     kinds = [kind for kind, _ in calls]
@@ -200,15 +203,44 @@ def test_lifecycle_hooks_and_a_mixed_in_augmentation_during_a_real_run(
 
     # the same plugin chosen for the target update gives a run without a target network
     calls.clear()
+    summary = one_epoch("run2", "components.target_update=listener")
+    assert summary["components"]["target_update"] == "none"
+
+
+def test_non_finite_loss_stops_with_the_step_and_the_last_checkpoint(
+    registry, shapes_folder, tmp_path
+):
+    import types
+
+    from torch import nn
+
+    import sslplug
+    from sslplug.config import load_config
+    from sslplug.engine import NonFiniteLossError, train
+
+    from .conftest import FAST
+
+    class NanLoss(nn.Module):
+        def forward(self, outputs, views, target):
+            return outputs.projections[0].sum() * float("nan"), {}
+
+    @sslplug.hookimpl
+    def sslplug_loss():
+        return NanLoss()
+
+    plugin = types.ModuleType("nanloss")
+    plugin.sslplug_loss = sslplug_loss
+    assert registry.register(plugin, "nanloss")
     config = load_config(
         assignments=[
             *FAST,
             f"data.name={shapes_folder}",
-            "train.epochs=1",
-            f"train.out={tmp_path / 'run2'}",
-            "components.target_update=listener",
+            f"train.out={tmp_path / 'run'}",
+            "components.loss=nanloss",
         ],
         plugin_settings=registry.settings_classes(),
     )
-    summary = train(config, registry)
-    assert summary["components"]["target_update"] == "none"
+    with pytest.raises(
+        NonFiniteLossError, match=r"the loss is nan at step 1 \(epoch 1\).*last\.pt"
+    ):
+        train(config, registry)
