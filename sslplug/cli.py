@@ -76,14 +76,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override one setting, e.g. --set byol.tau_base=0.99 (repeatable)",
     )
-    common.add_argument("--epochs", type=int)
-    common.add_argument("--batch-size", type=int)
+    common.add_argument("--epochs", type=int, help="pre-training epochs (default 15)")
+    common.add_argument("--batch-size", type=int, help="images per step (default 256)")
     common.add_argument(
         "--data", help="shapes (default), cifar10, cifar100, stl10, or an image folder"
     )
     common.add_argument("--backbone", help="small (default), resnet18, resnet34, resnet50")
     common.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    common.add_argument("--seed", type=int)
+    common.add_argument("--seed", type=int, help="random seed (default 0)")
     common.add_argument("--out", help="run folder (default runs/PLUGIN-TIME)")
     common.add_argument(
         "--resume",
