@@ -14,7 +14,9 @@ optimizer step the target moves: ``xi <- tau * xi + (1 - tau) * theta`` with ``t
 ``tau_base`` to 1 on a cosine schedule.
 
 Run without a target network (``--target-update none``), the loss regresses onto the online
-network's own projections with the gradient stopped, which is SimSiam (Chen & He 2021).
+network's own projections with the gradient stopped, which is SimSiam (Chen & He 2021). After an
+encoder without a predictor (``--plugin barlow_twins --loss byol``), the loss brings its own
+predictor, sized from ``encoder.projection_dim`` and trained with the encoder.
 
 Usage::
 
@@ -72,6 +74,7 @@ class BYOLEncoder(Encoder):
         self.predictor = MLP(
             settings.projection_dim, [settings.predictor_hidden_dim], settings.projection_dim
         )
+        self.projection_dim = settings.projection_dim
 
     def forward(self, views: Views) -> Outputs:
         sizes = [v.shape[0] for v in views.images]
@@ -120,15 +123,28 @@ def regression_loss(prediction: Tensor, target: Tensor) -> Tensor:
 
 
 class BYOLLoss(nn.Module):
-    """The symmetrised BYOL loss. Without a target network it uses the stop-gradient online
-    projections (SimSiam)."""
+    """The symmetrised BYOL loss.
+
+    Without a target network it regresses onto the stop-gradient online projections (SimSiam).
+    Given a ``predictor``, it applies it to the projections itself: for encoders that have none.
+    """
 
     requires: ClassVar[frozenset[str]] = frozenset({"two_views", "projection", "prediction"})
+
+    def __init__(self, predictor: nn.Module | None = None) -> None:
+        super().__init__()
+        self.predictor = predictor
+        if predictor is not None:
+            self.requires = frozenset({"two_views", "projection"})
 
     def forward(
         self, outputs: Outputs, views: Views, target: Outputs | None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        p1, p2 = outputs.predictions[:2]
+        if self.predictor is not None:
+            sizes = [z.shape[0] for z in outputs.projections[:2]]
+            p1, p2 = self.predictor(torch.cat(outputs.projections[:2])).split(sizes)
+        else:
+            p1, p2 = outputs.predictions[:2]
         z1, z2 = (target if target is not None and target.projections else outputs).projections[:2]
         loss = regression_loss(p1, z2) + regression_loss(p2, z1)
         return loss, {"cosine": 1.0 - loss.detach() / 4.0}
@@ -163,8 +179,16 @@ def sslplug_encoder(settings: BYOLSettings, backbone: nn.Module, feature_dim: in
 
 
 @sslplug.hookimpl
-def sslplug_loss() -> nn.Module:
-    return BYOLLoss()
+def sslplug_loss(settings: BYOLSettings, encoder: Encoder) -> nn.Module:
+    if "prediction" in encoder.provides:
+        return BYOLLoss()
+    if not encoder.projection_dim:
+        raise sslplug.ComponentMismatchError(
+            f"the BYOL loss needs projections: the encoder {type(encoder).__name__} provides "
+            f"{sorted(encoder.provides) or 'nothing'} and no projection_dim"
+        )
+    dim = encoder.projection_dim
+    return BYOLLoss(predictor=MLP(dim, [settings.predictor_hidden_dim], dim))
 
 
 @sslplug.hookimpl

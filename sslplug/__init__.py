@@ -7,7 +7,14 @@ the EMA update). Built-in methods under ``plugins/`` import nothing else from th
 
 from __future__ import annotations
 
-from sslplug.augment import MultiViewGenerator, byol_recipe, denormalize, normalize, to_float
+from sslplug.augment import (
+    MultiViewGenerator,
+    byol_recipe,
+    denormalize,
+    normalize,
+    simclr_recipe,
+    to_float,
+)
 from sslplug.components import (
     CAPABILITIES,
     Encoder,
@@ -55,5 +62,6 @@ __all__ = [
     "hookimpl",
     "normalize",
     "per_view",
+    "simclr_recipe",
     "to_float",
 ]

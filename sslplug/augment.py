@@ -23,6 +23,7 @@ __all__ = [
     "byol_recipe",
     "denormalize",
     "normalize",
+    "simclr_recipe",
     "to_float",
 ]
 
@@ -79,14 +80,14 @@ def byol_recipe(
     0.5; the blur and solarisation probabilities differ between the two views.
     """
     return tuple(
-        _two_view_pipeline(
+        _pipeline(
             image_size, crop_scale, jitter, jitter_prob, grayscale_prob, blur, solarize
         )
         for blur, solarize in zip(blur_prob, solarize_prob)
     )
 
 
-def _two_view_pipeline(
+def _pipeline(
     image_size: int,
     crop_scale: tuple[float, float],
     jitter: tuple[float, float, float, float],
@@ -108,6 +109,38 @@ def _two_view_pipeline(
         steps.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=solarize_prob))
     steps.append(_Normalize())
     return nn.Sequential(*steps)
+
+
+def simclr_recipe(
+    image_size: int,
+    views: int = 2,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    color_strength: float = 0.5,
+    jitter_prob: float = 0.8,
+    grayscale_prob: float = 0.2,
+    blur_prob: float = 0.0,
+) -> tuple[nn.Module, ...]:
+    """``views`` identical SimCLR pipelines (Chen et al. 2020, Appendix A).
+
+    Random resized crop (scale ``crop_scale``), horizontal flip, colour jitter of strength ``s``
+    (brightness, contrast, saturation ``0.8 s``, hue ``0.2 s``) with ``jitter_prob``, grayscale
+    with ``grayscale_prob``, and Gaussian blur (sigma 0.1 to 2, kernel about 10% of the side) with
+    ``blur_prob``. The paper blurs ImageNet images with p=0.5 and leaves CIFAR-10 unblurred,
+    with ``s`` = 0.5 there (Appendix B.9).
+    """
+    s = color_strength
+    return tuple(
+        _pipeline(
+            image_size,
+            crop_scale,
+            (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s),
+            jitter_prob,
+            grayscale_prob,
+            blur_prob,
+            0.0,
+        )
+        for _ in range(views)
+    )
 
 
 class MultiViewGenerator(ViewGenerator):

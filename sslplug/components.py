@@ -117,6 +117,9 @@ class Encoder(nn.Module):
     Attributes:
         backbone: the network whose features are the product of pre-training.
         feature_dim: the width of ``features(images)``.
+        projection_dim: the width of ``Outputs.projections`` for encoders that provide
+            ``projection`` (0 otherwise), so that a loss from another plugin can size its own
+            heads.
     """
 
     requires: ClassVar[frozenset[str]] = frozenset()
@@ -126,6 +129,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.feature_dim = feature_dim
+        self.projection_dim = 0
 
     def forward(self, views: Views) -> Outputs:  # pragma: no cover - interface
         raise NotImplementedError

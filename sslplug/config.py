@@ -130,6 +130,7 @@ class TrainSettings:
     log_every: int = attrs.field(default=20, validator=_positive)
     progress: bool = True
     channels_last: bool = True
+    max_steps_per_epoch: int = attrs.field(default=0, validator=_non_negative)
 
 
 @attrs.define

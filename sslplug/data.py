@@ -400,6 +400,8 @@ def load_data(settings: DataSettings, seed: int = 0) -> DataSet:
 class Loader:
     """Yields ``(uint8 images, labels)`` batches on ``device``, and measures waiting for them.
 
+    ``max_batches`` (0: no limit) cuts every epoch short, for smoke tests and quick looks.
+
     ``wait_seconds`` accumulates the time spent producing batches (indexing or worker output
     plus the transfer), which the engine reports as the data-wait share of step time.
     """
@@ -413,8 +415,10 @@ class Loader:
         drop_last: bool,
         seed: int = 0,
         workers: int = 2,
+        max_batches: int = 0,
     ) -> None:
         self.split, self.batch_size, self.device = split, batch_size, device
+        self.max_batches = max_batches
         self.shuffle, self.drop_last, self.seed, self.workers = shuffle, drop_last, seed, workers
         self.wait_seconds = 0.0
         self.skipped = 0
@@ -422,7 +426,8 @@ class Loader:
 
     def __len__(self) -> int:
         n = len(self.split)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        batches = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return min(batches, self.max_batches) if self.max_batches else batches
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         """The batches of one epoch; the order depends only on the seed and ``epoch``."""
@@ -463,7 +468,7 @@ class Loader:
             persistent_workers=False,
         )
         iterator: Any = iter(loader)
-        while True:
+        for _ in range(len(self)):
             start = time.perf_counter()
             try:
                 images, labels, skipped = next(iterator)

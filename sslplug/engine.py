@@ -215,6 +215,7 @@ def train(
         drop_last=True,
         seed=config.train.seed,
         workers=config.data.workers,
+        max_batches=config.train.max_steps_per_epoch,
     )
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * config.train.epochs

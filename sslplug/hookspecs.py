@@ -107,12 +107,15 @@ def sslplug_encoder(
 
 
 @hookspec(firstresult=True)
-def sslplug_loss(settings: Any, run: RunContext) -> nn.Module | None:
+def sslplug_loss(settings: Any, run: RunContext, encoder: Encoder) -> nn.Module | None:
     """Build the loss.
 
     Args:
         settings: this plugin's settings.
         run: facts of the run.
+        encoder: the encoder, already built, possibly from another plugin: a loss that needs a
+            head the encoder lacks (BYOL's predictor after a Barlow Twins encoder) reads
+            ``encoder.provides`` and ``encoder.projection_dim`` and brings its own.
 
     Return an ``nn.Module`` whose ``forward(outputs, views, target)`` returns ``(loss, metrics)``:
     a scalar tensor to minimise and a dict of detached scalar tensors to log. ``target`` is the

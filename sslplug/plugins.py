@@ -276,7 +276,7 @@ class PluginRegistry:
         if target_update is None:
             sources["target_update"] = NO_TARGET
             run.components["target_update"] = NO_TARGET
-        loss = call("loss", settings=settings("loss"), run=run)
+        loss = call("loss", settings=settings("loss"), run=run, encoder=encoder)
 
         check_compatible(sources, views, encoder, loss, target_update)
         return Components(augmentations, views, encoder, loss, target_update, sources)

@@ -1,0 +1,130 @@
+"""Barlow Twins: redundancy reduction (Zbontar et al. 2021, arXiv:2103.03230).
+
+The embeddings of two views, each dimension standardised over the batch, give a
+cross-correlation matrix ``C`` (``d x d``); the loss (eq. 1) pushes it to the identity::
+
+    L = sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2
+
+The first term makes each dimension invariant to the augmentations, the second decorrelates the
+dimensions, which keeps the embedding from collapsing without negatives or a target network.
+
+Usage::
+
+    sslplug run --plugin barlow_twins --set barlow_twins.lambda_offdiag=0.0051
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+import sslplug
+from sslplug import MLP, Encoder, Outputs, RunContext, Views
+
+
+@attrs.define
+class BarlowTwinsSettings:
+    """Barlow Twins' published recipe (Zbontar et al. 2021, Section 4 and Appendix).
+
+    Projector: three linear layers, BN and ReLU after the first two, 8192 wide for ResNet-50's
+    2048 features. ``projector_dim = 0`` scales that to four times the backbone's feature width
+    (8192 for ResNet-50, 2048 for ResNet-18, 512 for the small backbone), so the projector's
+    cost stays in proportion on small machines. lambda = 5e-3. Views: BYOL's two asymmetric
+    pipelines, as in the paper.
+    """
+
+    projector_dim: int = 0
+    lambda_offdiag: float = 5e-3
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: tuple[float, float] = (1.0, 0.1)
+    solarize_prob: tuple[float, float] = (0.0, 0.2)
+
+
+class BarlowTwinsEncoder(Encoder):
+    """Backbone and the three-layer projector."""
+
+    provides: ClassVar[frozenset[str]] = frozenset({"projection"})
+
+    def __init__(
+        self, backbone: nn.Module, feature_dim: int, settings: BarlowTwinsSettings
+    ) -> None:
+        super().__init__(backbone, feature_dim)
+        width = settings.projector_dim or 4 * feature_dim
+        self.projector = MLP(feature_dim, [width, width], width)
+        self.projection_dim = width
+
+    def forward(self, views: Views) -> Outputs:
+        sizes = [v.shape[0] for v in views.images]
+        features = self.backbone(torch.cat(views.images))
+        return Outputs(
+            features=features.split(sizes), projections=self.projector(features).split(sizes)
+        )
+
+
+def cross_correlation(z1: Tensor, z2: Tensor, eps: float = 1e-5) -> Tensor:
+    """``C = z1n^T z2n / N`` with each column of ``z1``, ``z2`` standardised over the batch."""
+    z1 = (z1 - z1.mean(0)) / (z1.std(0, unbiased=False) + eps)
+    z2 = (z2 - z2.mean(0)) / (z2.std(0, unbiased=False) + eps)
+    return z1.T @ z2 / z1.shape[0]
+
+
+class BarlowTwinsLoss(nn.Module):
+    """Invariance on the diagonal of the cross-correlation, redundancy reduction off it."""
+
+    requires: ClassVar[frozenset[str]] = frozenset({"two_views", "projection"})
+
+    def __init__(self, lambda_offdiag: float) -> None:
+        super().__init__()
+        self.lambda_offdiag = lambda_offdiag
+
+    def forward(
+        self, outputs: Outputs, views: Views, target: Outputs | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        z1, z2 = outputs.projections[:2]
+        c = cross_correlation(z1.float(), z2.float())
+        diagonal = torch.diagonal(c)
+        on_diag = (1 - diagonal).pow(2).sum()
+        off_diag = c.pow(2).sum() - diagonal.pow(2).sum()
+        loss = on_diag + self.lambda_offdiag * off_diag
+        return loss, {"on_diagonal": on_diag.detach(), "off_diagonal": off_diag.detach()}
+
+
+@sslplug.hookimpl
+def sslplug_settings() -> type:
+    return BarlowTwinsSettings
+
+
+@sslplug.hookimpl
+def sslplug_augmentation(settings: BarlowTwinsSettings, run: RunContext) -> tuple[nn.Module, ...]:
+    return sslplug.byol_recipe(
+        run.image_size,
+        crop_scale=settings.crop_scale,
+        jitter=settings.jitter,
+        jitter_prob=settings.jitter_prob,
+        grayscale_prob=settings.grayscale_prob,
+        blur_prob=settings.blur_prob,
+        solarize_prob=settings.solarize_prob,
+    )
+
+
+@sslplug.hookimpl
+def sslplug_views(augmentations: tuple[nn.Module, ...]) -> sslplug.ViewGenerator:
+    return sslplug.MultiViewGenerator(augmentations)
+
+
+@sslplug.hookimpl
+def sslplug_encoder(
+    settings: BarlowTwinsSettings, backbone: nn.Module, feature_dim: int
+) -> Encoder:
+    return BarlowTwinsEncoder(backbone, feature_dim, settings)
+
+
+@sslplug.hookimpl
+def sslplug_loss(settings: BarlowTwinsSettings) -> nn.Module:
+    return BarlowTwinsLoss(settings.lambda_offdiag)

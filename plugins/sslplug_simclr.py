@@ -1,0 +1,129 @@
+"""SimCLR: a simple framework for contrastive learning (Chen et al. 2020, arXiv:2002.05709).
+
+Two views of each image come from the same augmentation recipe; an MLP projector maps the
+backbone's features to ``z``; the NT-Xent loss (Section 2.1, eq. 1) makes each view pick out its
+partner among the other ``2N - 1`` views of the batch, so the ``2N - 2`` views of other images are
+its negatives::
+
+    l(i, j) = -log( exp(sim(z_i, z_j) / t) / sum_{k != i} exp(sim(z_i, z_k) / t) )
+
+averaged over all ``2N`` views, with ``sim`` the cosine similarity and ``t`` the temperature.
+
+Usage::
+
+    sslplug run --plugin simclr --set simclr.temperature=0.2
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import sslplug
+from sslplug import MLP, Encoder, Outputs, RunContext, Views
+
+
+def _positive(instance: object, attribute: attrs.Attribute, value: float) -> None:
+    if value <= 0:
+        raise sslplug.ConfigError(f"{attribute.name} must be greater than 0, got {value!r}")
+
+
+@attrs.define
+class SimCLRSettings:
+    """SimCLR's CIFAR-10 recipe (Chen et al. 2020, Appendix B.9), used because the default data and
+    CIFAR are small images: colour strength 0.5, temperature 0.5, no blur, a 2-layer projector
+    as wide as the backbone's features with a 128-d output. For large images (``blur = "auto"``
+    above 64 px) the ImageNet recipe's blur with p=0.5 is added; its colour strength is 1.0.
+    """
+
+    temperature: float = attrs.field(default=0.5, validator=_positive)
+    projection_dim: int = 128
+    projector_hidden_dim: int = 0  # 0: the backbone's feature width
+    color_strength: float = 0.5
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur: Literal["auto", "on", "off"] = "auto"
+
+
+class SimCLREncoder(Encoder):
+    """Backbone and projector; both views pass through in one batched call."""
+
+    provides: ClassVar[frozenset[str]] = frozenset({"projection"})
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, settings: SimCLRSettings) -> None:
+        super().__init__(backbone, feature_dim)
+        hidden = settings.projector_hidden_dim or feature_dim
+        self.projector = MLP(feature_dim, [hidden], settings.projection_dim)
+        self.projection_dim = settings.projection_dim
+
+    def forward(self, views: Views) -> Outputs:
+        sizes = [v.shape[0] for v in views.images]
+        features = self.backbone(torch.cat(views.images))
+        return Outputs(
+            features=features.split(sizes), projections=self.projector(features).split(sizes)
+        )
+
+
+def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
+    """NT-Xent over ``2N`` views: row ``i`` of ``z1`` and row ``i`` of ``z2`` are positives."""
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    n = z1.shape[0]
+    logits = z @ z.T / temperature
+    logits.fill_diagonal_(float("-inf"))  # a view is not its own negative
+    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(logits, partner)
+
+
+class NTXentLoss(nn.Module):
+    """The normalised temperature-scaled cross-entropy loss of SimCLR."""
+
+    requires: ClassVar[frozenset[str]] = frozenset({"two_views", "projection"})
+
+    def __init__(self, temperature: float) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(
+        self, outputs: Outputs, views: Views, target: Outputs | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        z1, z2 = outputs.projections[:2]
+        loss = nt_xent(z1.float(), z2.float(), self.temperature)
+        return loss, {}
+
+
+@sslplug.hookimpl
+def sslplug_settings() -> type:
+    return SimCLRSettings
+
+
+@sslplug.hookimpl
+def sslplug_augmentation(settings: SimCLRSettings, run: RunContext) -> tuple[nn.Module, ...]:
+    blur = settings.blur == "on" or (settings.blur == "auto" and run.image_size > 64)
+    return sslplug.simclr_recipe(
+        run.image_size,
+        crop_scale=settings.crop_scale,
+        color_strength=settings.color_strength,
+        jitter_prob=settings.jitter_prob,
+        grayscale_prob=settings.grayscale_prob,
+        blur_prob=0.5 if blur else 0.0,
+    )
+
+
+@sslplug.hookimpl
+def sslplug_views(augmentations: tuple[nn.Module, ...]) -> sslplug.ViewGenerator:
+    return sslplug.MultiViewGenerator(augmentations)
+
+
+@sslplug.hookimpl
+def sslplug_encoder(settings: SimCLRSettings, backbone: nn.Module, feature_dim: int) -> Encoder:
+    return SimCLREncoder(backbone, feature_dim, settings)
+
+
+@sslplug.hookimpl
+def sslplug_loss(settings: SimCLRSettings) -> nn.Module:
+    return NTXentLoss(settings.temperature)
