@@ -87,7 +87,9 @@ class BarlowTwinsLoss(nn.Module):
         self, outputs: Outputs, views: Views, target: Outputs | None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         z1, z2 = outputs.projections[:2]
-        c = cross_correlation(z1.float(), z2.float())
+        # the standardisation and the d x d correlation need float32, not bf16 autocast
+        with torch.autocast(z1.device.type, enabled=False):
+            c = cross_correlation(z1.float(), z2.float())
         diagonal = torch.diagonal(c)
         on_diag = (1 - diagonal).pow(2).sum()
         off_diag = c.pow(2).sum() - diagonal.pow(2).sum()

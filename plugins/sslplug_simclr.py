@@ -92,7 +92,9 @@ class NTXentLoss(nn.Module):
         self, outputs: Outputs, views: Views, target: Outputs | None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         z1, z2 = outputs.projections[:2]
-        loss = nt_xent(z1.float(), z2.float(), self.temperature)
+        # similarities at temperature 0.1 need more precision than bf16 autocast gives
+        with torch.autocast(z1.device.type, enabled=False):
+            loss = nt_xent(z1.float(), z2.float(), self.temperature)
         return loss, {}
 
 

@@ -80,9 +80,7 @@ def byol_recipe(
     0.5; the blur and solarisation probabilities differ between the two views.
     """
     return tuple(
-        _pipeline(
-            image_size, crop_scale, jitter, jitter_prob, grayscale_prob, blur, solarize
-        )
+        _pipeline(image_size, crop_scale, jitter, jitter_prob, grayscale_prob, blur, solarize)
         for blur, solarize in zip(blur_prob, solarize_prob)
     )
 

@@ -273,8 +273,6 @@ def train(
         file=sys.stderr,
     )
     run_start = time.perf_counter()
-    images_per_second: list[float] = []
-    wait_shares: list[float] = []
     last_loss = float("nan")
     try:
         for epoch in range(run.epoch, config.train.epochs):
@@ -348,8 +346,6 @@ def train(
                 "images_per_second": steps_per_epoch * config.train.batch_size / epoch_seconds,
                 "data_wait_share": loader.wait_seconds / epoch_seconds,
             }
-            images_per_second.append(epoch_metrics["images_per_second"])
-            wait_shares.append(epoch_metrics["data_wait_share"])
             every = config.eval.every
             if run.epoch == config.train.epochs or (every and run.epoch % every == 0):
                 top1 = _evaluate(run, device)
@@ -387,10 +383,8 @@ def train(
         "knn_top1": knn_points[-1]["knn_top1"] if knn_points else None,
         "knn_top1_random_init": run.knn_baseline,
         "knn_history": [{"epoch": h["epoch"], "top1": h["knn_top1"]} for h in knn_points],
-        "images_per_second_median": statistics.median(images_per_second)
-        if images_per_second
-        else None,
-        "data_wait_share_median": statistics.median(wait_shares) if wait_shares else None,
+        "images_per_second_median": _median(run.history, "images_per_second"),
+        "data_wait_share_median": _median(run.history, "data_wait_share"),
         "wall_seconds_this_session": time.perf_counter() - run_start,
         "skipped_images": data.skipped,
     }
@@ -401,6 +395,11 @@ def train(
     writer.close()
     registry.run_end(context, summary)
     return summary
+
+
+def _median(history: list[dict[str, float]], key: str) -> float | None:
+    values = [h[key] for h in history if key in h]
+    return statistics.median(values) if values else None
 
 
 def _print(text: str) -> None:
