@@ -26,7 +26,7 @@ from sslplug import MLP, Encoder, Outputs, RunContext, Views
 
 
 @attrs.define
-class BarlowTwinsSettings:
+class BarlowTwinsSettings(sslplug.BYOLAugmentation):
     """Barlow Twins' published recipe (Zbontar et al. 2021, Section 4 and Appendix).
 
     Projector: three linear layers, BN and ReLU after the first two, 8192 wide for ResNet-50's
@@ -38,33 +38,16 @@ class BarlowTwinsSettings:
 
     projector_dim: int = 0
     lambda_offdiag: float = 5e-3
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
-    jitter_prob: float = 0.8
-    grayscale_prob: float = 0.2
-    blur_prob: tuple[float, float] = (1.0, 0.1)
-    solarize_prob: tuple[float, float] = (0.0, 0.2)
 
 
-class BarlowTwinsEncoder(Encoder):
+def barlow_twins_encoder(
+    backbone: nn.Module, feature_dim: int, settings: BarlowTwinsSettings
+) -> Encoder:
     """Backbone and the three-layer projector."""
-
-    provides: ClassVar[frozenset[str]] = frozenset({"projection"})
-
-    def __init__(
-        self, backbone: nn.Module, feature_dim: int, settings: BarlowTwinsSettings
-    ) -> None:
-        super().__init__(backbone, feature_dim)
-        width = settings.projector_dim or 4 * feature_dim
-        self.projector = MLP(feature_dim, [width, width], width)
-        self.projection_dim = width
-
-    def forward(self, views: Views) -> Outputs:
-        sizes = [v.shape[0] for v in views.images]
-        features = self.backbone(torch.cat(views.images))
-        return Outputs(
-            features=features.split(sizes), projections=self.projector(features).split(sizes)
-        )
+    width = settings.projector_dim or 4 * feature_dim
+    return sslplug.ProjectorEncoder(
+        backbone, feature_dim, MLP(feature_dim, [width, width], width), width
+    )
 
 
 def cross_correlation(z1: Tensor, z2: Tensor, eps: float = 1e-5) -> Tensor:
@@ -104,15 +87,7 @@ def sslplug_settings() -> type:
 
 @sslplug.hookimpl
 def sslplug_augmentation(settings: BarlowTwinsSettings, run: RunContext) -> tuple[nn.Module, ...]:
-    return sslplug.byol_recipe(
-        run.image_size,
-        crop_scale=settings.crop_scale,
-        jitter=settings.jitter,
-        jitter_prob=settings.jitter_prob,
-        grayscale_prob=settings.grayscale_prob,
-        blur_prob=settings.blur_prob,
-        solarize_prob=settings.solarize_prob,
-    )
+    return settings.pipelines(run.image_size)
 
 
 @sslplug.hookimpl
@@ -124,7 +99,7 @@ def sslplug_views(augmentations: tuple[nn.Module, ...]) -> sslplug.ViewGenerator
 def sslplug_encoder(
     settings: BarlowTwinsSettings, backbone: nn.Module, feature_dim: int
 ) -> Encoder:
-    return BarlowTwinsEncoder(backbone, feature_dim, settings)
+    return barlow_twins_encoder(backbone, feature_dim, settings)
 
 
 @sslplug.hookimpl

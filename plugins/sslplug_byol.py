@@ -43,7 +43,7 @@ def _unit_interval(instance: object, attribute: attrs.Attribute, value: float) -
 
 
 @attrs.define
-class BYOLSettings:
+class BYOLSettings(sslplug.BYOLAugmentation):
     """BYOL's published recipe (Grill et al. 2020, Section 3.3 and Appendix B).
 
     Projector and predictor: Linear(4096)-BN-ReLU-Linear(256). EMA rate from 0.996 to 1.
@@ -55,37 +55,24 @@ class BYOLSettings:
     projection_dim: int = 256
     predictor_hidden_dim: int = 4096
     tau_base: float = attrs.field(default=0.996, validator=_unit_interval)
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
-    jitter_prob: float = attrs.field(default=0.8, validator=_unit_interval)
-    grayscale_prob: float = attrs.field(default=0.2, validator=_unit_interval)
-    blur_prob: tuple[float, float] = (1.0, 0.1)
-    solarize_prob: tuple[float, float] = (0.0, 0.2)
 
 
-class BYOLEncoder(Encoder):
+class BYOLEncoder(sslplug.ProjectorEncoder):
     """Backbone, projector and predictor; all views pass through in one batched call."""
 
     provides: ClassVar[frozenset[str]] = frozenset({"projection", "prediction"})
 
     def __init__(self, backbone: nn.Module, feature_dim: int, settings: BYOLSettings) -> None:
-        super().__init__(backbone, feature_dim)
-        self.projector = MLP(feature_dim, [settings.projector_hidden_dim], settings.projection_dim)
-        self.predictor = MLP(
-            settings.projection_dim, [settings.predictor_hidden_dim], settings.projection_dim
-        )
-        self.projection_dim = settings.projection_dim
+        dim = settings.projection_dim
+        projector = MLP(feature_dim, [settings.projector_hidden_dim], dim)
+        super().__init__(backbone, feature_dim, projector, dim)
+        self.predictor = MLP(dim, [settings.predictor_hidden_dim], dim)
 
     def forward(self, views: Views) -> Outputs:
-        sizes = [v.shape[0] for v in views.images]
-        features = self.backbone(torch.cat(views.images))
-        projections = self.projector(features)
-        predictions = self.predictor(projections)
-        return Outputs(
-            features=features.split(sizes),
-            projections=projections.split(sizes),
-            predictions=predictions.split(sizes),
-        )
+        outputs = super().forward(views)
+        sizes = [z.shape[0] for z in outputs.projections]
+        outputs.predictions = self.predictor(torch.cat(outputs.projections)).split(sizes)
+        return outputs
 
 
 class BYOLTarget(TargetUpdate):
@@ -157,15 +144,7 @@ def sslplug_settings() -> type:
 
 @sslplug.hookimpl
 def sslplug_augmentation(settings: BYOLSettings, run: RunContext) -> tuple[nn.Module, nn.Module]:
-    return sslplug.byol_recipe(
-        run.image_size,
-        crop_scale=settings.crop_scale,
-        jitter=settings.jitter,
-        jitter_prob=settings.jitter_prob,
-        grayscale_prob=settings.grayscale_prob,
-        blur_prob=settings.blur_prob,
-        solarize_prob=settings.solarize_prob,
-    )
+    return settings.pipelines(run.image_size)
 
 
 @sslplug.hookimpl

@@ -50,23 +50,11 @@ class SimCLRSettings:
     blur: Literal["auto", "on", "off"] = "auto"
 
 
-class SimCLREncoder(Encoder):
-    """Backbone and projector; both views pass through in one batched call."""
-
-    provides: ClassVar[frozenset[str]] = frozenset({"projection"})
-
-    def __init__(self, backbone: nn.Module, feature_dim: int, settings: SimCLRSettings) -> None:
-        super().__init__(backbone, feature_dim)
-        hidden = settings.projector_hidden_dim or feature_dim
-        self.projector = MLP(feature_dim, [hidden], settings.projection_dim)
-        self.projection_dim = settings.projection_dim
-
-    def forward(self, views: Views) -> Outputs:
-        sizes = [v.shape[0] for v in views.images]
-        features = self.backbone(torch.cat(views.images))
-        return Outputs(
-            features=features.split(sizes), projections=self.projector(features).split(sizes)
-        )
+def simclr_encoder(backbone: nn.Module, feature_dim: int, settings: SimCLRSettings) -> Encoder:
+    """Backbone and projector Linear(d)-BN-ReLU-Linear(128), ``d`` the backbone's width."""
+    hidden = settings.projector_hidden_dim or feature_dim
+    projector = MLP(feature_dim, [hidden], settings.projection_dim)
+    return sslplug.ProjectorEncoder(backbone, feature_dim, projector, settings.projection_dim)
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
@@ -123,7 +111,7 @@ def sslplug_views(augmentations: tuple[nn.Module, ...]) -> sslplug.ViewGenerator
 
 @sslplug.hookimpl
 def sslplug_encoder(settings: SimCLRSettings, backbone: nn.Module, feature_dim: int) -> Encoder:
-    return SimCLREncoder(backbone, feature_dim, settings)
+    return simclr_encoder(backbone, feature_dim, settings)
 
 
 @sslplug.hookimpl

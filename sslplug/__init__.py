@@ -8,6 +8,7 @@ the EMA update). Built-in methods under ``plugins/`` import nothing else from th
 from __future__ import annotations
 
 from sslplug.augment import (
+    BYOLAugmentation,
     MultiViewGenerator,
     byol_recipe,
     denormalize,
@@ -19,6 +20,7 @@ from sslplug.components import (
     CAPABILITIES,
     Encoder,
     Outputs,
+    ProjectorEncoder,
     TargetUpdate,
     ViewGenerator,
     Views,
@@ -41,6 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CAPABILITIES",
     "MLP",
+    "BYOLAugmentation",
     "CheckpointError",
     "ComponentMismatchError",
     "ConfigError",
@@ -49,6 +52,7 @@ __all__ = [
     "MultiViewGenerator",
     "Outputs",
     "PluginError",
+    "ProjectorEncoder",
     "RunContext",
     "SslplugError",
     "TargetUpdate",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import attrs
 import kornia.augmentation as K
 import torch
 from torch import Tensor, nn
@@ -18,6 +19,7 @@ from sslplug.components import ViewGenerator, Views
 __all__ = [
     "MEAN",
     "STD",
+    "BYOLAugmentation",
     "MultiViewGenerator",
     "blur_kernel_size",
     "byol_recipe",
@@ -83,6 +85,34 @@ def byol_recipe(
         _pipeline(image_size, crop_scale, jitter, jitter_prob, grayscale_prob, blur, solarize)
         for blur, solarize in zip(blur_prob, solarize_prob)
     )
+
+
+@attrs.define
+class BYOLAugmentation:
+    """Settings of ``byol_recipe``, with BYOL's published values (Grill et al. 2020, Table 6).
+
+    Methods that use BYOL's views subclass their settings from this class, so the user sets the
+    recipe the same way for each (``--set barlow_twins.blur_prob=[0.5, 0.5]``), and build the
+    pipelines with ``settings.pipelines(run.image_size)``.
+    """
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: tuple[float, float] = (1.0, 0.1)
+    solarize_prob: tuple[float, float] = (0.0, 0.2)
+
+    def pipelines(self, image_size: int) -> tuple[nn.Module, nn.Module]:
+        return byol_recipe(
+            image_size,
+            crop_scale=self.crop_scale,
+            jitter=self.jitter,
+            jitter_prob=self.jitter_prob,
+            grayscale_prob=self.grayscale_prob,
+            blur_prob=self.blur_prob,
+            solarize_prob=self.solarize_prob,
+        )
 
 
 def _pipeline(

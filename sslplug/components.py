@@ -41,6 +41,7 @@ __all__ = [
     "CAPABILITIES",
     "Encoder",
     "Outputs",
+    "ProjectorEncoder",
     "TargetUpdate",
     "ViewGenerator",
     "Views",
@@ -136,6 +137,29 @@ class Encoder(nn.Module):
 
     def features(self, images: Tensor) -> Tensor:
         return self.backbone(images)
+
+
+class ProjectorEncoder(Encoder):
+    """A backbone followed by a projector head, all views in one batched call.
+
+    The encoder of SimCLR and Barlow Twins; BYOL's adds a predictor. Provides ``projection``.
+    """
+
+    provides: ClassVar[frozenset[str]] = frozenset({"projection"})
+
+    def __init__(
+        self, backbone: nn.Module, feature_dim: int, projector: nn.Module, projection_dim: int
+    ) -> None:
+        super().__init__(backbone, feature_dim)
+        self.projector = projector
+        self.projection_dim = projection_dim
+
+    def forward(self, views: Views) -> Outputs:
+        sizes = [v.shape[0] for v in views.images]
+        features = self.backbone(torch.cat(views.images))
+        return Outputs(
+            features=features.split(sizes), projections=self.projector(features).split(sizes)
+        )
 
 
 class TargetUpdate(nn.Module):

@@ -173,7 +173,8 @@ def test_incompatible_mix_fails_before_training_naming_both_components(registry)
 def test_plugin_without_the_component_asked_for(registry):
     registry.register(_one_view_plugin(), "oneview")
     with pytest.raises(
-        PluginError, match=r"plugin 'oneview' provides no loss\. Plugins that do: barlow_twins, byol, simclr"
+        PluginError,
+        match=r"plugin 'oneview' provides no loss\. Plugins that do: barlow_twins, byol, simclr",
     ):
         _build(registry, "components.loss=oneview")
 
