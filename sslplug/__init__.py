@@ -10,6 +10,7 @@ from __future__ import annotations
 from sslplug.augment import (
     BYOLAugmentation,
     MultiViewGenerator,
+    Normalization,
     byol_recipe,
     denormalize,
     normalize,
@@ -50,6 +51,7 @@ __all__ = [
     "DataError",
     "Encoder",
     "MultiViewGenerator",
+    "Normalization",
     "Outputs",
     "PluginError",
     "ProjectorEncoder",

@@ -21,6 +21,7 @@ __all__ = [
     "STD",
     "BYOLAugmentation",
     "MultiViewGenerator",
+    "Normalization",
     "blur_kernel_size",
     "byol_recipe",
     "denormalize",
@@ -60,7 +61,9 @@ def blur_kernel_size(image_size: int) -> int:
     return max(3, int(0.1 * image_size) // 2 * 2 + 1)
 
 
-class _Normalize(nn.Module):
+class Normalization(nn.Module):
+    """``normalize`` as a module: the last step of every augmentation pipeline."""
+
     def forward(self, images: Tensor) -> Tensor:
         return normalize(images)
 
@@ -135,7 +138,7 @@ def _pipeline(
         steps.append(K.RandomGaussianBlur((kernel, kernel), (0.1, 2.0), p=blur_prob))
     if solarize_prob > 0:
         steps.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=solarize_prob))
-    steps.append(_Normalize())
+    steps.append(Normalization())
     return nn.Sequential(*steps)
 
 

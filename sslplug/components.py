@@ -19,6 +19,10 @@ capability             provided by     meaning
 =====================  ==============  ==========================================================
 ``two_views``          view generator  ``Views.images`` holds at least two augmented views of
                                        the same images, in the same order
+``rotation_labels``    view generator  ``Views.targets["rotation"]``: the rotation id (0-3, in
+                                       quarter turns) of every image of ``Views.images[0]``
+``permutation_labels`` view generator  ``Views.targets["permutation"]``: the id of the
+                                       permutation that shuffled each image's tiles
 ``projection``         encoder         ``Outputs.projections`` holds one tensor per view
 ``prediction``         encoder         ``Outputs.predictions`` holds one tensor per view
 ``logits``             encoder         ``Outputs.logits`` holds pretext-task logits
@@ -49,6 +53,8 @@ __all__ = [
 
 CAPABILITIES: dict[str, str] = {
     "two_views": "at least two augmented views of the same images",
+    "rotation_labels": "Views.targets['rotation']: quarter turns applied to each image",
+    "permutation_labels": "Views.targets['permutation']: the permutation id of each image",
     "projection": "projector outputs, one tensor per view",
     "prediction": "predictor outputs, one tensor per view",
     "logits": "pretext-task logits",
