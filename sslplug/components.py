@@ -23,9 +23,14 @@ capability             provided by     meaning
                                        quarter turns) of every image of ``Views.images[0]``
 ``permutation_labels`` view generator  ``Views.targets["permutation"]``: the id of the
                                        permutation that shuffled each image's tiles
+``patch_grid``         view generator  ``Views.images[0]`` holds every patch of the batch,
+                                       image-major, row-major; ``targets["grid"]`` its shape
 ``projection``         encoder         ``Outputs.projections`` holds one tensor per view
 ``prediction``         encoder         ``Outputs.predictions`` holds one tensor per view
 ``logits``             encoder         ``Outputs.logits`` holds pretext-task logits
+``patch_predictions``  encoder         ``Outputs.predictions[0]``: ``(K, B, gh, gw, D)``, the
+                                       prediction of the patch ``k`` rows below each position;
+                                       ``extras["patches"]``: ``(B, gh, gw, D)`` patch vectors
 ``target_projection``  target update   its ``Outputs.projections`` holds one tensor per view
 =====================  ==============  ==========================================================
 
@@ -55,6 +60,8 @@ CAPABILITIES: dict[str, str] = {
     "two_views": "at least two augmented views of the same images",
     "rotation_labels": "Views.targets['rotation']: quarter turns applied to each image",
     "permutation_labels": "Views.targets['permutation']: the permutation id of each image",
+    "patch_grid": "every patch of the batch in Views.images[0]; Views.targets['grid']",
+    "patch_predictions": "per-step patch predictions and the patch vectors (CPC)",
     "projection": "projector outputs, one tensor per view",
     "prediction": "predictor outputs, one tensor per view",
     "logits": "pretext-task logits",
