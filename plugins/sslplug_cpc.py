@@ -92,7 +92,7 @@ class CPCViews(sslplug.ViewGenerator):
         patches = self.patch_augmentation(grid.reshape(b * gh * gw, *grid.shape[3:]))
         return Views(
             images=(sslplug.normalize(patches),),
-            targets={"grid": torch.tensor([gh, gw], device=batch.device)},
+            targets={"grid": torch.tensor([gh, gw])},  # on the CPU: read without a device sync
         )
 
 
