@@ -164,17 +164,8 @@ class PluginRegistry:
 
     def provides(self, name: str) -> tuple[str, ...]:
         """The components plugin ``name`` implements, in data-flow order."""
-        plugin = self.pm.get_plugin(name)
-        impl_names = {impl.function.__name__ for impl in self._impls_of(plugin)}
-        return tuple(c for c in COMPONENTS if _HOOK_OF[c] in impl_names)
-
-    def _impls_of(self, plugin: Any) -> list[pluggy.HookImpl]:
-        return [
-            impl
-            for caller in self.pm.get_hookcallers(plugin) or []
-            for impl in caller.get_hookimpls()
-            if impl.plugin is plugin
-        ]
+        hooks = {caller.name for caller in self.pm.get_hookcallers(self.pm.get_plugin(name)) or []}
+        return tuple(c for c in COMPONENTS if _HOOK_OF[c] in hooks)
 
     def info(self) -> list[PluginInfo]:
         return [

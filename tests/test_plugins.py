@@ -174,7 +174,7 @@ def test_plugin_without_the_component_asked_for(registry):
     registry.register(_one_view_plugin(), "oneview")
     with pytest.raises(
         PluginError,
-        match=r"plugin 'oneview' provides no loss\. Plugins that do: barlow_twins, byol, simclr",
+        match=r"plugin 'oneview' provides no loss\. Plugins that do: barlow_twins, byol, cpc, ",
     ):
         _build(registry, "components.loss=oneview")
 
