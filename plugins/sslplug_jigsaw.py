@@ -14,8 +14,14 @@ depends only on its size, 100 by default (the paper's best was 1000, at a harder
 
 Small images: a 32x32 image gives 10-pixel cells and 8-pixel tiles (the paper: 75-pixel cells,
 64-pixel tiles), which every backbone here accepts; ``upsample_to`` resizes images first for a
-larger puzzle at a higher cost. Evaluation uses the backbone on whole images, as the paper
-transfers its convolutional layers.
+larger puzzle at a higher cost.
+
+Evaluation (``features``) cuts the whole image into the same 3x3 grid of standardised tiles,
+unshuffled and centred in their cells, and concatenates the nine tile features: the input the
+backbone was trained on. The backbone applied to whole images instead, as the paper transfers its
+convolutional layers for fine-tuning, scored below the random encoder in a frozen kNN on the
+default data (docs/benchmarks.md has the figures): a network trained on 8-pixel standardised
+tiles does not see a 32-pixel image the same way without fine-tuning.
 
 Usage::
 
@@ -108,6 +114,11 @@ def cut_tiles(images: Tensor, tile: int, jitter: bool) -> Tensor:
     return tiles.permute(0, 2, 1, 3, 4)
 
 
+def tile_size(side: int, tile_fraction: float) -> int:
+    """The side of a tile: ``tile_fraction`` of a cell of the 3x3 grid."""
+    return max(1, int(tile_fraction * (side // GRID)))
+
+
 def shuffle_tiles(tiles: Tensor, order: Tensor) -> Tensor:
     """``tiles`` ``(B, 9, ...)`` rearranged so that position ``p`` shows cell ``order[b, p]``."""
     index = order.view(*order.shape, *([1] * (tiles.dim() - 2))).expand_as(tiles)
@@ -139,35 +150,50 @@ class JigsawViews(sslplug.ViewGenerator):
         self.tile_fraction = tile_fraction
         self.upsample_to = upsample_to
 
-    def tile_size(self, side: int) -> int:
-        return max(1, int(self.tile_fraction * (side // GRID)))
-
     def forward(self, batch: Tensor) -> Views:
         images = sslplug.to_float(batch)
         if self.upsample_to:
             images = F.interpolate(images, size=self.upsample_to, mode="bilinear", antialias=True)
         images = self.augmentation(images)
-        tiles = cut_tiles(images, self.tile_size(images.shape[-1]), jitter=True)
+        tiles = cut_tiles(images, tile_size(images.shape[-1], self.tile_fraction), jitter=True)
         labels = torch.randint(0, len(self.permutations), (batch.shape[0],), device=batch.device)
         shuffled = standardise_tiles(shuffle_tiles(tiles, self.permutations[labels]))
         return Views(images=(shuffled.flatten(0, 1),), targets={"permutation": labels})
 
 
 class JigsawEncoder(Encoder):
-    """Shared tile backbone; tile features concatenated in the shuffled order; a classifier."""
+    """Shared tile backbone; tile features concatenated in the shuffled order; a classifier.
+
+    ``features(images)`` is the concatenation of the nine tile features of the unshuffled grid,
+    so ``feature_dim`` is nine times the backbone's width.
+    """
 
     provides: ClassVar[frozenset[str]] = frozenset({"logits"})
 
     def __init__(
-        self, backbone: nn.Module, feature_dim: int, permutations: int, hidden_dim: int
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        permutations: int,
+        hidden_dim: int,
+        tile_fraction: float = 0.8,
+        upsample_to: int = 0,
     ) -> None:
-        super().__init__(backbone, feature_dim)
+        super().__init__(backbone, TILES * feature_dim)
         self.classifier = MLP(TILES * feature_dim, [hidden_dim], permutations)
+        self.tile_fraction, self.upsample_to = tile_fraction, upsample_to
 
     def forward(self, views: Views) -> Outputs:
         features = self.backbone(views.images[0])  # (9B, D)
         logits = self.classifier(features.view(-1, TILES * features.shape[1]))
         return Outputs(features=(features,), logits=logits)
+
+    def features(self, images: Tensor) -> Tensor:
+        if self.upsample_to:
+            images = F.interpolate(images, size=self.upsample_to, mode="bilinear", antialias=True)
+        tile = tile_size(images.shape[-1], self.tile_fraction)
+        tiles = standardise_tiles(cut_tiles(images, tile, jitter=False))
+        return self.backbone(tiles.flatten(0, 1)).view(images.shape[0], -1)
 
 
 class PermutationLoss(nn.Module):
@@ -216,7 +242,12 @@ def sslplug_views(
 @sslplug.hookimpl
 def sslplug_encoder(settings: JigsawSettings, backbone: nn.Module, feature_dim: int) -> Encoder:
     return JigsawEncoder(
-        backbone, feature_dim, settings.num_permutations, settings.classifier_hidden_dim
+        backbone,
+        feature_dim,
+        settings.num_permutations,
+        settings.classifier_hidden_dim,
+        settings.tile_fraction,
+        settings.upsample_to,
     )
 
 

@@ -95,6 +95,18 @@ def test_encoder_concatenates_tile_features_in_order():
     )
 
 
+def test_evaluation_features_are_the_unshuffled_tile_grid():
+    backbone = SmallConvNet(width=4)
+    encoder = jigsaw.JigsawEncoder(backbone, backbone.out_dim, permutations=10, hidden_dim=16)
+    encoder.eval()
+    images = torch.randn(2, 3, 32, 32)
+    features = encoder.features(images)
+    assert encoder.feature_dim == 9 * 32 and features.shape == (2, 9 * 32)
+    tiles = jigsaw.standardise_tiles(jigsaw.cut_tiles(images, 8, jitter=False))
+    expected = torch.cat([backbone(tiles[:, k]) for k in range(9)], dim=1)
+    torch.testing.assert_close(features, expected)
+
+
 def test_loss_is_cross_entropy_of_the_permutation():
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     views = Views(images=(torch.zeros(18, 3, 4, 4),), targets={"permutation": torch.tensor([0, 2])})
