@@ -35,7 +35,6 @@ import itertools
 from typing import ClassVar
 
 import attrs
-import kornia.augmentation as K
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -196,20 +195,6 @@ class JigsawEncoder(Encoder):
         return self.backbone(tiles.flatten(0, 1)).view(images.shape[0], -1)
 
 
-class PermutationLoss(nn.Module):
-    """Cross-entropy of the permutation classifier; logs its accuracy."""
-
-    requires: ClassVar[frozenset[str]] = frozenset({"permutation_labels", "logits"})
-
-    def forward(
-        self, outputs: Outputs, views: Views, target: Outputs | None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        labels = views.targets["permutation"]
-        loss = F.cross_entropy(outputs.logits.float(), labels)
-        accuracy = (outputs.logits.detach().argmax(1) == labels).float().mean()
-        return loss, {"permutation_accuracy": accuracy}
-
-
 @sslplug.hookimpl
 def sslplug_settings() -> type:
     return JigsawSettings
@@ -218,13 +203,7 @@ def sslplug_settings() -> type:
 @sslplug.hookimpl
 def sslplug_augmentation(settings: JigsawSettings, run: RunContext) -> tuple[nn.Module]:
     size = settings.upsample_to or run.image_size
-    return (
-        nn.Sequential(
-            K.RandomResizedCrop((size, size), scale=settings.crop_scale, cropping_mode="resample"),
-            K.RandomHorizontalFlip(p=0.5),
-            sslplug.Normalization(),
-        ),
-    )
+    return (sslplug.crop_flip_recipe(size, settings.crop_scale),)
 
 
 @sslplug.hookimpl
@@ -253,4 +232,4 @@ def sslplug_encoder(settings: JigsawSettings, backbone: nn.Module, feature_dim: 
 
 @sslplug.hookimpl
 def sslplug_loss() -> nn.Module:
-    return PermutationLoss()
+    return sslplug.PretextCrossEntropy("permutation", "permutation_labels")

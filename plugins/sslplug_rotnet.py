@@ -17,9 +17,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import attrs
-import kornia.augmentation as K
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import sslplug
@@ -71,20 +69,6 @@ class RotNetEncoder(Encoder):
         return Outputs(features=(features,), logits=self.classifier(features))
 
 
-class RotationLoss(nn.Module):
-    """Cross-entropy of the rotation classifier; logs its accuracy."""
-
-    requires: ClassVar[frozenset[str]] = frozenset({"rotation_labels", "logits"})
-
-    def forward(
-        self, outputs: Outputs, views: Views, target: Outputs | None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        labels = views.targets["rotation"]
-        loss = F.cross_entropy(outputs.logits.float(), labels)
-        accuracy = (outputs.logits.detach().argmax(1) == labels).float().mean()
-        return loss, {"rotation_accuracy": accuracy}
-
-
 @sslplug.hookimpl
 def sslplug_settings() -> type:
     return RotNetSettings
@@ -92,14 +76,7 @@ def sslplug_settings() -> type:
 
 @sslplug.hookimpl
 def sslplug_augmentation(settings: RotNetSettings, run: RunContext) -> tuple[nn.Module]:
-    size = run.image_size
-    return (
-        nn.Sequential(
-            K.RandomResizedCrop((size, size), scale=settings.crop_scale, cropping_mode="resample"),
-            K.RandomHorizontalFlip(p=0.5),
-            sslplug.Normalization(),
-        ),
-    )
+    return (sslplug.crop_flip_recipe(run.image_size, settings.crop_scale),)
 
 
 @sslplug.hookimpl
@@ -114,4 +91,4 @@ def sslplug_encoder(settings: RotNetSettings, backbone: nn.Module, feature_dim: 
 
 @sslplug.hookimpl
 def sslplug_loss() -> nn.Module:
-    return RotationLoss()
+    return sslplug.PretextCrossEntropy("rotation", "rotation_labels")

@@ -24,6 +24,7 @@ __all__ = [
     "Normalization",
     "blur_kernel_size",
     "byol_recipe",
+    "crop_flip_recipe",
     "denormalize",
     "normalize",
     "simclr_recipe",
@@ -171,6 +172,15 @@ def simclr_recipe(
             0.0,
         )
         for _ in range(views)
+    )
+
+
+def crop_flip_recipe(image_size: int, crop_scale: tuple[float, float]) -> nn.Module:
+    """The light augmentation of pretext tasks: random resized crop, horizontal flip, normalise."""
+    return nn.Sequential(
+        K.RandomResizedCrop((image_size, image_size), scale=crop_scale, cropping_mode="resample"),
+        K.RandomHorizontalFlip(p=0.5),
+        Normalization(),
     )
 
 

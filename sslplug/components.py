@@ -44,12 +44,14 @@ from typing import ClassVar
 
 import attrs
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
     "CAPABILITIES",
     "Encoder",
     "Outputs",
+    "PretextCrossEntropy",
     "ProjectorEncoder",
     "TargetUpdate",
     "ViewGenerator",
@@ -173,6 +175,28 @@ class ProjectorEncoder(Encoder):
         return Outputs(
             features=features.split(sizes), projections=self.projector(features).split(sizes)
         )
+
+
+class PretextCrossEntropy(nn.Module):
+    """Cross-entropy of ``Outputs.logits`` against the pretext labels ``Views.targets[name]``.
+
+    The loss of every classification pretext task (RotNet's rotations, Jigsaw's permutations);
+    it logs the classifier's accuracy as ``{name}_accuracy``. ``capability`` is what the view
+    generator must provide for those labels.
+    """
+
+    def __init__(self, name: str, capability: str) -> None:
+        super().__init__()
+        self.name = name
+        self.requires = frozenset({capability, "logits"})
+
+    def forward(
+        self, outputs: Outputs, views: Views, target: Outputs | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        labels = views.targets[self.name]
+        loss = F.cross_entropy(outputs.logits.float(), labels)
+        accuracy = (outputs.logits.detach().argmax(1) == labels).float().mean()
+        return loss, {f"{self.name}_accuracy": accuracy}
 
 
 class TargetUpdate(nn.Module):

@@ -110,7 +110,7 @@ def test_evaluation_features_are_the_unshuffled_tile_grid():
 def test_loss_is_cross_entropy_of_the_permutation():
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     views = Views(images=(torch.zeros(18, 3, 4, 4),), targets={"permutation": torch.tensor([0, 2])})
-    loss, metrics = jigsaw.PermutationLoss()(Outputs(logits=logits), views, None)
+    loss, metrics = jigsaw.sslplug_loss()(Outputs(logits=logits), views, None)
     import math
 
     expected = (-2 + math.log(math.exp(2) + 2) + math.log(3)) / 2

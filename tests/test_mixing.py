@@ -126,3 +126,18 @@ def test_a_mix_that_cannot_work_names_both_components(registry):
     message = str(info.value)
     assert "the loss from plugin 'simclr' requires two_views" in message
     assert "views from 'single_view'" in message
+
+
+def test_pretext_losses_need_their_own_labels(registry):
+    from sslplug.config import RunContext
+    from sslplug.nn import build_backbone
+
+    config = load_config(
+        assignments=["components.plugin=rotnet", "components.loss=jigsaw"],
+        plugin_settings=registry.settings_classes(),
+    )
+    backbone, dim = build_backbone("small", 32)
+    with pytest.raises(
+        ComponentMismatchError, match=r"loss from plugin 'jigsaw' requires permutation_labels"
+    ):
+        registry.build(config, RunContext(config=config, image_size=32), backbone, dim)

@@ -36,7 +36,7 @@ def test_loss_is_cross_entropy_written_out():
     logits = torch.randn(8, 4, generator=g)
     labels = torch.randint(0, 4, (8,), generator=g)
     views = Views(images=(torch.zeros(8, 3, 4, 4),), targets={"rotation": labels})
-    loss, metrics = rotnet.RotationLoss()(Outputs(logits=logits), views, None)
+    loss, metrics = rotnet.sslplug_loss()(Outputs(logits=logits), views, None)
     expected = (
         sum(
             -row[y].item() + math.log(sum(math.exp(v) for v in row.tolist()))
