@@ -27,7 +27,6 @@ from sslplug.components import (
     TargetUpdate,
     ViewGenerator,
     Views,
-    per_view,
 )
 from sslplug.config import RunContext
 from sslplug.errors import (
@@ -71,7 +70,6 @@ __all__ = [
     "ema_update",
     "hookimpl",
     "normalize",
-    "per_view",
     "simclr_recipe",
     "to_float",
 ]

@@ -39,7 +39,6 @@ Plugins may add capability names of their own; a name is only a promise between 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import ClassVar
 
 import attrs
@@ -216,13 +215,3 @@ class TargetUpdate(nn.Module):
 
     def step(self, encoder: Encoder, step: int, total_steps: int) -> dict[str, float]:
         raise NotImplementedError  # pragma: no cover - interface
-
-
-def per_view(module: nn.Module, tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
-    """Apply ``module`` to every view in one batched call and split the result per view.
-
-    One call over the concatenated views is faster than one call per view; batch-norm
-    statistics are then computed over all views together.
-    """
-    sizes = [t.shape[0] for t in tensors]
-    return tuple(torch.split(module(torch.cat(list(tensors))), sizes))
