@@ -1,4 +1,5 @@
-"""The ``sslplug`` command: ``run`` pre-trains, ``list`` shows the installed plugins."""
+"""The ``sslplug`` command: ``run`` pre-trains, ``eval`` and ``finetune`` measure what a run
+learned with few labels, ``export`` writes its backbone, ``list`` shows the installed plugins."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import attrs
 
 from sslplug import __version__
 from sslplug.config import COMPONENTS, load_config
 from sslplug.errors import ConfigError, SslplugError
+from sslplug.finetune import FinetuneSettings
 from sslplug.plugins import PluginRegistry
 
 __all__ = ["main"]
@@ -94,7 +99,80 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sub.add_parser("list", help="show installed plugins and the components each provides")
+    _add_downstream(sub)
     return parser
+
+
+def _add_downstream(sub: argparse._SubParsersAction) -> None:
+    def source_and_data(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("source", type=Path, metavar="RUN_OR_CHECKPOINT")
+        parser.add_argument(
+            "--data", help="labelled data to evaluate on (default: the run's pre-training data)"
+        )
+        parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+        parser.add_argument(
+            "--set",
+            dest="assignments",
+            action="append",
+            default=[],
+            metavar="data.KEY=VALUE",
+            help="override a data setting, e.g. --set data.image_size=32 (repeatable)",
+        )
+
+    def labels(parser: argparse.ArgumentParser, default: list[str]) -> None:
+        parser.add_argument(
+            "--labels",
+            action="append",
+            metavar="BUDGET",
+            help=(
+                "labelled train images to use: a percentage (1%%, 10%%), a count per class "
+                f"(25) or all; repeatable (default: {' '.join(default)})"
+            ),
+        )
+        parser.add_argument(
+            "--label-seed", type=int, default=0, help="seed of the label subset (default 0)"
+        )
+        parser.add_argument(
+            "--baseline",
+            action="store_true",
+            help="also evaluate the run's random initialisation, the same way",
+        )
+
+    ev = sub.add_parser(
+        "eval",
+        help="kNN and linear probe on frozen features, with all or a few labels",
+        description=(
+            "Weighted kNN and a linear probe (L-BFGS logistic regression, L2 penalty chosen on "
+            "a held-out fifth) on the frozen features of a run's encoder."
+        ),
+    )
+    source_and_data(ev)
+    labels(ev, ["all"])
+
+    ft = sub.add_parser(
+        "finetune",
+        help="fine-tune the encoder and a linear head on a few labels; report test accuracy",
+        description=(
+            "Fine-tune the whole encoder plus a linear classifier on a class-balanced subset of "
+            "the labels. --baseline trains the same from the run's random initialisation: "
+            "supervised training from scratch on the same labels."
+        ),
+    )
+    source_and_data(ft)
+    labels(ft, ["1%"])
+    defaults = FinetuneSettings()
+    ft.add_argument("--steps", type=int, default=defaults.steps, help=f"default {defaults.steps}")
+    ft.add_argument(
+        "--batch-size", type=int, default=defaults.batch_size, help=f"default {defaults.batch_size}"
+    )
+    ft.add_argument("--lr", type=float, default=defaults.lr, help=f"AdamW, default {defaults.lr}")
+
+    ex = sub.add_parser(
+        "export",
+        help="write the backbone as a plain state dict (and a JSON note of its settings)",
+    )
+    ex.add_argument("source", type=Path, metavar="RUN_OR_CHECKPOINT")
+    ex.add_argument("out", type=Path, metavar="OUT.pt")
 
 
 def _assignments(args: argparse.Namespace) -> list[str]:
@@ -174,6 +252,111 @@ def _print_summary(summary: dict) -> None:
         )
 
 
+def _open_run(args: argparse.Namespace, registry: PluginRegistry) -> tuple[Any, Any, Any]:
+    from sslplug.data import load_data
+    from sslplug.engine import resolve_device
+    from sslplug.pretrained import load_run
+
+    run = load_run(args.source, registry)
+    assignments = [a if a.startswith("data.") else f"data.{a}" for a in args.assignments]
+    if args.data is not None:
+        assignments.append(f"data.name={args.data}")
+    data_settings = load_config(
+        None, assignments, registry.settings_classes(), base={"data": attrs.asdict(run.config.data)}
+    ).data
+    trained_size = run.state.get("image_size")
+    is_folder = data_settings.name not in ("shapes", "cifar10", "cifar100", "stl10")
+    if is_folder and trained_size and not data_settings.image_size:
+        data_settings = attrs.evolve(data_settings, image_size=trained_size)
+    data = load_data(data_settings, seed=run.config.train.seed)
+    return run, data, resolve_device(args.device)
+
+
+def _budgets(args: argparse.Namespace, default: str) -> list[Any]:
+    from sslplug.evaluate import parse_labels
+
+    return [parse_labels(text) for text in (args.labels or [default])]
+
+
+def _encoders(args: argparse.Namespace, registry: PluginRegistry, run: Any, data: Any, device: Any):
+    from sslplug.pretrained import build_encoder
+
+    inits = ["pre-trained", "random init"] if args.baseline else ["pre-trained"]
+    for init in inits:
+        yield (
+            init,
+            build_encoder(
+                run,
+                registry,
+                data.image_size,
+                data.num_classes,
+                device,
+                pretrained=init == "pre-trained",
+            ),
+        )
+
+
+def _cmd_eval(args: argparse.Namespace, registry: PluginRegistry) -> int:
+    from sslplug.downstream import format_table, frozen_evaluation, record
+
+    run, data, device = _open_run(args, registry)
+    budgets = _budgets(args, "all")
+    rows = []
+    for init, encoder in _encoders(args, registry, run, data, device):
+        rows += frozen_evaluation(
+            encoder,
+            data,
+            budgets,
+            device,
+            init,
+            seed=args.label_seed,
+            knn_k=run.config.eval.knn_k,
+            knn_temperature=run.config.eval.knn_temperature,
+        )
+    record(run.run_dir, rows)
+    print(
+        f"{run.run_dir} ({', '.join(f'{k}={v}' for k, v in run.components.items())}), "
+        f"epoch {run.epoch}, on {data.name}:"
+    )
+    print(format_table(rows))
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace, registry: PluginRegistry) -> int:
+    from sslplug.downstream import finetune_evaluation, format_table, record
+
+    run, data, device = _open_run(args, registry)
+    for name in ("steps", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
+    if args.lr <= 0:
+        raise ConfigError(f"--lr {args.lr} must be positive")
+    settings = FinetuneSettings(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.label_seed
+    )
+    budgets = _budgets(args, "1%")
+    rows = []
+    for init, encoder in _encoders(args, registry, run, data, device):
+        rows += finetune_evaluation(encoder, data, budgets, device, init, settings)
+    record(run.run_dir, rows)
+    print(f"{run.run_dir} fine-tuned for {settings.steps} steps on {data.name}:")
+    print(format_table(rows))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace, registry: PluginRegistry) -> int:
+    import torch
+
+    from sslplug.pretrained import build_encoder, export_backbone, load_run
+
+    run = load_run(args.source, registry)
+    image_size = run.state.get("image_size") or 32
+    encoder = build_encoder(run, registry, image_size, 0, torch.device("cpu"))
+    note = export_backbone(run, encoder, args.out, image_size)
+    print(f"backbone written to {args.out}; settings and how to load it in {note}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -182,9 +365,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         registry = _load_registry(args.strict_plugins)
-        if args.command == "list":
-            return _cmd_list(registry)
-        return _cmd_run(args, registry)
+        commands = {
+            "list": lambda: _cmd_list(registry),
+            "run": lambda: _cmd_run(args, registry),
+            "eval": lambda: _cmd_eval(args, registry),
+            "finetune": lambda: _cmd_finetune(args, registry),
+            "export": lambda: _cmd_export(args, registry),
+        }
+        return commands[args.command]()
     except SslplugError as exc:
         print(f"sslplug: error: {exc}", file=sys.stderr)
         return 2

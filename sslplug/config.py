@@ -138,13 +138,15 @@ class EvalSettings:
     """Weighted kNN on frozen features (Wu et al. 2018): train split as memory, test as queries.
 
     Runs before training (the randomly initialised encoder, ``baseline``), every ``every``
-    epochs (0: only at the end) and at the end.
+    epochs (0: only at the end) and at the end. At the end, the features of
+    ``embedding_samples`` test images (0: none) go to TensorBoard's embedding projector.
     """
 
     knn_k: int = attrs.field(default=200, validator=_positive)
     knn_temperature: float = attrs.field(default=0.1, validator=_positive)
     every: int = attrs.field(default=5, validator=_non_negative)
     baseline: bool = True
+    embedding_samples: int = attrs.field(default=1000, validator=_non_negative)
 
 
 CORE_SECTIONS: dict[str, type] = {

@@ -30,14 +30,14 @@ from tqdm import tqdm
 from sslplug.augment import denormalize
 from sslplug.checkpoint import FILENAME, load_checkpoint, save_checkpoint
 from sslplug.config import RunConfig, RunContext
-from sslplug.data import DataSet, Loader, load_data
+from sslplug.data import DataSet, Loader, Split, load_data
 from sslplug.errors import CheckpointError, ConfigError, SslplugError
-from sslplug.evaluate import knn_accuracy
+from sslplug.evaluate import extract_features, knn_accuracy
 from sslplug.nn import build_backbone
 from sslplug.optim import build_optimizer, warmup_cosine
 from sslplug.plugins import Components, PluginRegistry
 
-__all__ = ["NonFiniteLossError", "resolve_device", "train"]
+__all__ = ["NonFiniteLossError", "resolve_device", "set_rng_state", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
@@ -101,6 +101,7 @@ class _Run:
     step: int = 0
     history: list[dict[str, float]] = attrs.Factory(list)
     knn_baseline: float | None = None
+    init_rng: dict[str, Any] | None = None
 
     def trained_modules(self) -> dict[str, nn.Module | None]:
         return {
@@ -126,6 +127,8 @@ class _Run:
             "history": self.history,
             "knn_baseline": self.knn_baseline,
             "feature_dim": self.components.encoder.feature_dim,
+            "image_size": self.context.image_size,
+            "init_rng": self.init_rng,
         }
 
     def restore(self, state: dict[str, Any], source: Path) -> None:
@@ -152,7 +155,8 @@ class _Run:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.history = list(state.get("history", []))
         self.knn_baseline = state.get("knn_baseline")
-        _set_rng_state(state["rng"])
+        self.init_rng = state.get("init_rng", self.init_rng)
+        set_rng_state(state["rng"])
 
 
 def _write_settings(config: RunConfig, components: dict[str, str], out_dir: Path) -> None:
@@ -183,6 +187,31 @@ def _evaluate(run: _Run, device: torch.device) -> float | None:
         device,
         k=settings.knn_k,
         temperature=settings.knn_temperature,
+    )
+
+
+def _write_embeddings(run: _Run, device: torch.device, writer: Any) -> None:
+    """Test-set features with their labels and thumbnails, for TensorBoard's projector."""
+    test, count = run.data.test, run.config.eval.embedding_samples
+    if not count or test is None or not test.labelled:
+        return
+    index = torch.linspace(0, len(test) - 1, min(count, len(test))).long().unique()
+    sample = Split(
+        labels=test.labels[index],
+        images=test.images[index] if test.images is not None else None,
+        source=torch.utils.data.Subset(test.source, index.tolist())
+        if test.images is None
+        else None,
+    )
+    features, labels = extract_features(run.components.encoder, sample, device, workers=0)
+    names = run.data.classes
+    thumbnails = sample.images if sample.images is not None else None
+    writer.add_embedding(
+        features.cpu(),
+        metadata=[names[i] if names else str(i) for i in labels.tolist()],
+        label_img=thumbnails.float() / 255 if thumbnails is not None else None,
+        global_step=run.step,
+        tag="test_features",
     )
 
 
@@ -229,6 +258,7 @@ def train(
         total_steps=total_steps,
         out_dir=out_dir,
     )
+    init_rng = _rng_state()  # so that evaluation can rebuild this exact random initialisation
     backbone, feature_dim = build_backbone(
         config.model.backbone, data.image_size, config.model.cifar_stem
     )
@@ -243,7 +273,7 @@ def train(
     optimizer = build_optimizer(config.optim, params)
     warmup = round(config.optim.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total_steps))
-    run = _Run(config, context, data, components, optimizer, scheduler)
+    run = _Run(config, context, data, components, optimizer, scheduler, init_rng=init_rng)
     if checkpoint is not None:
         run.restore(checkpoint, Path(resume))
         log.info("resumed from %s at epoch %d, step %d", resume, run.epoch, run.step)
@@ -389,6 +419,7 @@ def train(
         "skipped_images": data.skipped,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_embeddings(run, device, writer)
     for key in ("knn_top1", "knn_top1_random_init"):
         if summary[key] is not None:
             writer.add_scalar(f"summary/{key}", summary[key], run.step)

@@ -1,0 +1,163 @@
+"""Pre-trained encoders after the run: rebuild one from a checkpoint, and export its backbone.
+
+``load_run(path)`` reads a run folder (or a checkpoint file) and the settings it was trained
+with. ``build_encoder`` rebuilds the encoder from those settings, through the same plugins and
+in the same order as ``sslplug run`` does, and loads the trained weights into it, or leaves the
+random initialisation of that run's seed in place (``pretrained=False``): the baseline that
+evaluation and fine-tuning compare against. The run saved the random-number state it built its
+components from, so the rebuilt initialisation is the very one it started from.
+
+``export_backbone`` writes the backbone alone as a plain state dict. A ResNet's loads with
+``strict=True`` into the torchvision model of the same name once its classifier is removed and,
+for images of 64 px or less, the CIFAR stem is put in::
+
+    net = torchvision.models.resnet18()
+    net.conv1, net.maxpool, net.fc = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity(), nn.Identity()
+    net.load_state_dict(torch.load("backbone.pt", weights_only=True))
+"""  # noqa: E501
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from sslplug.checkpoint import FILENAME, load_checkpoint
+from sslplug.components import Encoder
+from sslplug.config import RunConfig, RunContext, load_config
+from sslplug.engine import set_rng_state
+from sslplug.errors import CheckpointError
+from sslplug.nn import build_backbone, uses_cifar_stem
+from sslplug.plugins import PluginRegistry
+
+__all__ = ["Run", "build_encoder", "export_backbone", "load_run"]
+
+
+@attrs.define
+class Run:
+    """A finished (or interrupted) run: its folder, checkpoint and settings."""
+
+    run_dir: Path
+    checkpoint: Path
+    state: dict[str, Any]
+    config: RunConfig
+
+    @property
+    def components(self) -> dict[str, str]:
+        return dict(self.state.get("components", {}))
+
+    @property
+    def epoch(self) -> int:
+        return int(self.state.get("epoch", 0))
+
+
+def load_run(path: str | Path, registry: PluginRegistry) -> Run:
+    """The run whose folder (or checkpoint file) is ``path``.
+
+    Raises ``CheckpointError`` for a missing, corrupt or foreign file, and ``ConfigError`` when
+    its settings name a plugin section that is not installed.
+    """
+    path = Path(path)
+    checkpoint = path / FILENAME if path.is_dir() else path
+    state = load_checkpoint(checkpoint)
+    settings = state.get("settings")
+    if not isinstance(settings, dict) or state.get("encoder") is None:
+        raise CheckpointError(
+            f"{str(checkpoint)!r} holds no encoder weights or settings; give the folder or the "
+            f"last.pt of a run that `sslplug run` wrote"
+        )
+    settings = {k: dict(v) for k, v in settings.items()}
+    settings["components"] = {**settings.get("components", {}), **state.get("components", {})}
+    config = load_config(None, (), registry.settings_classes(), base=settings)
+    return Run(checkpoint.parent, checkpoint, state, config)
+
+
+def build_encoder(
+    run: Run,
+    registry: PluginRegistry,
+    image_size: int,
+    num_classes: int,
+    device: torch.device,
+    pretrained: bool = True,
+) -> Encoder:
+    """The encoder of ``run``, with its trained weights or (``pretrained=False``) the random
+    initialisation the run started from, in eval mode on ``device``."""
+    config = run.config
+    trained_size = run.state.get("image_size")
+    if trained_size is not None and trained_size != image_size:
+        raise CheckpointError(
+            f"{str(run.checkpoint)!r} was trained on {trained_size}px images, but the data to "
+            f"evaluate is {image_size}px; evaluate on data of the same size (for an image folder: "
+            f"--set data.image_size={trained_size})"
+        )
+    if run.state.get("init_rng") is not None:
+        set_rng_state(run.state["init_rng"])
+    else:  # a checkpoint from before init_rng was saved: the same seed, not the same draw
+        random.seed(config.train.seed)
+        torch.manual_seed(config.train.seed)
+    context = RunContext(
+        config=config,
+        image_size=image_size,
+        num_classes=num_classes,
+        device=device,
+        steps_per_epoch=1,
+        total_steps=1,
+        out_dir=run.run_dir,
+    )
+    backbone, feature_dim = build_backbone(
+        config.model.backbone, image_size, config.model.cifar_stem
+    )
+    encoder = registry.build(config, context, backbone, feature_dim).encoder
+    if pretrained:
+        try:
+            encoder.load_state_dict(run.state["encoder"])
+        except RuntimeError as exc:
+            lines = str(exc).splitlines()
+            detail = lines[1].strip() if len(lines) > 1 else str(exc)
+            raise CheckpointError(
+                f"the encoder in {str(run.checkpoint)!r} does not match the one its settings "
+                f"build (components {run.components}): {detail}"
+            ) from None
+    return encoder.to(device).eval()
+
+
+def export_backbone(run: Run, encoder: Encoder, out: str | Path, image_size: int) -> Path:
+    """Write ``encoder.backbone``'s state dict to ``out`` and a note of its settings beside it
+    (``out`` with the suffix ``.json``); return the note's path."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in encoder.backbone.state_dict().items()}
+    torch.save(state, out)
+    config = run.config
+    backbone = config.model.backbone
+    cifar_stem = backbone != "small" and uses_cifar_stem(config.model.cifar_stem, image_size)
+    if backbone == "small":
+        load = ["from sslplug.nn import SmallConvNet", "net = SmallConvNet()"]
+    else:
+        load = [f"net = torchvision.models.{backbone}()"]
+        if cifar_stem:
+            load.append(
+                "net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False); net.maxpool = nn.Identity()"
+            )
+        load.append("net.fc = nn.Identity()")
+    load.append(f"net.load_state_dict(torch.load({out.name!r}, weights_only=True))")
+    note = {
+        "format": "sslplug-backbone",
+        "backbone": backbone,
+        "cifar_stem": cifar_stem,
+        "image_size": image_size,
+        "feature_dim": encoder.feature_dim,
+        "input": "float images normalised with sslplug.Normalization (ImageNet mean and std)",
+        "components": run.components,
+        "epochs_trained": run.epoch,
+        "source_checkpoint": str(run.checkpoint),
+        "load": load,
+        "settings": config.to_dict(),
+    }
+    note_path = out.with_suffix(".json")
+    note_path.write_text(json.dumps(note, indent=2) + "\n")
+    return note_path
