@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 
 from sslplug import __version__
+from sslplug.bench import BenchSettings
 from sslplug.config import COMPONENTS, load_config
 from sslplug.errors import ConfigError, SslplugError
 from sslplug.finetune import FinetuneSettings
@@ -173,6 +174,39 @@ def _add_downstream(sub: argparse._SubParsersAction) -> None:
     )
     ex.add_argument("source", type=Path, metavar="RUN_OR_CHECKPOINT")
     ex.add_argument("out", type=Path, metavar="OUT.pt")
+
+    bench = sub.add_parser(
+        "bench",
+        help="images per second of view generation and of the training step, against the "
+        "per-image torchvision pipeline",
+    )
+    b = BenchSettings()
+    bench.add_argument("--plugin", default=b.plugin, help=f"method (default {b.plugin})")
+    bench.add_argument("--backbone", default=b.backbone, help=f"default {b.backbone}")
+    bench.add_argument(
+        "--batch-size", type=int, default=b.batch_size, help=f"default {b.batch_size}"
+    )
+    bench.add_argument(
+        "--image-size", type=int, default=b.image_size, help=f"default {b.image_size}"
+    )
+    bench.add_argument("--device", default=b.device, help="auto (default), cpu, cuda, cuda:N")
+    bench.add_argument("--precision", default=b.precision, help="auto (default), bf16, fp32")
+    bench.add_argument(
+        "--workers", type=int, default=b.workers, help=f"baseline DataLoader workers ({b.workers})"
+    )
+    bench.add_argument("--steps", type=int, default=b.steps, help=f"batches per repeat ({b.steps})")
+    bench.add_argument("--warmup", type=int, default=b.warmup, help=f"untimed batches ({b.warmup})")
+    bench.add_argument("--repeats", type=int, default=b.repeats, help=f"default {b.repeats}")
+    bench.add_argument("--no-baseline", action="store_true", help="skip the per-image baseline")
+    bench.add_argument(
+        "--set",
+        dest="assignments",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="any run setting, e.g. --set byol.projection_dim=128",
+    )
+    bench.add_argument("--out", type=Path, help="write the results as JSON here")
 
 
 def _assignments(args: argparse.Namespace) -> list[str]:
@@ -357,6 +391,39 @@ def _cmd_export(args: argparse.Namespace, registry: PluginRegistry) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace, registry: PluginRegistry) -> int:
+    import json
+
+    from sslplug.bench import format_bench, run_bench
+
+    for name in ("batch_size", "image_size", "steps", "repeats"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
+    for name in ("warmup", "workers"):
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name} {getattr(args, name)} must be 0 or more")
+    settings = BenchSettings(
+        plugin=args.plugin,
+        backbone=args.backbone,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        device=args.device,
+        precision=args.precision,
+        workers=args.workers,
+        steps=args.steps,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        baseline=not args.no_baseline,
+        assignments=tuple(args.assignments),
+    )
+    results = run_bench(settings, registry)
+    print(format_bench(results))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -371,6 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "eval": lambda: _cmd_eval(args, registry),
             "finetune": lambda: _cmd_finetune(args, registry),
             "export": lambda: _cmd_export(args, registry),
+            "bench": lambda: _cmd_bench(args, registry),
         }
         return commands[args.command]()
     except SslplugError as exc:

@@ -37,7 +37,14 @@ from sslplug.nn import build_backbone
 from sslplug.optim import build_optimizer, warmup_cosine
 from sslplug.plugins import Components, PluginRegistry
 
-__all__ = ["NonFiniteLossError", "resolve_device", "set_rng_state", "train"]
+__all__ = [
+    "NonFiniteLossError",
+    "autocast_context",
+    "resolve_device",
+    "set_rng_state",
+    "train",
+    "train_step",
+]
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +197,41 @@ def _evaluate(run: _Run, device: torch.device) -> float | None:
     )
 
 
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``precision`` ``bf16``, or ``auto`` on CUDA; otherwise nothing."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(
+    components: Components,
+    optimizer: torch.optim.Optimizer,
+    views: Any,
+    step: int,
+    total_steps: int,
+    autocast: contextlib.AbstractContextManager,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
+    """One optimisation step on ``views``: forward, loss, backward, optimizer step and the
+    target update. Returns the detached loss, the loss's metrics and the target's metrics;
+    nothing is read back to the host."""
+    encoder, loss_fn, target_update = components.encoder, components.loss, components.target_update
+    with autocast:
+        outputs = encoder(views)
+        target = None
+        if target_update is not None:
+            with torch.no_grad():
+                target = target_update(views)
+        loss, metrics = loss_fn(outputs, views, target)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    target_metrics = (
+        target_update.step(encoder, step, total_steps) if target_update is not None else {}
+    )
+    return loss.detach(), metrics, target_metrics
+
+
 def _write_embeddings(run: _Run, device: torch.device, writer: Any) -> None:
     """Test-set features with their labels and thumbnails, for TensorBoard's projector."""
     test, count = run.data.test, run.config.eval.embedding_samples
@@ -279,11 +321,7 @@ def train(
         log.info("resumed from %s at epoch %d, step %d", resume, run.epoch, run.step)
     _write_settings(config, context.components, out_dir)
 
-    precision = config.train.precision
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    )
+    autocast = autocast_context(config.train.precision, device)
     writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=run.step or None)
     registry.run_start(context)
     encoder, loss_fn, target_update = components.encoder, components.loss, components.target_update
@@ -319,23 +357,11 @@ def train(
                     views = components.views(images)
                 if run.step == 0:
                     _save_view_grid(views, out_dir, writer)
-                with autocast:
-                    outputs = encoder(views)
-                    target = None
-                    if target_update is not None:
-                        with torch.no_grad():
-                            target = target_update(views)
-                    loss, metrics = loss_fn(outputs, views, target)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                target_metrics = (
-                    target_update.step(encoder, run.step, total_steps)
-                    if target_update is not None
-                    else {}
+                loss, metrics, target_metrics = train_step(
+                    components, optimizer, views, run.step, total_steps, autocast
                 )
-                loss_sum += loss.detach()
+                scheduler.step()
+                loss_sum += loss
                 run.step += 1
                 window_images += images.shape[0]
                 progress.update(1)

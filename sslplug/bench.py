@@ -1,0 +1,274 @@
+"""``sslplug bench``: the speed of the data path and the training step, against the per-image
+pipeline that solo-learn and lightly use.
+
+In one process, for one method, backbone, batch size, image size and device:
+
+1. **views**: view generation alone (augmentation included), images per second;
+2. **step**: the whole training step (views, forward, loss, backward, optimizer, target update)
+   with its data, images per second and the share of the time spent waiting for data;
+3. the same two for the **per-image baseline**: the method's recipe as torchvision transforms,
+   applied to one PIL image at a time in DataLoader workers (as torchvision's CIFAR data set
+   hands them out), collated into batches and moved to the device.
+
+sslplug's own path keeps the uint8 images in memory and augments whole batches on the device
+with kornia. Every figure is the median over ``repeats`` groups of ``steps`` batches, after
+``warmup`` batches that are not timed; the ratios compare figures from the same process.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from sslplug.augment import MEAN, STD, BYOLAugmentation, blur_kernel_size
+from sslplug.config import RunContext, load_config
+from sslplug.data import Loader, Split
+from sslplug.engine import autocast_context, resolve_device, train_step
+from sslplug.nn import build_backbone
+from sslplug.optim import build_optimizer
+from sslplug.plugins import Components, PluginRegistry
+
+__all__ = ["BenchSettings", "format_bench", "per_image_recipe", "run_bench"]
+
+
+@attrs.frozen
+class BenchSettings:
+    plugin: str = "byol"
+    backbone: str = "small"
+    batch_size: int = 256
+    image_size: int = 32
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int = 2
+    steps: int = 10
+    warmup: int = 3
+    repeats: int = 5
+    baseline: bool = True
+    assignments: tuple[str, ...] = ()
+
+
+def per_image_recipe(
+    settings: Any, image_size: int
+) -> list[Callable[[Image.Image], Tensor]] | None:
+    """The method's two-view recipe as per-image torchvision transforms on PIL images, or
+    ``None`` for a method whose views are not a known recipe (pretext tasks, mixes)."""
+    if isinstance(settings, BYOLAugmentation):
+        jitter, crop = settings.jitter, settings.crop_scale
+        jitter_prob, gray = settings.jitter_prob, settings.grayscale_prob
+        blurs, solarizes = settings.blur_prob, settings.solarize_prob
+    elif settings is not None and hasattr(settings, "color_strength"):
+        s = settings.color_strength
+        jitter, crop = (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), settings.crop_scale
+        jitter_prob, gray = settings.jitter_prob, settings.grayscale_prob
+        blur = 0.5 if settings.blur == "on" or (settings.blur == "auto" and image_size > 64) else 0
+        blurs, solarizes = (blur, blur), (0.0, 0.0)
+    else:
+        return None
+    kernel = blur_kernel_size(image_size)
+    pipelines = []
+    for blur_prob, solarize_prob in zip(blurs, solarizes):
+        steps: list[Any] = [
+            T.RandomResizedCrop(image_size, scale=tuple(crop), antialias=True),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(*jitter)], p=jitter_prob),
+            T.RandomGrayscale(p=gray),
+        ]
+        if blur_prob > 0:
+            steps.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_prob))
+        if solarize_prob > 0:
+            steps.append(T.RandomSolarize(threshold=128, p=solarize_prob))
+        steps += [T.ToTensor(), T.Normalize(MEAN, STD)]
+        pipelines.append(T.Compose(steps))
+    return pipelines
+
+
+class _PerImageViews(Dataset):
+    """What a per-image pipeline's data set does: one PIL image, every view's transform."""
+
+    def __init__(self, images: Tensor, pipelines: list[Callable[[Image.Image], Tensor]]) -> None:
+        self.images = images.permute(0, 2, 3, 1).contiguous().numpy()
+        self.pipelines = pipelines
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
+        image = Image.fromarray(self.images[index])
+        return tuple(pipeline(image) for pipeline in self.pipelines)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure(
+    batches: Iterator[Any],
+    work: Callable[[Any], None],
+    batch_size: int,
+    settings: BenchSettings,
+    device: torch.device,
+) -> dict[str, float]:
+    """Median images per second and data-wait share over ``repeats`` groups of ``steps``."""
+    rates, waits = [], []
+    for group in range(-1, settings.repeats):
+        count = settings.warmup if group < 0 else settings.steps
+        wait = total = 0.0
+        for _ in range(count):
+            start = time.perf_counter()
+            batch = next(batches)
+            _sync(device)
+            got = time.perf_counter()
+            work(batch)
+            _sync(device)
+            end = time.perf_counter()
+            wait, total = wait + got - start, total + end - start
+        if group >= 0:
+            rates.append(count * batch_size / total)
+            waits.append(wait / total)
+    return {
+        "images_per_second": statistics.median(rates),
+        "data_wait_share": statistics.median(waits),
+        "images_per_second_all": rates,
+    }
+
+
+def _build(settings: BenchSettings, registry: PluginRegistry, device: torch.device) -> Any:
+    assignments = [
+        f"components.plugin={settings.plugin}",
+        f"model.backbone={settings.backbone}",
+        f"train.batch_size={settings.batch_size}",
+        f"train.precision={settings.precision}",
+        *settings.assignments,
+    ]
+    config = load_config(None, assignments, registry.settings_classes())
+    total = settings.warmup + settings.repeats * settings.steps
+    context = RunContext(
+        config=config,
+        image_size=settings.image_size,
+        num_classes=10,
+        device=device,
+        steps_per_epoch=total,
+        total_steps=total,
+    )
+    backbone, feature_dim = build_backbone(
+        config.model.backbone, settings.image_size, config.model.cifar_stem
+    )
+    components = registry.build(config, context, backbone, feature_dim)
+    for module in (components.views, components.encoder, components.loss, components.target_update):
+        if module is not None:
+            module.to(device)
+            if config.train.channels_last:
+                module.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(config.optim, [components.encoder, components.loss])
+    return config, components, optimizer
+
+
+def _stepper(
+    components: Components, optimizer: torch.optim.Optimizer, autocast: Any
+) -> Callable[[Any], None]:
+    counter = iter(range(1 << 30))
+
+    def step(views: Any) -> None:
+        train_step(components, optimizer, views, next(counter), 1 << 30, autocast)
+
+    return step
+
+
+def run_bench(settings: BenchSettings, registry: PluginRegistry) -> dict[str, Any]:
+    """Measure sslplug's path and, where the method has one, the per-image baseline."""
+    from sslplug.components import Views
+
+    device = resolve_device(settings.device)
+    torch.manual_seed(0)
+    config, components, optimizer = _build(settings, registry, device)
+    autocast = autocast_context(config.train.precision, device)
+    batch = settings.batch_size
+    count = batch * (settings.warmup + settings.repeats * settings.steps)
+    images = torch.randint(
+        0, 256, (count, 3, settings.image_size, settings.image_size), dtype=torch.uint8
+    )
+    split = Split(labels=torch.zeros(count, dtype=torch.long), images=images)
+
+    def own_batches() -> Iterator[Tensor]:
+        loader = Loader(split, batch, device, shuffle=True, drop_last=True, workers=0)
+        for epoch in range(1 << 30):
+            for uint8, _ in loader.epoch(epoch):
+                yield uint8
+
+    step = _stepper(components, optimizer, autocast)
+    results: dict[str, Any] = {"settings": attrs.asdict(settings), "device": str(device)}
+    with torch.no_grad():
+        results["sslplug_views"] = _measure(
+            own_batches(), lambda b: components.views(b), batch, settings, device
+        )
+    results["sslplug_step"] = _measure(
+        own_batches(), lambda b: step(components.views(b)), batch, settings, device
+    )
+
+    recipe = per_image_recipe(
+        config.plugins.get(config.components.resolved()["augmentation"]), settings.image_size
+    )
+    if settings.baseline and recipe is not None:
+        dataset = _PerImageViews(images, recipe)
+
+        def baseline_batches() -> Iterator[Views]:
+            loader = DataLoader(
+                dataset,
+                batch_size=batch,
+                shuffle=True,
+                drop_last=True,
+                num_workers=settings.workers,
+                pin_memory=device.type == "cuda",
+                persistent_workers=settings.workers > 0,
+            )
+            while True:
+                for views in loader:
+                    yield Views(images=tuple(v.to(device, non_blocking=True) for v in views))
+
+        results["baseline_views"] = _measure(
+            baseline_batches(), lambda v: None, batch, settings, device
+        )
+        results["baseline_step"] = _measure(baseline_batches(), step, batch, settings, device)
+        for part in ("views", "step"):
+            results[f"ratio_{part}"] = (
+                results[f"sslplug_{part}"]["images_per_second"]
+                / results[f"baseline_{part}"]["images_per_second"]
+            )
+    return results
+
+
+def format_bench(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    lines = [
+        f"{s['plugin']}, {s['backbone']} backbone, batch {s['batch_size']}, "
+        f"{s['image_size']}px, {results['device']}; median of {s['repeats']} x {s['steps']} "
+        f"batches after {s['warmup']} warm-up",
+        f"{'':<34}{'img/s':>10}{'data wait':>12}",
+    ]
+    names = {
+        "sslplug_views": "sslplug: views (batched, device)",
+        "baseline_views": "per-image baseline: views",
+        "sslplug_step": "sslplug: training step",
+        "baseline_step": "per-image baseline: training step",
+    }
+    for key, label in names.items():
+        if key in results:
+            r = results[key]
+            wait = f"{100 * r['data_wait_share']:.1f}%" if key.endswith("step") else "-"
+            lines.append(f"{label:<34}{r['images_per_second']:>10.0f}{wait:>12}")
+    for part in ("views", "step"):
+        if f"ratio_{part}" in results:
+            lines.append(f"ratio sslplug / baseline, {part}: {results[f'ratio_{part}']:.2f}x")
+    if "ratio_views" not in results:
+        lines.append("no per-image baseline for this method's views")
+    return "\n".join(lines)
