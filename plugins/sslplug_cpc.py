@@ -233,7 +233,7 @@ def sslplug_augmentation(settings: CPCSettings, run: RunContext) -> tuple[nn.Mod
         K.RandomHorizontalFlip(p=0.5),
     )
     patch = nn.Sequential(
-        K.ColorJitter(*settings.jitter, p=settings.jitter_prob),
+        sslplug.ColorJitter(*settings.jitter, p=settings.jitter_prob),
         K.RandomGrayscale(p=settings.grayscale_prob),
     )
     return image, patch

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from sslplug.augment import (
     BYOLAugmentation,
+    ColorJitter,
     MultiViewGenerator,
     Normalization,
     byol_recipe,
@@ -47,6 +48,7 @@ __all__ = [
     "MLP",
     "BYOLAugmentation",
     "CheckpointError",
+    "ColorJitter",
     "ComponentMismatchError",
     "ConfigError",
     "DataError",

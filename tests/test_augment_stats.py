@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision.transforms as T
 
-from sslplug.augment import byol_recipe, crop_flip_recipe, simclr_recipe
+from sslplug.augment import ColorJitter, byol_recipe, crop_flip_recipe, simclr_recipe
 
 N = 4096
 
@@ -53,7 +53,7 @@ def test_byol_recipe_statistics(view):
     params = _sampled(byol_recipe(32)[view])
     _check_crop(params[K.RandomResizedCrop], (0.08, 1.0))
     assert _rate(params[K.RandomHorizontalFlip]) == pytest.approx(0.5, abs=0.04)
-    jitter = params[K.ColorJitter]
+    jitter = params[ColorJitter]
     assert _rate(jitter) == pytest.approx(0.8, abs=0.04)
     applied = jitter["batch_prob"].bool()
     for key, lo, hi in (
@@ -80,7 +80,7 @@ def test_byol_recipe_statistics(view):
 def test_simclr_recipe_statistics():
     params = _sampled(simclr_recipe(32)[0])
     _check_crop(params[K.RandomResizedCrop], (0.08, 1.0))
-    jitter = params[K.ColorJitter]
+    jitter = params[ColorJitter]
     assert _rate(jitter) == pytest.approx(0.8, abs=0.04)
     brightness = jitter["brightness_factor"][jitter["batch_prob"].bool()]
     assert brightness.min() >= 0.6 - 1e-6 and brightness.max() <= 1.4 + 1e-6
