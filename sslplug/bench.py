@@ -10,6 +10,10 @@ In one process, for one method, backbone, batch size, image size and device:
    applied to one PIL image at a time in DataLoader workers (as torchvision's CIFAR data set
    hands them out), collated into batches and moved to the device.
 
+Beside them, the model alone (the step on views made once) and the FLOPs of one step's forward
+and backward passes (``torch.utils.flop_counter``), as TFLOP/s and, given the device's peak
+(``peak_tflops``), the share of it achieved.
+
 sslplug's own path keeps the uint8 images in memory and augments whole batches on the device
 with kornia. Every figure is the median over ``repeats`` groups of ``steps`` batches, after
 ``warmup`` batches that are not timed; the ratios compare figures from the same process.
@@ -17,6 +21,7 @@ with kornia. Every figure is the median over ``repeats`` groups of ``steps`` bat
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +33,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
 
 from sslplug.augment import MEAN, STD, BYOLAugmentation, blur_kernel_size
 from sslplug.config import RunContext, load_config
@@ -53,6 +59,7 @@ class BenchSettings:
     warmup: int = 3
     repeats: int = 5
     baseline: bool = True
+    peak_tflops: float = 0.0
     assignments: tuple[str, ...] = ()
 
 
@@ -214,6 +221,21 @@ def run_bench(settings: BenchSettings, registry: PluginRegistry) -> dict[str, An
     results["sslplug_step"] = _measure(
         own_batches(), lambda b: step(components.views(b)), batch, settings, device
     )
+    # The model alone: the same step on views made once, and the FLOPs it performs.
+    with torch.no_grad():
+        fixed = components.views(next(own_batches()))
+    results["sslplug_model"] = _measure(
+        itertools.repeat(fixed), lambda v: step(v), batch, settings, device
+    )
+    with FlopCounterMode(display=False) as counter:
+        step(fixed)
+    flops = counter.get_total_flops()
+    results["model_flops_per_step"] = flops
+    for key in ("sslplug_model", "sslplug_step"):
+        r = results[key]
+        r["tflops_per_second"] = flops * r["images_per_second"] / batch / 1e12
+        if settings.peak_tflops:
+            r["peak_share"] = r["tflops_per_second"] / settings.peak_tflops
 
     recipe = per_image_recipe(
         config.plugins.get(config.components.resolved()["augmentation"]), settings.image_size
@@ -258,6 +280,7 @@ def format_bench(results: dict[str, Any]) -> str:
     names = {
         "sslplug_views": "sslplug: views (batched, device)",
         "baseline_views": "per-image baseline: views",
+        "sslplug_model": "sslplug: model only (fixed views)",
         "sslplug_step": "sslplug: training step",
         "baseline_step": "per-image baseline: training step",
     }
@@ -266,6 +289,12 @@ def format_bench(results: dict[str, Any]) -> str:
             r = results[key]
             wait = f"{100 * r['data_wait_share']:.1f}%" if key.endswith("step") else "-"
             lines.append(f"{label:<34}{r['images_per_second']:>10.0f}{wait:>12}")
+    for key in ("sslplug_model", "sslplug_step"):
+        r = results[key]
+        share = f", {100 * r['peak_share']:.1f}% of peak" if "peak_share" in r else ""
+        lines.append(
+            f"{names[key]}: {r['tflops_per_second']:.3f} TFLOP/s of forward and backward{share}"
+        )
     for part in ("views", "step"):
         if f"ratio_{part}" in results:
             lines.append(f"ratio sslplug / baseline, {part}: {results[f'ratio_{part}']:.2f}x")

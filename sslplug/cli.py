@@ -199,6 +199,12 @@ def _add_downstream(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--repeats", type=int, default=b.repeats, help=f"default {b.repeats}")
     bench.add_argument("--no-baseline", action="store_true", help="skip the per-image baseline")
     bench.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=0.0,
+        help="the device's peak TFLOP/s at this precision, to report the share achieved",
+    )
+    bench.add_argument(
         "--set",
         dest="assignments",
         action="append",
@@ -414,6 +420,7 @@ def _cmd_bench(args: argparse.Namespace, registry: PluginRegistry) -> int:
         warmup=args.warmup,
         repeats=args.repeats,
         baseline=not args.no_baseline,
+        peak_tflops=args.peak_tflops,
         assignments=tuple(args.assignments),
     )
     results = run_bench(settings, registry)
