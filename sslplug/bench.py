@@ -15,8 +15,9 @@ and backward passes (``torch.utils.flop_counter``), as TFLOP/s and, given the de
 (``peak_tflops``), the share of it achieved.
 
 sslplug's own path keeps the uint8 images in memory and augments whole batches on the device
-with kornia. Every figure is the median over ``repeats`` groups of ``steps`` batches, after
-``warmup`` batches that are not timed; the ratios compare figures from the same process.
+with kornia. Every figure is the median over ``repeats`` groups of ``steps`` batches, each
+group after ``warmup`` batches that are not timed; the measurements take turns group by group,
+and a ratio is the median of the ratios of groups measured one after the other.
 """
 
 from __future__ import annotations
@@ -118,34 +119,50 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed(
+    batches: Iterator[Any], work: Callable[[Any], None], count: int, device: torch.device
+) -> tuple[float, float]:
+    """Seconds waiting for ``count`` batches, and seconds in all."""
+    wait = total = 0.0
+    for _ in range(count):
+        start = time.perf_counter()
+        batch = next(batches)
+        _sync(device)
+        got = time.perf_counter()
+        work(batch)
+        _sync(device)
+        end = time.perf_counter()
+        wait, total = wait + got - start, total + end - start
+    return wait, total
+
+
 def _measure(
-    batches: Iterator[Any],
-    work: Callable[[Any], None],
+    tasks: dict[str, tuple[Iterator[Any], Callable[[Any], None]]],
     batch_size: int,
     settings: BenchSettings,
     device: torch.device,
-) -> dict[str, float]:
-    """Median images per second and data-wait share over ``repeats`` groups of ``steps``."""
-    rates, waits = [], []
-    for group in range(-1, settings.repeats):
-        count = settings.warmup if group < 0 else settings.steps
-        wait = total = 0.0
-        for _ in range(count):
-            start = time.perf_counter()
-            batch = next(batches)
-            _sync(device)
-            got = time.perf_counter()
-            work(batch)
-            _sync(device)
-            end = time.perf_counter()
-            wait, total = wait + got - start, total + end - start
-        if group >= 0:
-            rates.append(count * batch_size / total)
-            waits.append(wait / total)
+) -> dict[str, dict[str, Any]]:
+    """Images per second and data-wait share of every task, median over ``repeats`` groups.
+
+    The tasks take turns, group by group (each group starts with ``warmup`` untimed batches,
+    which also drain what workers prefetched meanwhile), so that a slow spell of a shared
+    machine slows all of them rather than one.
+    """
+    rates: dict[str, list[float]] = {name: [] for name in tasks}
+    waits: dict[str, list[float]] = {name: [] for name in tasks}
+    for _ in range(settings.repeats):
+        for name, (batches, work) in tasks.items():
+            _timed(batches, work, settings.warmup, device)
+            wait, total = _timed(batches, work, settings.steps, device)
+            rates[name].append(settings.steps * batch_size / total)
+            waits[name].append(wait / total)
     return {
-        "images_per_second": statistics.median(rates),
-        "data_wait_share": statistics.median(waits),
-        "images_per_second_all": rates,
+        name: {
+            "images_per_second": statistics.median(rates[name]),
+            "data_wait_share": statistics.median(waits[name]),
+            "images_per_second_all": rates[name],
+        }
+        for name in tasks
     }
 
 
@@ -213,30 +230,19 @@ def run_bench(settings: BenchSettings, registry: PluginRegistry) -> dict[str, An
                 yield uint8
 
     step = _stepper(components, optimizer, autocast)
-    results: dict[str, Any] = {"settings": attrs.asdict(settings), "device": str(device)}
-    with torch.no_grad():
-        results["sslplug_views"] = _measure(
-            own_batches(), lambda b: components.views(b), batch, settings, device
-        )
-    results["sslplug_step"] = _measure(
-        own_batches(), lambda b: step(components.views(b)), batch, settings, device
-    )
-    # The model alone: the same step on views made once, and the FLOPs it performs.
     with torch.no_grad():
         fixed = components.views(next(own_batches()))
-    results["sslplug_model"] = _measure(
-        itertools.repeat(fixed), lambda v: step(v), batch, settings, device
-    )
-    with FlopCounterMode(display=False) as counter:
-        step(fixed)
-    flops = counter.get_total_flops()
-    results["model_flops_per_step"] = flops
-    for key in ("sslplug_model", "sslplug_step"):
-        r = results[key]
-        r["tflops_per_second"] = flops * r["images_per_second"] / batch / 1e12
-        if settings.peak_tflops:
-            r["peak_share"] = r["tflops_per_second"] / settings.peak_tflops
 
+    def views_only(uint8: Tensor) -> None:
+        with torch.no_grad():
+            components.views(uint8)
+
+    own = own_batches()
+    tasks: dict[str, tuple[Iterator[Any], Callable[[Any], None]]] = {
+        "sslplug_views": (own, views_only),
+        "sslplug_model": (itertools.repeat(fixed), step),  # the model alone, on fixed views
+        "sslplug_step": (own, lambda uint8: step(components.views(uint8))),
+    }
     recipe = per_image_recipe(
         config.plugins.get(config.components.resolved()["augmentation"]), settings.image_size
     )
@@ -257,15 +263,26 @@ def run_bench(settings: BenchSettings, registry: PluginRegistry) -> dict[str, An
                 for views in loader:
                     yield Views(images=tuple(v.to(device, non_blocking=True) for v in views))
 
-        results["baseline_views"] = _measure(
-            baseline_batches(), lambda v: None, batch, settings, device
-        )
-        results["baseline_step"] = _measure(baseline_batches(), step, batch, settings, device)
+        baseline = baseline_batches()
+        tasks["baseline_views"] = (baseline, lambda views: None)
+        tasks["baseline_step"] = (baseline, step)
+
+    results: dict[str, Any] = {"settings": attrs.asdict(settings), "device": str(device)}
+    results.update(_measure(tasks, batch, settings, device))
+    with FlopCounterMode(display=False) as counter:
+        step(fixed)
+    flops = counter.get_total_flops()
+    results["model_flops_per_step"] = flops
+    for key in ("sslplug_model", "sslplug_step"):
+        r = results[key]
+        r["tflops_per_second"] = flops * r["images_per_second"] / batch / 1e12
+        if settings.peak_tflops:
+            r["peak_share"] = r["tflops_per_second"] / settings.peak_tflops
+    if "baseline_views" in results:
         for part in ("views", "step"):
-            results[f"ratio_{part}"] = (
-                results[f"sslplug_{part}"]["images_per_second"]
-                / results[f"baseline_{part}"]["images_per_second"]
-            )
+            ours = results[f"sslplug_{part}"]["images_per_second_all"]
+            theirs = results[f"baseline_{part}"]["images_per_second_all"]
+            results[f"ratio_{part}"] = statistics.median(a / b for a, b in zip(ours, theirs))
     return results
 
 
@@ -274,7 +291,7 @@ def format_bench(results: dict[str, Any]) -> str:
     lines = [
         f"{s['plugin']}, {s['backbone']} backbone, batch {s['batch_size']}, "
         f"{s['image_size']}px, {results['device']}; median of {s['repeats']} x {s['steps']} "
-        f"batches after {s['warmup']} warm-up",
+        f"batches, each after {s['warmup']} warm-up",
         f"{'':<34}{'img/s':>10}{'data wait':>12}",
     ]
     names = {
