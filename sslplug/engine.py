@@ -10,13 +10,17 @@ sees), ``tensorboard/`` and, at the end, ``summary.json``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
 import random
+import signal
 import statistics
 import sys
+import threading
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,7 @@ from sslplug.augment import denormalize
 from sslplug.checkpoint import FILENAME, load_checkpoint, save_checkpoint
 from sslplug.config import RunConfig, RunContext
 from sslplug.data import DataSet, Loader, Split, load_data
-from sslplug.errors import CheckpointError, ConfigError, SslplugError
+from sslplug.errors import CheckpointError, ConfigError, PluginError, SslplugError
 from sslplug.evaluate import extract_features, knn_accuracy
 from sslplug.nn import build_backbone
 from sslplug.optim import build_optimizer, warmup_cosine
@@ -109,6 +113,7 @@ class _Run:
     history: list[dict[str, float]] = attrs.Factory(list)
     knn_baseline: float | None = None
     init_rng: dict[str, Any] | None = None
+    epoch_loss_sum: float = 0.0  # of the steps of an unfinished epoch, for a mid-epoch resume
 
     def trained_modules(self) -> dict[str, nn.Module | None]:
         return {
@@ -136,6 +141,7 @@ class _Run:
             "feature_dim": self.components.encoder.feature_dim,
             "image_size": self.context.image_size,
             "init_rng": self.init_rng,
+            "epoch_loss_sum": self.epoch_loss_sum,
         }
 
     def restore(self, state: dict[str, Any], source: Path) -> None:
@@ -163,6 +169,7 @@ class _Run:
         self.history = list(state.get("history", []))
         self.knn_baseline = state.get("knn_baseline")
         self.init_rng = state.get("init_rng", self.init_rng)
+        self.epoch_loss_sum = float(state.get("epoch_loss_sum", 0.0))
         set_rng_state(state["rng"])
 
 
@@ -197,6 +204,49 @@ def _evaluate(run: _Run, device: torch.device) -> float | None:
     )
 
 
+class ComponentFailure(PluginError):
+    """A component raised during training."""
+
+
+@contextlib.contextmanager
+def blame(component: str, names: Mapping[str, str]) -> Iterator[None]:
+    """Turn an exception raised inside ``component`` into one that names its plugin."""
+    try:
+        yield
+    except (SslplugError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if component not in names:
+            raise
+        raise ComponentFailure(
+            f"plugin {names[component]!r} raised in its {component}: {exc!r}"
+        ) from exc
+
+
+class _StopRequest:
+    """SIGTERM, or a first Ctrl-C, asks the loop to stop after the step in progress; a second
+    Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast for ``precision`` ``bf16``, or ``auto`` on CUDA; otherwise nothing."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
@@ -211,24 +261,30 @@ def train_step(
     step: int,
     total_steps: int,
     autocast: contextlib.AbstractContextManager,
+    names: Mapping[str, str] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
     """One optimisation step on ``views``: forward, loss, backward, optimizer step and the
     target update. Returns the detached loss, the loss's metrics and the target's metrics;
-    nothing is read back to the host."""
+    nothing is read back to the host. ``names`` (component -> plugin) lets an exception raised
+    inside a component name the plugin that raised it."""
     encoder, loss_fn, target_update = components.encoder, components.loss, components.target_update
+    names = names or {}
     with autocast:
-        outputs = encoder(views)
+        with blame("encoder", names):
+            outputs = encoder(views)
         target = None
         if target_update is not None:
-            with torch.no_grad():
+            with torch.no_grad(), blame("target_update", names):
                 target = target_update(views)
-        loss, metrics = loss_fn(outputs, views, target)
+        with blame("loss", names):
+            loss, metrics = loss_fn(outputs, views, target)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    target_metrics = (
-        target_update.step(encoder, step, total_steps) if target_update is not None else {}
-    )
+    target_metrics = {}
+    if target_update is not None:
+        with blame("target_update", names):
+            target_metrics = target_update.step(encoder, step, total_steps)
     return loss.detach(), metrics, target_metrics
 
 
@@ -342,7 +398,10 @@ def train(
     )
     run_start = time.perf_counter()
     last_loss = float("nan")
+    names = context.components
+    stop = _StopRequest()
     try:
+        stop.__enter__()
         for epoch in range(run.epoch, config.train.epochs):
             encoder.train()
             loss_fn.train()
@@ -350,21 +409,39 @@ def train(
                 target_update.train()
             loader.wait_seconds = 0.0
             epoch_start = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
+            done = run.step - epoch * steps_per_epoch  # > 0 when resuming inside this epoch
+            loss_sum = torch.full((), run.epoch_loss_sum if done else 0.0, device=device)
             window_start, window_images = time.perf_counter(), 0
-            for images, _ in loader.epoch(epoch):
-                with torch.no_grad():
-                    views = components.views(images)
-                if run.step == 0:
-                    _save_view_grid(views, out_dir, writer)
-                loss, metrics, target_metrics = train_step(
-                    components, optimizer, views, run.step, total_steps, autocast
-                )
+            for images, _ in itertools.islice(loader.epoch(epoch), done, None):
+                try:
+                    with torch.no_grad(), blame("views", names):
+                        views = components.views(images)
+                    if run.step == 0:
+                        _save_view_grid(views, out_dir, writer)
+                    loss, metrics, target_metrics = train_step(
+                        components, optimizer, views, run.step, total_steps, autocast, names
+                    )
+                except ComponentFailure as exc:
+                    raise ComponentFailure(
+                        f"{exc} at step {run.step + 1} (epoch {epoch + 1}). The last checkpoint, "
+                        f"{str(out_dir / FILENAME)!r} at epoch {run.epoch}, is intact: fix the "
+                        f"plugin and continue with `sslplug run --resume {out_dir}`"
+                    ) from exc.__cause__
                 scheduler.step()
                 loss_sum += loss
                 run.step += 1
                 window_images += images.shape[0]
                 progress.update(1)
+                if stop.requested is not None:
+                    run.epoch_loss_sum = loss_sum.item()
+                    save_checkpoint(run.state(), out_dir / FILENAME)
+                    _print(
+                        f"{stop.requested}: stopped after step {run.step} (epoch {epoch + 1}, "
+                        f"step {run.step - epoch * steps_per_epoch} of {steps_per_epoch}); "
+                        f"checkpoint written to {str(out_dir / FILENAME)!r}. Continue with: "
+                        f"sslplug run --resume {out_dir}"
+                    )
+                    raise KeyboardInterrupt
                 if run.step % config.train.log_every == 0:
                     last_loss = loss.item()
                     if not math.isfinite(last_loss):
@@ -399,7 +476,9 @@ def train(
             epoch_metrics = {
                 "epoch": run.epoch,
                 "loss": mean_loss,
-                "images_per_second": steps_per_epoch * config.train.batch_size / epoch_seconds,
+                "images_per_second": (steps_per_epoch - done)
+                * config.train.batch_size
+                / epoch_seconds,
                 "data_wait_share": loader.wait_seconds / epoch_seconds,
             }
             every = config.eval.every
@@ -411,6 +490,7 @@ def train(
             for key in ("loss", "images_per_second", "data_wait_share"):
                 writer.add_scalar(f"epoch/{key}", epoch_metrics[key], run.epoch)
             run.history.append(epoch_metrics)
+            run.epoch_loss_sum = 0.0
             save_checkpoint(run.state(), out_dir / FILENAME)
             registry.epoch_end(context, run.epoch, epoch_metrics)
             knn_text = (
@@ -424,6 +504,7 @@ def train(
                 f"data wait {100 * epoch_metrics['data_wait_share']:.1f}%{knn_text}"
             )
     finally:
+        stop.__exit__()
         progress.close()
         writer.flush()
 

@@ -89,14 +89,19 @@ def _mixed_folder(root):
     Image.fromarray(np.dstack([rgb, np.full((20, 30), 128, np.uint8)])).save(cls / "rgba.png")
     Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(cls / "deep.png")
     (cls / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    Image.fromarray(rgb[:1, :1]).save(cls / "tiny.png")  # one pixel
+    big = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(big).save(cls / "whole.jpg")
+    (cls / "truncated.jpg").write_bytes((cls / "whole.jpg").read_bytes()[:300])
+    (cls / "whole.jpg").unlink()
     return cls
 
 
 def test_unreadable_images_are_skipped_and_counted_and_modes_converted(tmp_path):
     _mixed_folder(tmp_path)
     data = load_data(DataSettings(name=str(tmp_path), image_size=16, workers=0, test_fraction=0))
-    assert data.skipped == 1
-    assert data.train.images.shape == (4, 3, 16, 16)
+    assert data.skipped == 2  # the broken and the truncated file
+    assert data.train.images.shape == (5, 3, 16, 16)
 
 
 def test_strict_mode_names_the_unreadable_file(tmp_path):
