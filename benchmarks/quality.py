@@ -223,7 +223,9 @@ def _plots(out: Path, table: dict[str, dict[str, Any]]) -> None:
                 )
                 if points:
                     name = "linear" if kind == "frozen" else "fine-tune"
-                    ax.plot(*zip(*points), style, marker="o", color=colour, label=f"{name}, {init}")
+                    marker = "o" if kind == "frozen" else "s"
+                    label = f"{name}, {init}"
+                    ax.plot(*zip(*points), style, marker=marker, color=colour, label=label)
         ax.set(xscale="log", title=method, xlabel="labels used (%)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test top-1 (%)")
