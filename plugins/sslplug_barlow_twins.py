@@ -51,10 +51,19 @@ def barlow_twins_encoder(
 
 
 def cross_correlation(z1: Tensor, z2: Tensor, eps: float = 1e-5) -> Tensor:
-    """``C = z1n^T z2n / N`` with each column of ``z1``, ``z2`` standardised over the batch."""
-    z1 = (z1 - z1.mean(0)) / (z1.std(0, unbiased=False) + eps)
-    z2 = (z2 - z2.mean(0)) / (z2.std(0, unbiased=False) + eps)
-    return z1.T @ z2 / z1.shape[0]
+    """``C = z1n^T z2n / N`` with each column of ``z1``, ``z2`` standardised over the batch.
+
+    Under DDP the batch is every rank's: the column statistics and ``C`` are summed over ranks
+    (``sslplug.all_reduce_sum``, with gradient), so every rank computes the whole batch's ``C``.
+    """
+    total = z1.shape[0] * sslplug.world_size()
+
+    def standardise(z: Tensor) -> Tensor:
+        centred = z - sslplug.all_reduce_sum(z.sum(0)) / total
+        variance = sslplug.all_reduce_sum(centred.pow(2).sum(0)) / total
+        return centred / (variance.sqrt() + eps)
+
+    return sslplug.all_reduce_sum(standardise(z1).T @ standardise(z2)) / total
 
 
 class BarlowTwinsLoss(nn.Module):

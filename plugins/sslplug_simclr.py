@@ -58,12 +58,20 @@ def simclr_encoder(backbone: nn.Module, feature_dim: int, settings: SimCLRSettin
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
-    """NT-Xent over ``2N`` views: row ``i`` of ``z1`` and row ``i`` of ``z2`` are positives."""
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    """NT-Xent over ``2N`` views: row ``i`` of ``z1`` and row ``i`` of ``z2`` are positives.
+
+    Under DDP the candidates are every rank's views (``sslplug.gather``, with gradient), the
+    anchors this rank's: the mean over ranks of this loss is the loss of the whole batch.
+    """
+    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
     n = z1.shape[0]
-    logits = z @ z.T / temperature
-    logits.fill_diagonal_(float("-inf"))  # a view is not its own negative
-    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    candidates = torch.cat([sslplug.gather(z1), sslplug.gather(z2)])
+    total = candidates.shape[0] // 2
+    index = torch.arange(n, device=z1.device) + sslplug.rank() * n
+    itself = torch.cat([index, total + index])
+    partner = torch.cat([total + index, index])
+    logits = torch.cat([z1, z2]) @ candidates.T / temperature
+    logits[torch.arange(2 * n, device=z1.device), itself] = float("-inf")  # not its own negative
     return F.cross_entropy(logits, partner)
 
 

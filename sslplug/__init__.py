@@ -30,6 +30,7 @@ from sslplug.components import (
     Views,
 )
 from sslplug.config import RunContext
+from sslplug.distributed import all_reduce_sum, gather, rank, world_size
 from sslplug.errors import (
     CheckpointError,
     ComponentMismatchError,
@@ -65,13 +66,17 @@ __all__ = [
     "ViewGenerator",
     "Views",
     "__version__",
+    "all_reduce_sum",
     "byol_recipe",
     "cosine_tau",
     "crop_flip_recipe",
     "denormalize",
     "ema_update",
+    "gather",
     "hookimpl",
     "normalize",
+    "rank",
     "simclr_recipe",
     "to_float",
+    "world_size",
 ]
