@@ -268,8 +268,15 @@ def _cmd_run(args: argparse.Namespace, registry: PluginRegistry) -> int:
 
         base = tomllib.loads(settings_file.read_text())
     config = load_config(args.config, _assignments(args), registry.settings_classes(), base=base)
-    summary = train(config, registry, resume=args.resume)
-    _print_summary(summary)
+    from sslplug import distributed
+
+    try:
+        summary = train(config, registry, resume=args.resume)
+        main = distributed.is_main()
+    finally:
+        distributed.stop()
+    if main:
+        _print_summary(summary)
     return 0
 
 

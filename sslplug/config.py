@@ -131,6 +131,7 @@ class TrainSettings:
     progress: bool = True
     channels_last: bool = True
     max_steps_per_epoch: int = attrs.field(default=0, validator=_non_negative)
+    sync_batchnorm: bool = False
 
 
 @attrs.define

@@ -416,9 +416,12 @@ class Loader:
         seed: int = 0,
         workers: int = 2,
         max_batches: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.split, self.batch_size, self.device = split, batch_size, device
         self.max_batches = max_batches
+        self.rank, self.world_size = rank, world_size
         self.shuffle, self.drop_last, self.seed, self.workers = shuffle, drop_last, seed, workers
         self.wait_seconds = 0.0
         self.skipped = 0
@@ -430,9 +433,16 @@ class Loader:
         return min(batches, self.max_batches) if self.max_batches else batches
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """The batches of one epoch; the order depends only on the seed and ``epoch``."""
+        """The batches of one epoch; the order depends only on the seed and ``epoch``.
+
+        With ``world_size`` > 1 (distributed training) ``batch_size`` is the batch of all ranks
+        together: every rank draws the same order and takes its own contiguous share of each
+        batch, so the ranks together see exactly the batches of one process.
+        """
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        if self.split.images is not None:
+        if self.world_size > 1:
+            yield from self._sharded(generator)
+        elif self.split.images is not None:
             yield from self._from_memory(generator)
         else:
             yield from self._from_workers(generator)
@@ -452,6 +462,45 @@ class Loader:
             start = time.perf_counter()
             index = order[b * self.batch_size : (b + 1) * self.batch_size]
             batch = self._to_device(self.split.images[index], self.split.labels[index])
+            self.wait_seconds += time.perf_counter() - start
+            yield batch
+
+    def _sharded(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.split)
+        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        share = self.batch_size // self.world_size
+        batches = [
+            order[b * self.batch_size : (b + 1) * self.batch_size][
+                self.rank * share : (self.rank + 1) * share
+            ].tolist()
+            for b in range(len(self))
+        ]
+        if self.split.images is not None:
+            for index in batches:
+                start = time.perf_counter()
+                index_t = torch.tensor(index, dtype=torch.long)
+                batch = self._to_device(self.split.images[index_t], self.split.labels[index_t])
+                self.wait_seconds += time.perf_counter() - start
+                yield batch
+            return
+        loader = DataLoader(
+            self.split.source,
+            batch_sampler=batches,
+            num_workers=self.workers,
+            collate_fn=_collate,
+            pin_memory=self._pin,
+        )
+        iterator: Any = iter(loader)
+        for _ in range(len(batches)):
+            start = time.perf_counter()
+            images, labels, skipped = next(iterator)
+            self.skipped += skipped
+            if not len(images):
+                continue
+            batch = (
+                images.to(self.device, non_blocking=True),
+                labels.to(self.device, non_blocking=True),
+            )
             self.wait_seconds += time.perf_counter() - start
             yield batch
 

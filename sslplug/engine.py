@@ -31,6 +31,7 @@ import torchvision
 from torch import nn
 from tqdm import tqdm
 
+from sslplug import distributed
 from sslplug.augment import denormalize
 from sslplug.checkpoint import FILENAME, load_checkpoint, save_checkpoint
 from sslplug.config import RunConfig, RunContext
@@ -134,6 +135,7 @@ class _Run:
             "epoch": self.epoch,
             "step": self.step,
             "rng": _rng_state(),
+            "rng_per_rank": distributed.gather_objects(_rng_state()),
             "settings": self.config.to_dict(),
             "components": dict(self.context.components),
             "history": self.history,
@@ -170,7 +172,13 @@ class _Run:
         self.knn_baseline = state.get("knn_baseline")
         self.init_rng = state.get("init_rng", self.init_rng)
         self.epoch_loss_sum = float(state.get("epoch_loss_sum", 0.0))
-        set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank") or []
+        if len(per_rank) == distributed.world_size():
+            set_rng_state(per_rank[distributed.rank()])
+        else:  # saved with another number of ranks: a fresh stream per rank and step
+            set_rng_state(state["rng"])
+            if distributed.is_distributed():
+                torch.manual_seed(self.config.train.seed * 7919 + distributed.rank() + self.step)
 
 
 def _write_settings(config: RunConfig, components: dict[str, str], out_dir: Path) -> None:
@@ -247,6 +255,36 @@ class _StopRequest:
             signal.signal(signum, handler)
 
 
+class _NullWriter:
+    """What ranks other than 0 log to: nothing."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def _wrap_for_ddp(
+    components: Components, config: RunConfig, device: torch.device
+) -> dict[str, nn.Module]:
+    """DistributedDataParallel wrappers of the encoder and, when it has trainable weights, the
+    loss; batch norm synchronised over ranks when ``train.sync_batchnorm`` asks."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if config.train.sync_batchnorm:
+        if device.type != "cuda":
+            raise ConfigError(
+                "train.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm does not run on "
+                "the CPU); set it to false for CPU ranks"
+            )
+        components.encoder = nn.SyncBatchNorm.convert_sync_batchnorm(components.encoder)
+    device_ids = [device.index] if device.type == "cuda" else None
+    wrapped: dict[str, nn.Module] = {
+        "encoder": DistributedDataParallel(components.encoder, device_ids=device_ids)
+    }
+    if any(p.requires_grad for p in components.loss.parameters()):
+        wrapped["loss"] = DistributedDataParallel(components.loss, device_ids=device_ids)
+    return wrapped
+
+
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast for ``precision`` ``bf16``, or ``auto`` on CUDA; otherwise nothing."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
@@ -262,22 +300,25 @@ def train_step(
     total_steps: int,
     autocast: contextlib.AbstractContextManager,
     names: Mapping[str, str] | None = None,
+    wrapped: Mapping[str, nn.Module] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
     """One optimisation step on ``views``: forward, loss, backward, optimizer step and the
     target update. Returns the detached loss, the loss's metrics and the target's metrics;
     nothing is read back to the host. ``names`` (component -> plugin) lets an exception raised
-    inside a component name the plugin that raised it."""
+    inside a component name the plugin that raised it; ``wrapped`` holds the DDP wrappers of
+    the encoder and the loss, which the forward pass goes through when training on many ranks."""
     encoder, loss_fn, target_update = components.encoder, components.loss, components.target_update
-    names = names or {}
+    names, wrapped = names or {}, wrapped or {}
+    forward_loss = wrapped.get("loss", loss_fn)
     with autocast:
         with blame("encoder", names):
-            outputs = encoder(views)
+            outputs = wrapped.get("encoder", encoder)(views)
         target = None
         if target_update is not None:
             with torch.no_grad(), blame("target_update", names):
                 target = target_update(views)
         with blame("loss", names):
-            loss, metrics = loss_fn(outputs, views, target)
+            loss, metrics = forward_loss(outputs, views, target)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -321,7 +362,14 @@ def train(
     """Pre-train an encoder as ``config`` says; return the summary (also in ``summary.json``)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    device = resolve_device(config.train.device)
+    device = distributed.start(config.train.device) or resolve_device(config.train.device)
+    rank, world = distributed.rank(), distributed.world_size()
+    main = distributed.is_main()
+    if config.train.batch_size % world:
+        raise ConfigError(
+            f"train.batch_size {config.train.batch_size} is the batch of all {world} ranks "
+            f"together and must be a multiple of {world}"
+        )
     checkpoint = load_checkpoint(resume) if resume is not None else None
     out_dir = Path(resume) if resume is not None and Path(resume).is_dir() else None
     out_dir = out_dir or Path(config.train.out or _default_out(config))
@@ -343,6 +391,8 @@ def train(
         seed=config.train.seed,
         workers=config.data.workers,
         max_batches=config.train.max_steps_per_epoch,
+        rank=rank,
+        world_size=world,
     )
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * config.train.epochs
@@ -367,6 +417,9 @@ def train(
             if config.train.channels_last:
                 module.to(memory_format=torch.channels_last)
 
+    wrapped = _wrap_for_ddp(components, config, device) if world > 1 else {}
+    if world > 1:  # the same weights everywhere, but each rank draws its own augmentations
+        torch.manual_seed(config.train.seed * 7919 + rank)
     params = [components.encoder, components.loss]
     optimizer = build_optimizer(config.optim, params)
     warmup = round(config.optim.warmup_epochs * steps_per_epoch)
@@ -375,14 +428,20 @@ def train(
     if checkpoint is not None:
         run.restore(checkpoint, Path(resume))
         log.info("resumed from %s at epoch %d, step %d", resume, run.epoch, run.step)
-    _write_settings(config, context.components, out_dir)
+    if main:
+        _write_settings(config, context.components, out_dir)
 
     autocast = autocast_context(config.train.precision, device)
-    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=run.step or None)
-    registry.run_start(context)
+    writer = (
+        SummaryWriter(str(out_dir / "tensorboard"), purge_step=run.step or None)
+        if main
+        else _NullWriter()
+    )
+    if main:
+        registry.run_start(context)
     encoder, loss_fn, target_update = components.encoder, components.loss, components.target_update
 
-    if run.knn_baseline is None and config.eval.baseline and run.epoch == 0:
+    if main and run.knn_baseline is None and config.eval.baseline and run.epoch == 0:
         run.knn_baseline = _evaluate(run, device)
         if run.knn_baseline is not None:
             writer.add_scalar("knn/top1", run.knn_baseline, 0)
@@ -391,7 +450,7 @@ def train(
     progress = tqdm(
         total=total_steps,
         initial=run.step,
-        disable=not config.train.progress,
+        disable=not (config.train.progress and main),
         unit="step",
         dynamic_ncols=True,
         file=sys.stderr,
@@ -416,10 +475,17 @@ def train(
                 try:
                     with torch.no_grad(), blame("views", names):
                         views = components.views(images)
-                    if run.step == 0:
+                    if run.step == 0 and main:
                         _save_view_grid(views, out_dir, writer)
                     loss, metrics, target_metrics = train_step(
-                        components, optimizer, views, run.step, total_steps, autocast, names
+                        components,
+                        optimizer,
+                        views,
+                        run.step,
+                        total_steps,
+                        autocast,
+                        names,
+                        wrapped,
                     )
                 except ComponentFailure as exc:
                     raise ComponentFailure(
@@ -432,18 +498,21 @@ def train(
                 run.step += 1
                 window_images += images.shape[0]
                 progress.update(1)
-                if stop.requested is not None:
+                if distributed.any_rank(stop.requested is not None):
                     run.epoch_loss_sum = loss_sum.item()
-                    save_checkpoint(run.state(), out_dir / FILENAME)
+                    state = run.state()
+                    if main:
+                        save_checkpoint(state, out_dir / FILENAME)
+                    signal_name = stop.requested or "SIGTERM"
                     _print(
-                        f"{stop.requested}: stopped after step {run.step} (epoch {epoch + 1}, "
+                        f"{signal_name}: stopped after step {run.step} (epoch {epoch + 1}, "
                         f"step {run.step - epoch * steps_per_epoch} of {steps_per_epoch}); "
                         f"checkpoint written to {str(out_dir / FILENAME)!r}. Continue with: "
                         f"sslplug run --resume {out_dir}"
                     )
                     raise KeyboardInterrupt
                 if run.step % config.train.log_every == 0:
-                    last_loss = loss.item()
+                    last_loss = distributed.mean_over_ranks(loss.item())
                     if not math.isfinite(last_loss):
                         raise NonFiniteLossError(
                             f"the loss is {last_loss} at step {run.step} (epoch {epoch + 1}); the "
@@ -461,13 +530,14 @@ def train(
                     }
                     for key, value in scalars.items():
                         writer.add_scalar(f"train/{key}", value, run.step)
-                    registry.step_end(context, run.step, scalars)
+                    if main:
+                        registry.step_end(context, run.step, scalars)
                     progress.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch + 1)
                     window_start, window_images = time.perf_counter(), 0
 
             epoch_seconds = time.perf_counter() - epoch_start
             run.epoch = epoch + 1
-            mean_loss = (loss_sum / steps_per_epoch).item()
+            mean_loss = distributed.mean_over_ranks((loss_sum / steps_per_epoch).item())
             if not math.isfinite(mean_loss):
                 raise NonFiniteLossError(
                     f"the mean loss of epoch {run.epoch} is {mean_loss}; the last good checkpoint "
@@ -482,7 +552,7 @@ def train(
                 "data_wait_share": loader.wait_seconds / epoch_seconds,
             }
             every = config.eval.every
-            if run.epoch == config.train.epochs or (every and run.epoch % every == 0):
+            if main and (run.epoch == config.train.epochs or (every and run.epoch % every == 0)):
                 top1 = _evaluate(run, device)
                 if top1 is not None:
                     epoch_metrics["knn_top1"] = top1
@@ -491,8 +561,10 @@ def train(
                 writer.add_scalar(f"epoch/{key}", epoch_metrics[key], run.epoch)
             run.history.append(epoch_metrics)
             run.epoch_loss_sum = 0.0
-            save_checkpoint(run.state(), out_dir / FILENAME)
-            registry.epoch_end(context, run.epoch, epoch_metrics)
+            state = run.state()  # on every rank: it gathers each rank's random-number state
+            if main:
+                save_checkpoint(state, out_dir / FILENAME)
+                registry.epoch_end(context, run.epoch, epoch_metrics)
             knn_text = (
                 f", kNN top-1 {epoch_metrics['knn_top1']:.2f}%"
                 if "knn_top1" in epoch_metrics
@@ -525,6 +597,8 @@ def train(
         "wall_seconds_this_session": time.perf_counter() - run_start,
         "skipped_images": data.skipped,
     }
+    if not main:
+        return summary
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _write_embeddings(run, device, writer)
     for key in ("knn_top1", "knn_top1_random_init"):
@@ -541,4 +615,5 @@ def _median(history: list[dict[str, float]], key: str) -> float | None:
 
 
 def _print(text: str) -> None:
-    tqdm.write(text, file=sys.stderr)
+    if distributed.is_main():
+        tqdm.write(text, file=sys.stderr)

@@ -1,0 +1,42 @@
+"""``torchrun --nproc-per-node 2 -m sslplug run``: two CPU ranks with gloo, end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from sslplug.checkpoint import load_checkpoint
+
+from .conftest import FAST
+
+
+def _torchrun(shapes_folder: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    args += ["-m", "sslplug", "run", "--data", str(shapes_folder), "--epochs", "2"]
+    args += ["--out", str(out), "--device", "cpu", *extra]
+    for item in FAST:
+        args += ["--set", item]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_two_ranks_train_log_once_and_resume_from_the_same_state(shapes_folder, tmp_path):
+    done = _torchrun(shapes_folder, tmp_path / "a", "--plugin", "simclr")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run folder:") == 1  # rank 0 alone reports
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["steps"] == 4  # 80 images, global batch 32
+    assert len(list((tmp_path / "a" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    state = load_checkpoint(tmp_path / "a")
+    assert len(state["rng_per_rank"]) == 2
+    assert not torch.equal(state["rng_per_rank"][0]["torch"], state["rng_per_rank"][1]["torch"])
+
+    again = _torchrun(shapes_folder, tmp_path / "b", "--plugin", "simclr")
+    assert again.returncode == 0, again.stderr[-3000:]
+    first, second = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
+    for key, value in first["encoder"].items():
+        torch.testing.assert_close(second["encoder"][key], value, msg=key)  # same seed, same run
