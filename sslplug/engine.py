@@ -255,6 +255,25 @@ class _StopRequest:
             signal.signal(signum, handler)
 
 
+def _check_ranks_agree(components: Components, epoch: int) -> None:
+    """Every rank must hold the same encoder and target network (DDP keeps the encoder in step;
+    the target follows it by EMA); a difference means a bug, so stop rather than train on."""
+    modules = {"encoder": components.encoder, "target_update": components.target_update}
+    sums = {
+        name: float(sum(p.detach().double().sum() for p in module.parameters()))
+        for name, module in modules.items()
+        if module is not None
+    }
+    everyone = distributed.gather_objects(sums)
+    for name in sums:
+        values = [rank_sums[name] for rank_sums in everyone]
+        if max(values) - min(values) > 1e-6 * max(1.0, abs(values[0])):
+            raise SslplugError(
+                f"after epoch {epoch} the {name} differs between ranks (parameter sums "
+                f"{values}); the ranks have diverged"
+            )
+
+
 class _NullWriter:
     """What ranks other than 0 log to: nothing."""
 
@@ -561,6 +580,8 @@ def train(
                 writer.add_scalar(f"epoch/{key}", epoch_metrics[key], run.epoch)
             run.history.append(epoch_metrics)
             run.epoch_loss_sum = 0.0
+            if world > 1:
+                _check_ranks_agree(components, run.epoch)
             state = run.state()  # on every rank: it gathers each rank's random-number state
             if main:
                 save_checkpoint(state, out_dir / FILENAME)

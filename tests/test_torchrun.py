@@ -40,3 +40,10 @@ def test_two_ranks_train_log_once_and_resume_from_the_same_state(shapes_folder, 
     first, second = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
     for key, value in first["encoder"].items():
         torch.testing.assert_close(second["encoder"][key], value, msg=key)  # same seed, same run
+
+
+def test_byol_on_two_ranks_keeps_one_target_network(shapes_folder, tmp_path):
+    # the engine compares the encoder and the EMA target across ranks after every epoch
+    done = _torchrun(shapes_folder, tmp_path / "byol", "--plugin", "byol")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "byol")["target_update"] is not None
