@@ -102,7 +102,12 @@ class PluginRegistry:
 
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
         """Import and register every plugin advertised in the entry-point group."""
-        for ep in sorted(importlib.metadata.entry_points(group=group), key=lambda e: e.name):
+        def order(ep: importlib.metadata.EntryPoint) -> tuple[str, bool, str]:
+            # a name claimed twice goes to sslplug's own plugin, then to the first distribution
+            dist = ep.dist.name if ep.dist is not None else ""
+            return ep.name, dist != "sslplug", dist
+
+        for ep in sorted(importlib.metadata.entry_points(group=group), key=order):
             dist = ep.dist.name if ep.dist is not None else None
             version = ep.dist.version if ep.dist is not None else None
             if self.pm.has_plugin(ep.name):

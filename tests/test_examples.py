@@ -1,0 +1,89 @@
+"""Third-party plugins installed for real with pip: the VICReg example mixes with our methods;
+broken distributions are reported by name and leave the other plugins usable."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import FAST
+
+EXAMPLES = Path(__file__).parent.parent / "docs" / "examples"
+
+
+def _pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "-q", *args], check=True, timeout=600)
+
+
+def _sslplug(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "sslplug", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def installed():
+    _pip("install", "--no-deps", str(EXAMPLES / "sslplug-vicreg"), str(EXAMPLES / "sslplug-broken"))
+    try:
+        yield
+    finally:
+        _pip("uninstall", "-y", "sslplug-vicreg", "sslplug-broken")
+
+
+def _fast_run(shapes_folder: Path, out: Path, *args: str) -> list[str]:
+    command = ["run", "--data", str(shapes_folder), "--epochs", "1", "--out", str(out), *args]
+    for item in [*FAST, "train.max_steps_per_epoch=2", "eval.baseline=false"]:
+        command += ["--set", item]
+    return command
+
+
+def test_installed_vicreg_is_listed_and_mixes_with_builtin_encoders(
+    installed, shapes_folder, tmp_path
+):
+    listing = _sslplug("list")
+    assert listing.returncode == 0
+    vicreg = next(
+        line.split() for line in listing.stdout.splitlines() if line.startswith("vicreg ")
+    )
+    assert vicreg[1:3] == ["sslplug-vicreg", "0.1.0"]
+    assert vicreg[3:8] == ["-", "-", "-", "x", "-"]  # only a loss
+    done = _sslplug(
+        *_fast_run(shapes_folder, tmp_path / "run", "--plugin", "simclr", "--loss", "vicreg")
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (
+        summary["components"]["loss"] == "vicreg" and summary["components"]["encoder"] == "simclr"
+    )
+
+
+def test_broken_distributions_are_named_and_the_rest_keeps_working(
+    installed, shapes_folder, tmp_path
+):
+    listing = _sslplug("list")
+    assert listing.returncode == 0
+    out = listing.stdout
+    assert (
+        "plugin 'broken_import' (distribution sslplug-broken) was left out: import of "
+        "'sslplug_broken_import' failed: ModuleNotFoundError" in out
+    )
+    assert "plugin 'broken_hookname' (distribution sslplug-broken) was left out:" in out
+    assert "sslplug_los" in out
+    assert (
+        "plugin 'byol' (distribution sslplug-broken) was left out: the name is already taken" in out
+    )
+    byol = next(line.split() for line in out.splitlines() if line.startswith("byol "))
+    assert byol[1] == "sslplug"  # the built-in keeps its name
+
+    wrong_type = _sslplug(*_fast_run(shapes_folder, tmp_path / "bad", "--loss", "broken_type"))
+    assert wrong_type.returncode == 2
+    assert "plugin 'broken_type' returned str from sslplug_loss" in wrong_type.stderr
+
+    strict = _sslplug("--strict-plugins", "list")
+    assert strict.returncode == 2 and "broken" in strict.stderr
+
+    fine = _sslplug(*_fast_run(shapes_folder, tmp_path / "ok", "--plugin", "byol"))
+    assert fine.returncode == 0, fine.stderr[-2000:]
