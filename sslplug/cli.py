@@ -100,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sub.add_parser("list", help="show installed plugins and the components each provides")
+    info = sub.add_parser(
+        "info", help="one plugin: its distribution, components, and settings with their defaults"
+    )
+    info.add_argument("name", metavar="PLUGIN")
     _add_downstream(sub)
     return parser
 
@@ -250,6 +254,36 @@ def _cmd_list(registry: PluginRegistry) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     for failure in registry.failures:
         print(f"\nnot loaded: {failure}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace, registry: PluginRegistry) -> int:
+    import inspect
+
+    entry = next((i for i in registry.info() if i.name == args.name), None)
+    if entry is None:
+        raise ConfigError(
+            f"no plugin named {args.name!r}; installed: {', '.join(registry.names()) or '(none)'}"
+        )
+    module = registry.pm.get_plugin(args.name)
+    print(f"{entry.name}: from {entry.distribution or '?'} {entry.version or '?'}")
+    doc = inspect.getdoc(module)
+    if doc:
+        print("\n" + doc.split("\n\n")[0])
+    print(f"\ncomponents: {', '.join(entry.components) or '(none)'}")
+    settings = registry.settings_classes().get(args.name)
+    if settings is None:
+        print("settings: none")
+        return 0
+    print(f"settings ([{args.name}] in a TOML file, or --set {args.name}.KEY=VALUE):")
+    if inspect.getdoc(settings):
+        print("  " + inspect.getdoc(settings).split("\n\n")[0].replace("\n", "\n  "))
+    for field in attrs.fields(settings):
+        default = (
+            field.default.factory() if isinstance(field.default, attrs.Factory) else field.default
+        )
+        kind = getattr(field.type, "__name__", None) or str(field.type)
+        print(f"  {field.name} = {default!r}  ({kind})")
     return 0
 
 
@@ -448,6 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         registry = _load_registry(args.strict_plugins)
         commands = {
             "list": lambda: _cmd_list(registry),
+            "info": lambda: _cmd_info(args, registry),
             "run": lambda: _cmd_run(args, registry),
             "eval": lambda: _cmd_eval(args, registry),
             "finetune": lambda: _cmd_finetune(args, registry),

@@ -102,6 +102,7 @@ class PluginRegistry:
 
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
         """Import and register every plugin advertised in the entry-point group."""
+
         def order(ep: importlib.metadata.EntryPoint) -> tuple[str, bool, str]:
             # a name claimed twice goes to sslplug's own plugin, then to the first distribution
             dist = ep.dist.name if ep.dist is not None else ""

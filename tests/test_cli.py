@@ -60,3 +60,16 @@ def test_console_script_help_runs():
     )
     for flag in ("--plugin", "--loss", "--target-update", "--set", "--epochs", "--resume", "--out"):
         assert flag in result.stdout
+
+
+def test_info_shows_components_and_settings_with_defaults(capsys):
+    assert main(["info", "simclr"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("simclr: from sslplug")
+    assert "components: augmentation, views, encoder, loss, target_update" in out
+    assert "temperature = 0.5  (float)" in out
+
+
+def test_info_of_an_unknown_plugin_lists_the_installed(capsys):
+    assert main(["info", "mocov3"]) == 2
+    assert "no plugin named 'mocov3'; installed: barlow_twins, byol" in capsys.readouterr().err
