@@ -100,6 +100,24 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sub.add_parser("list", help="show installed plugins and the components each provides")
+    new = sub.add_parser(
+        "new-plugin",
+        help="write a ready-to-install package for a new method or component",
+        description=(
+            "Write sslplug-NAME/: pyproject.toml with the entry point, sslplug_NAME.py with "
+            "working hook implementations to replace, a test, a README. `pip install -e` it "
+            "and `sslplug list` shows it."
+        ),
+    )
+    new.add_argument("name", metavar="NAME")
+    new.add_argument(
+        "--component",
+        action="append",
+        default=[],
+        choices=COMPONENTS,
+        help="a component the plugin provides (repeatable; default: all five)",
+    )
+    new.add_argument("--dir", type=Path, default=Path("."), help="where to write it (default .)")
     info = sub.add_parser(
         "info", help="one plugin: its distribution, components, and settings with their defaults"
     )
@@ -254,6 +272,14 @@ def _cmd_list(registry: PluginRegistry) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     for failure in registry.failures:
         print(f"\nnot loaded: {failure}")
+    return 0
+
+
+def _cmd_new_plugin(args: argparse.Namespace) -> int:
+    from sslplug.scaffold import write_plugin
+
+    folder = write_plugin(args.name, args.component, args.dir)
+    print(f"wrote {folder}/; next: pip install -e '{folder}[test]' && sslplug list")
     return 0
 
 
@@ -483,6 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands = {
             "list": lambda: _cmd_list(registry),
             "info": lambda: _cmd_info(args, registry),
+            "new-plugin": lambda: _cmd_new_plugin(args),
             "run": lambda: _cmd_run(args, registry),
             "eval": lambda: _cmd_eval(args, registry),
             "finetune": lambda: _cmd_finetune(args, registry),

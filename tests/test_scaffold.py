@@ -1,0 +1,60 @@
+"""``sslplug new-plugin`` writes a package that installs, is listed, and passes its own test."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sslplug.cli import main
+
+
+def test_new_plugin_installs_lists_and_passes_its_own_test(tmp_path, capsys):
+    assert main(["new-plugin", "cosine_loss", "--component", "loss", "--dir", str(tmp_path)]) == 0
+    folder = tmp_path / "sslplug-cosine-loss"
+    assert {p.name for p in folder.iterdir()} == {
+        "pyproject.toml", "sslplug_cosine_loss.py", "tests", "README.md",
+    }  # fmt: skip
+    pip = [sys.executable, "-m", "pip", "-q"]
+    subprocess.run([*pip, "install", "--no-deps", "-e", str(folder)], check=True, timeout=600)
+    try:
+        listing = subprocess.run(
+            [sys.executable, "-m", "sslplug", "list"], capture_output=True, text=True, check=True
+        )
+        row = next(line.split() for line in listing.stdout.splitlines() if "cosine_loss" in line)
+        assert row[1:3] == ["sslplug-cosine-loss", "0.1.0"] and row[3:8] == [
+            "-",
+            "-",
+            "-",
+            "x",
+            "-",
+        ]
+        own = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder / "tests")],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=folder,
+        )
+        assert own.returncode == 0, own.stdout[-3000:]
+    finally:
+        subprocess.run([*pip, "uninstall", "-y", "sslplug-cosine-loss"], check=True, timeout=600)
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        (["new-plugin", "My-Loss"], "plugin name 'My-Loss' must be lower case"),
+        (["new-plugin", "class"], "plugin name 'class' must be lower case"),
+    ],
+)
+def test_bad_plugin_names_are_refused(args, pattern, tmp_path, capsys):
+    assert main([*args, "--dir", str(tmp_path)]) == 2
+    assert pattern in capsys.readouterr().err
+
+
+def test_an_existing_folder_is_not_overwritten(tmp_path, capsys):
+    (tmp_path / "sslplug-mine").mkdir()
+    assert main(["new-plugin", "mine", "--dir", str(tmp_path)]) == 2
+    assert "exists already" in capsys.readouterr().err
