@@ -4,6 +4,7 @@ broken distributions are reported by name and leave the other plugins usable."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,14 @@ def _sslplug(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def installed():
-    _pip("install", "--no-deps", str(EXAMPLES / "sslplug-vicreg"), str(EXAMPLES / "sslplug-broken"))
+def installed(tmp_path_factory):
+    # install from copies, so that pip's build folders never land in the repository
+    root = tmp_path_factory.mktemp("examples")
+    copies = [
+        shutil.copytree(EXAMPLES / name, root / name)
+        for name in ("sslplug-vicreg", "sslplug-broken")
+    ]
+    _pip("install", "--no-deps", *map(str, copies))
     try:
         yield
     finally:
