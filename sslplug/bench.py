@@ -39,7 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sslplug.augment import MEAN, STD, BYOLAugmentation, blur_kernel_size
 from sslplug.config import RunContext, load_config
 from sslplug.data import Loader, Split
-from sslplug.engine import autocast_context, resolve_device, train_step
+from sslplug.engine import autocast_context, place, resolve_device, train_step
 from sslplug.nn import build_backbone
 from sslplug.optim import build_optimizer
 from sslplug.plugins import Components, PluginRegistry
@@ -188,11 +188,7 @@ def _build(settings: BenchSettings, registry: PluginRegistry, device: torch.devi
         config.model.backbone, settings.image_size, config.model.cifar_stem
     )
     components = registry.build(config, context, backbone, feature_dim)
-    for module in (components.views, components.encoder, components.loss, components.target_update):
-        if module is not None:
-            module.to(device)
-            if config.train.channels_last:
-                module.to(memory_format=torch.channels_last)
+    place(components, device, config.train.channels_last)
     optimizer = build_optimizer(config.optim, [components.encoder, components.loss])
     return config, components, optimizer
 

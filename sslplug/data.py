@@ -440,9 +440,7 @@ class Loader:
         batch, so the ranks together see exactly the batches of one process.
         """
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        if self.world_size > 1:
-            yield from self._sharded(generator)
-        elif self.split.images is not None:
+        if self.split.images is not None:
             yield from self._from_memory(generator)
         else:
             yield from self._from_workers(generator)
@@ -455,69 +453,33 @@ class Loader:
             labels.to(self.device, non_blocking=True),
         )
 
-    def _from_memory(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+    def _index_batches(self, generator: torch.Generator) -> list[Tensor]:
+        """This rank's indices of every batch of the epoch, from one seeded order."""
         n = len(self.split)
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
-        for b in range(len(self)):
-            start = time.perf_counter()
-            index = order[b * self.batch_size : (b + 1) * self.batch_size]
-            batch = self._to_device(self.split.images[index], self.split.labels[index])
-            self.wait_seconds += time.perf_counter() - start
-            yield batch
-
-    def _sharded(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-        n = len(self.split)
-        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        batches = [order[b * self.batch_size : (b + 1) * self.batch_size] for b in range(len(self))]
+        if self.world_size == 1:
+            return batches
         share = self.batch_size // self.world_size
-        batches = [
-            order[b * self.batch_size : (b + 1) * self.batch_size][
-                self.rank * share : (self.rank + 1) * share
-            ].tolist()
-            for b in range(len(self))
-        ]
-        if self.split.images is not None:
-            for index in batches:
-                start = time.perf_counter()
-                index_t = torch.tensor(index, dtype=torch.long)
-                batch = self._to_device(self.split.images[index_t], self.split.labels[index_t])
-                self.wait_seconds += time.perf_counter() - start
-                yield batch
-            return
-        loader = DataLoader(
-            self.split.source,
-            batch_sampler=batches,
-            num_workers=self.workers,
-            collate_fn=_collate,
-            pin_memory=self._pin,
-        )
-        iterator: Any = iter(loader)
-        for _ in range(len(batches)):
+        return [batch[self.rank * share : (self.rank + 1) * share] for batch in batches]
+
+    def _from_memory(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        for index in self._index_batches(generator):
             start = time.perf_counter()
-            images, labels, skipped = next(iterator)
-            self.skipped += skipped
-            if not len(images):
-                continue
-            batch = (
-                images.to(self.device, non_blocking=True),
-                labels.to(self.device, non_blocking=True),
-            )
+            batch = self._to_device(self.split.images[index], self.split.labels[index])
             self.wait_seconds += time.perf_counter() - start
             yield batch
 
     def _from_workers(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
         loader = DataLoader(
             self.split.source,
-            batch_size=self.batch_size,
-            shuffle=self.shuffle,
-            drop_last=self.drop_last,
+            batch_sampler=[index.tolist() for index in self._index_batches(generator)],
             num_workers=self.workers,
             collate_fn=_collate,
-            generator=generator,
             pin_memory=self._pin,
-            persistent_workers=False,
         )
         iterator: Any = iter(loader)
-        for _ in range(len(self)):
+        while True:
             start = time.perf_counter()
             try:
                 images, labels, skipped = next(iterator)

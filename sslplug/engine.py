@@ -45,6 +45,7 @@ from sslplug.plugins import Components, PluginRegistry
 __all__ = [
     "NonFiniteLossError",
     "autocast_context",
+    "place",
     "resolve_device",
     "set_rng_state",
     "train",
@@ -255,6 +256,15 @@ class _StopRequest:
             signal.signal(signum, handler)
 
 
+def place(components: Components, device: torch.device, channels_last: bool) -> None:
+    """Move every component to ``device``, with channels-last weights when asked."""
+    for module in (components.views, components.encoder, components.loss, components.target_update):
+        if module is not None:
+            module.to(device)
+            if channels_last:
+                module.to(memory_format=torch.channels_last)
+
+
 def _check_ranks_agree(components: Components, epoch: int) -> None:
     """Every rank must hold the same encoder and target network (DDP keeps the encoder in step;
     the target follows it by EMA); a difference means a bug, so stop rather than train on."""
@@ -430,11 +440,7 @@ def train(
         config.model.backbone, data.image_size, config.model.cifar_stem
     )
     components = registry.build(config, context, backbone, feature_dim)
-    for module in (components.views, components.encoder, components.loss, components.target_update):
-        if module is not None:
-            module.to(device)
-            if config.train.channels_last:
-                module.to(memory_format=torch.channels_last)
+    place(components, device, config.train.channels_last)
 
     wrapped = _wrap_for_ddp(components, config, device) if world > 1 else {}
     if world > 1:  # the same weights everywhere, but each rank draws its own augmentations
