@@ -432,12 +432,12 @@ def _cmd_eval(args: argparse.Namespace, registry: PluginRegistry) -> int:
 def _cmd_finetune(args: argparse.Namespace, registry: PluginRegistry) -> int:
     from sslplug.downstream import finetune_evaluation, format_table, record
 
-    run, data, device = _open_run(args, registry)
     for name in ("steps", "batch_size"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
     if args.lr <= 0:
         raise ConfigError(f"--lr {args.lr} must be positive")
+    run, data, device = _open_run(args, registry)  # after the cheap checks: it decodes the data
     settings = FinetuneSettings(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.label_seed
     )
