@@ -5,7 +5,8 @@ torchvision's ResNet-18/34/50 (with the CIFAR stem for small images: a 3x3 strid
 convolution and no max-pool, as in SimCLR's CIFAR experiments, Chen et al. 2020, Appendix B.9)
 or ``small``, a six-layer convolutional network that makes CPU runs practical.
 
-``MLP`` is the projector and predictor of SimCLR, BYOL and Barlow Twins.
+``MLP`` is the projector and predictor of SimCLR, BYOL and Barlow Twins and, with its options,
+the head of DINO.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from sslplug.errors import ConfigError
 
 __all__ = [
+    "ACTIVATIONS",
     "BACKBONES",
     "MLP",
     "SmallConvNet",
@@ -31,6 +33,7 @@ __all__ = [
 ]
 
 BACKBONES = ("small", "resnet18", "resnet34", "resnet50")
+ACTIVATIONS = ("relu", "gelu")
 
 
 class MLP(nn.Sequential):
@@ -39,6 +42,22 @@ class MLP(nn.Sequential):
     ``MLP(512, [4096], 256)`` is BYOL's projector: Linear-BN-ReLU-Linear (Grill et al. 2020,
     Section 3.3). ``last_batch_norm`` adds an affine-free BN after the last layer, as Barlow
     Twins' and SimSiam's projectors do.
+
+    The keyword options serve the heads of later methods:
+
+    - ``activation``: ``"relu"`` or ``"gelu"``, between hidden layers (GELU in DINO's head,
+      Caron et al. 2021, and in MoCo v3's ViT heads, Chen et al. 2021).
+    - ``batch_norm=False``: no BatchNorm1d in the hidden layers, whose Linear layers then have
+      biases (DINO's head).
+    - ``weight_norm_last``: the last Linear has no bias and is weight-normalised (Salimans &
+      Kingma 2016) with its magnitude set to 1, so each output is a cosine-like score of unit
+      weight rows; with ``norm_last_layer`` (the default, DINO's ``norm_last_layer``) that
+      magnitude is frozen. DINO's head L2-normalises the input of this layer; compose two MLPs
+      for that: ``MLP(d, [2048, 2048], 256, activation="gelu", batch_norm=False)``, then
+      ``F.normalize``, then ``MLP(256, [], 65536, weight_norm_last=True)``.
+
+    With the defaults the layers and ``state_dict`` keys are those of earlier versions, so their
+    checkpoints load.
     """
 
     def __init__(
@@ -47,20 +66,40 @@ class MLP(nn.Sequential):
         hidden_dims: Sequence[int],
         out_dim: int,
         last_batch_norm: bool = False,
+        *,
+        activation: str = "relu",
+        batch_norm: bool = True,
+        weight_norm_last: bool = False,
+        norm_last_layer: bool = True,
     ) -> None:
+        if activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"unknown MLP activation {activation!r}; valid: {', '.join(ACTIVATIONS)}"
+            )
         layers: list[nn.Module] = []
         dims = [in_dim, *hidden_dims]
         for d_in, d_out in itertools.pairwise(dims):
-            layers += [
-                nn.Linear(d_in, d_out, bias=False),
-                nn.BatchNorm1d(d_out),
-                nn.ReLU(inplace=True),
-            ]
-        layers.append(nn.Linear(dims[-1], out_dim, bias=not last_batch_norm))
+            layers.append(nn.Linear(d_in, d_out, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(d_out))
+            layers.append(nn.ReLU(inplace=True) if activation == "relu" else nn.GELU())
+        last = nn.Linear(dims[-1], out_dim, bias=not (last_batch_norm or weight_norm_last))
+        if weight_norm_last:
+            last = nn.utils.parametrizations.weight_norm(last)
+            magnitude = last.parametrizations.weight.original0
+            with torch.no_grad():
+                magnitude.fill_(1.0)
+            magnitude.requires_grad_(not norm_last_layer)
+        layers.append(last)
         if last_batch_norm:
             layers.append(nn.BatchNorm1d(out_dim, affine=False))
         super().__init__(*layers)
         self.out_dim = out_dim
+
+    @property
+    def last_layer(self) -> nn.Linear:
+        """The final Linear layer (weight-normalised with ``weight_norm_last``)."""
+        return next(m for m in reversed(self) if isinstance(m, nn.Linear))
 
 
 def _conv_bn(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
