@@ -15,8 +15,6 @@ Usage::
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import attrs
 import torch
 from torch import Tensor, nn
@@ -66,10 +64,10 @@ def cross_correlation(z1: Tensor, z2: Tensor, eps: float = 1e-5) -> Tensor:
     return sslplug.all_reduce_sum(standardise(z1).T @ standardise(z2)) / total
 
 
-class BarlowTwinsLoss(nn.Module):
+class BarlowTwinsLoss(sslplug.Loss):
     """Invariance on the diagonal of the cross-correlation, redundancy reduction off it."""
 
-    requires: ClassVar[frozenset[str]] = frozenset({"two_views", "projection"})
+    requires = frozenset({"two_views", "projection"})
 
     def __init__(self, lambda_offdiag: float) -> None:
         super().__init__()
@@ -77,7 +75,7 @@ class BarlowTwinsLoss(nn.Module):
 
     def forward(
         self, outputs: Outputs, views: Views, target: Outputs | None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    ) -> sslplug.LossResult:
         z1, z2 = outputs.projections[:2]
         # the standardisation and the d x d correlation need float32, not bf16 autocast
         with torch.autocast(z1.device.type, enabled=False):
@@ -86,7 +84,8 @@ class BarlowTwinsLoss(nn.Module):
         on_diag = (1 - diagonal).pow(2).sum()
         off_diag = c.pow(2).sum() - diagonal.pow(2).sum()
         loss = on_diag + self.lambda_offdiag * off_diag
-        return loss, {"on_diagonal": on_diag.detach(), "off_diagonal": off_diag.detach()}
+        metrics = {"on_diagonal": on_diag.detach(), "off_diagonal": off_diag.detach()}
+        return sslplug.LossResult(loss, metrics)
 
 
 @sslplug.hookimpl
@@ -95,7 +94,7 @@ def sslplug_settings() -> type:
 
 
 @sslplug.hookimpl
-def sslplug_augmentation(settings: BarlowTwinsSettings, run: RunContext) -> tuple[nn.Module, ...]:
+def sslplug_augmentation(settings: BarlowTwinsSettings, run: RunContext) -> sslplug.Augmentations:
     return settings.pipelines(run.image_size)
 
 

@@ -26,7 +26,6 @@ Usage::
 from __future__ import annotations
 
 import copy
-from typing import ClassVar
 
 import attrs
 import torch
@@ -60,7 +59,7 @@ class BYOLSettings(sslplug.BYOLAugmentation):
 class BYOLEncoder(sslplug.ProjectorEncoder):
     """Backbone, projector and predictor; all views pass through in one batched call."""
 
-    provides: ClassVar[frozenset[str]] = frozenset({"projection", "prediction"})
+    provides = frozenset({"projection", "prediction"})
 
     def __init__(self, backbone: nn.Module, feature_dim: int, settings: BYOLSettings) -> None:
         dim = settings.projection_dim
@@ -78,8 +77,8 @@ class BYOLEncoder(sslplug.ProjectorEncoder):
 class BYOLTarget(TargetUpdate):
     """The target network: a copy of the online backbone and projector, moved by EMA."""
 
-    requires: ClassVar[frozenset[str]] = frozenset({"projection"})
-    provides: ClassVar[frozenset[str]] = frozenset({"target_projection"})
+    requires = frozenset({"projection"})
+    provides = frozenset({"target_projection"})
 
     def __init__(self, encoder: Encoder, tau_base: float) -> None:
         super().__init__()
@@ -94,8 +93,7 @@ class BYOLTarget(TargetUpdate):
         self.tau_base = tau_base
 
     def forward(self, views: Views) -> Outputs:
-        sizes = [v.shape[0] for v in views.images]
-        return Outputs(projections=self.network(torch.cat(views.images)).split(sizes))
+        return Outputs(projections=sslplug.run_by_resolution(self.network, views.images))
 
     @torch.no_grad()
     def step(self, encoder: Encoder, step: int, total_steps: int) -> dict[str, float]:
@@ -109,14 +107,14 @@ def regression_loss(prediction: Tensor, target: Tensor) -> Tensor:
     return (2.0 - 2.0 * F.cosine_similarity(prediction, target.detach(), dim=-1)).mean()
 
 
-class BYOLLoss(nn.Module):
+class BYOLLoss(sslplug.Loss):
     """The symmetrised BYOL loss.
 
     Without a target network it regresses onto the stop-gradient online projections (SimSiam).
     Given a ``predictor``, it applies it to the projections itself: for encoders that have none.
     """
 
-    requires: ClassVar[frozenset[str]] = frozenset({"two_views", "projection", "prediction"})
+    requires = frozenset({"two_views", "projection", "prediction"})
 
     def __init__(self, predictor: nn.Module | None = None) -> None:
         super().__init__()
@@ -126,7 +124,7 @@ class BYOLLoss(nn.Module):
 
     def forward(
         self, outputs: Outputs, views: Views, target: Outputs | None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    ) -> sslplug.LossResult:
         if self.predictor is not None:
             sizes = [z.shape[0] for z in outputs.projections[:2]]
             p1, p2 = self.predictor(torch.cat(outputs.projections[:2])).split(sizes)
@@ -134,7 +132,7 @@ class BYOLLoss(nn.Module):
             p1, p2 = outputs.predictions[:2]
         z1, z2 = (target if target is not None and target.projections else outputs).projections[:2]
         loss = regression_loss(p1, z2) + regression_loss(p2, z1)
-        return loss, {"cosine": 1.0 - loss.detach() / 4.0}
+        return sslplug.LossResult(loss, {"cosine": 1.0 - loss.detach() / 4.0})
 
 
 @sslplug.hookimpl
@@ -143,7 +141,7 @@ def sslplug_settings() -> type:
 
 
 @sslplug.hookimpl
-def sslplug_augmentation(settings: BYOLSettings, run: RunContext) -> tuple[nn.Module, nn.Module]:
+def sslplug_augmentation(settings: BYOLSettings, run: RunContext) -> sslplug.Augmentations:
     return settings.pipelines(run.image_size)
 
 

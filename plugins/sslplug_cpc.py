@@ -22,7 +22,7 @@ Usage::
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable
 
 import attrs
 import kornia.augmentation as K
@@ -75,7 +75,8 @@ class CPCViews(sslplug.ViewGenerator):
     """One view: every patch of the batch, ``(B * gh * gw, C, size, size)``, image-major and
     row-major within an image; ``targets["grid"]`` is ``tensor([gh, gw])``."""
 
-    provides: ClassVar[frozenset[str]] = frozenset({"patch_grid"})
+    requires = frozenset({"image_then_patch_pipelines"})
+    provides = frozenset({"patch_grid"})
 
     def __init__(
         self, image_augmentation: nn.Module, patch_augmentation: nn.Module, size: int, stride: int
@@ -130,7 +131,7 @@ class MaskedContext(nn.Module):
 class CPCEncoder(Encoder):
     """Patch backbone, masked context network and one linear predictor per step below."""
 
-    provides: ClassVar[frozenset[str]] = frozenset({"patch_predictions"})
+    provides = frozenset({"patch_predictions"})
 
     def __init__(
         self, backbone: nn.Module, feature_dim: int, settings: CPCSettings, size: int, stride: int
@@ -199,10 +200,10 @@ def info_nce(predictions: Tensor, patches: Tensor, num_negatives: int = 0) -> Te
     return torch.stack(losses).mean()
 
 
-class InfoNCELoss(nn.Module):
+class InfoNCELoss(sslplug.Loss):
     """CPC's InfoNCE, averaged over the prediction steps."""
 
-    requires: ClassVar[frozenset[str]] = frozenset({"patch_grid", "patch_predictions"})
+    requires = frozenset({"patch_grid", "patch_predictions"})
 
     def __init__(self, num_negatives: int = 0) -> None:
         super().__init__()
@@ -210,14 +211,14 @@ class InfoNCELoss(nn.Module):
 
     def forward(
         self, outputs: Outputs, views: Views, target: Outputs | None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    ) -> sslplug.LossResult:
         with torch.autocast(outputs.predictions[0].device.type, enabled=False):
             loss = info_nce(
                 outputs.predictions[0].float(),
                 outputs.extras["patches"].float(),
                 self.num_negatives,
             )
-        return loss, {}
+        return sslplug.LossResult(loss, {})
 
 
 @sslplug.hookimpl
@@ -226,7 +227,15 @@ def sslplug_settings() -> type:
 
 
 @sslplug.hookimpl
-def sslplug_augmentation(settings: CPCSettings, run: RunContext) -> tuple[nn.Module, nn.Module]:
+def sslplug_capabilities(register: Callable[[str, str], None]) -> None:
+    register(
+        "image_then_patch_pipelines",
+        "two unnormalised pipelines: one for the whole image, then one for every patch",
+    )
+
+
+@sslplug.hookimpl
+def sslplug_augmentation(settings: CPCSettings, run: RunContext) -> sslplug.Augmentations:
     size = run.image_size
     image = nn.Sequential(
         K.RandomResizedCrop((size, size), scale=settings.crop_scale, cropping_mode="resample"),
@@ -236,7 +245,7 @@ def sslplug_augmentation(settings: CPCSettings, run: RunContext) -> tuple[nn.Mod
         sslplug.ColorJitter(*settings.jitter, p=settings.jitter_prob),
         K.RandomGrayscale(p=settings.grayscale_prob),
     )
-    return image, patch
+    return sslplug.Augmentations((image, patch), provides={"image_then_patch_pipelines"})
 
 
 @sslplug.hookimpl

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import ClassVar
 
 import attrs
 import numpy as np
@@ -138,7 +137,8 @@ class JigsawViews(sslplug.ViewGenerator):
     putting tile ``p`` back at that cell restores the image.
     """
 
-    provides: ClassVar[frozenset[str]] = frozenset({"permutation_labels"})
+    requires = frozenset({"normalized_views"})
+    provides = frozenset({"permutation_labels"})
 
     def __init__(
         self, augmentation: nn.Module, permutations: Tensor, tile_fraction: float, upsample_to: int
@@ -167,7 +167,7 @@ class JigsawEncoder(Encoder):
     so ``feature_dim`` is nine times the backbone's width.
     """
 
-    provides: ClassVar[frozenset[str]] = frozenset({"logits"})
+    provides = frozenset({"logits"})
 
     def __init__(
         self,
@@ -201,9 +201,9 @@ def sslplug_settings() -> type:
 
 
 @sslplug.hookimpl
-def sslplug_augmentation(settings: JigsawSettings, run: RunContext) -> tuple[nn.Module]:
+def sslplug_augmentation(settings: JigsawSettings, run: RunContext) -> sslplug.Augmentations:
     size = settings.upsample_to or run.image_size
-    return (sslplug.crop_flip_recipe(size, settings.crop_scale),)
+    return sslplug.Augmentations([sslplug.crop_flip_recipe(size, settings.crop_scale)])
 
 
 @sslplug.hookimpl

@@ -14,8 +14,6 @@ Usage::
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import attrs
 import torch
 from torch import Tensor, nn
@@ -38,7 +36,8 @@ class RotNetSettings:
 class RotationViews(sslplug.ViewGenerator):
     """One view holding the ``4B`` rotated copies, rotation-major; targets ``"rotation"``."""
 
-    provides: ClassVar[frozenset[str]] = frozenset({"rotation_labels"})
+    requires = frozenset({"normalized_views"})
+    provides = frozenset({"rotation_labels"})
 
     def __init__(self, augmentation: nn.Module) -> None:
         super().__init__()
@@ -54,7 +53,7 @@ class RotationViews(sslplug.ViewGenerator):
 class RotNetEncoder(Encoder):
     """Backbone and the rotation classifier."""
 
-    provides: ClassVar[frozenset[str]] = frozenset({"logits"})
+    provides = frozenset({"logits"})
 
     def __init__(self, backbone: nn.Module, feature_dim: int, hidden_dim: int) -> None:
         super().__init__(backbone, feature_dim)
@@ -75,8 +74,8 @@ def sslplug_settings() -> type:
 
 
 @sslplug.hookimpl
-def sslplug_augmentation(settings: RotNetSettings, run: RunContext) -> tuple[nn.Module]:
-    return (sslplug.crop_flip_recipe(run.image_size, settings.crop_scale),)
+def sslplug_augmentation(settings: RotNetSettings, run: RunContext) -> sslplug.Augmentations:
+    return sslplug.Augmentations([sslplug.crop_flip_recipe(run.image_size, settings.crop_scale)])
 
 
 @sslplug.hookimpl

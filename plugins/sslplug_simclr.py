@@ -16,7 +16,7 @@ Usage::
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 import attrs
 import torch
@@ -75,10 +75,10 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
     return F.cross_entropy(logits, partner)
 
 
-class NTXentLoss(nn.Module):
+class NTXentLoss(sslplug.Loss):
     """The normalised temperature-scaled cross-entropy loss of SimCLR."""
 
-    requires: ClassVar[frozenset[str]] = frozenset({"two_views", "projection"})
+    requires = frozenset({"two_views", "projection"})
 
     def __init__(self, temperature: float) -> None:
         super().__init__()
@@ -86,12 +86,12 @@ class NTXentLoss(nn.Module):
 
     def forward(
         self, outputs: Outputs, views: Views, target: Outputs | None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    ) -> sslplug.LossResult:
         z1, z2 = outputs.projections[:2]
         # similarities at temperature 0.1 need more precision than bf16 autocast gives
         with torch.autocast(z1.device.type, enabled=False):
             loss = nt_xent(z1.float(), z2.float(), self.temperature)
-        return loss, {}
+        return sslplug.LossResult(loss, {})
 
 
 @sslplug.hookimpl
@@ -100,7 +100,7 @@ def sslplug_settings() -> type:
 
 
 @sslplug.hookimpl
-def sslplug_augmentation(settings: SimCLRSettings, run: RunContext) -> tuple[nn.Module, ...]:
+def sslplug_augmentation(settings: SimCLRSettings, run: RunContext) -> sslplug.Augmentations:
     blur = settings.blur == "on" or (settings.blur == "auto" and run.image_size > 64)
     return sslplug.simclr_recipe(
         run.image_size,

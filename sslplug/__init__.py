@@ -21,15 +21,19 @@ from sslplug.augment import (
 )
 from sslplug.components import (
     CAPABILITIES,
+    Augmentations,
     Encoder,
+    Loss,
+    LossResult,
     Outputs,
     PretextCrossEntropy,
     ProjectorEncoder,
     TargetUpdate,
     ViewGenerator,
     Views,
+    run_by_resolution,
 )
-from sslplug.config import RunContext
+from sslplug.config import Progress, RunContext
 from sslplug.distributed import all_reduce_sum, gather, rank, world_size
 from sslplug.errors import (
     CheckpointError,
@@ -41,12 +45,14 @@ from sslplug.errors import (
 )
 from sslplug.hookspecs import hookimpl
 from sslplug.nn import MLP, cosine_tau, ema_update
+from sslplug.optim import OptimRules, ParamGroup
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CAPABILITIES",
     "MLP",
+    "Augmentations",
     "BYOLAugmentation",
     "CheckpointError",
     "ColorJitter",
@@ -54,11 +60,16 @@ __all__ = [
     "ConfigError",
     "DataError",
     "Encoder",
+    "Loss",
+    "LossResult",
     "MultiViewGenerator",
     "Normalization",
+    "OptimRules",
     "Outputs",
+    "ParamGroup",
     "PluginError",
     "PretextCrossEntropy",
+    "Progress",
     "ProjectorEncoder",
     "RunContext",
     "SslplugError",
@@ -76,6 +87,7 @@ __all__ = [
     "hookimpl",
     "normalize",
     "rank",
+    "run_by_resolution",
     "simclr_recipe",
     "to_float",
     "world_size",

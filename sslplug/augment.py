@@ -14,7 +14,7 @@ import kornia.augmentation as K
 import torch
 from torch import Tensor, nn
 
-from sslplug.components import ViewGenerator, Views
+from sslplug.components import Augmentations, ViewGenerator, Views
 
 __all__ = [
     "MEAN",
@@ -192,7 +192,7 @@ def byol_recipe(
     grayscale_prob: float = 0.2,
     blur_prob: tuple[float, float] = (1.0, 0.1),
     solarize_prob: tuple[float, float] = (0.0, 0.2),
-) -> tuple[nn.Module, nn.Module]:
+) -> Augmentations:
     """The two asymmetric BYOL pipelines (Grill et al. 2020, Table 6).
 
     Random resized crop (scale ``crop_scale``, aspect 3/4 to 4/3), horizontal flip (p=0.5),
@@ -200,7 +200,7 @@ def byol_recipe(
     grayscale, Gaussian blur (sigma 0.1 to 2, kernel about 10% of the side) and solarisation at
     0.5; the blur and solarisation probabilities differ between the two views.
     """
-    return tuple(
+    return Augmentations(
         _pipeline(image_size, crop_scale, jitter, jitter_prob, grayscale_prob, blur, solarize)
         for blur, solarize in zip(blur_prob, solarize_prob)
     )
@@ -222,7 +222,7 @@ class BYOLAugmentation:
     blur_prob: tuple[float, float] = (1.0, 0.1)
     solarize_prob: tuple[float, float] = (0.0, 0.2)
 
-    def pipelines(self, image_size: int) -> tuple[nn.Module, nn.Module]:
+    def pipelines(self, image_size: int) -> Augmentations:
         return byol_recipe(
             image_size,
             crop_scale=self.crop_scale,
@@ -266,7 +266,7 @@ def simclr_recipe(
     jitter_prob: float = 0.8,
     grayscale_prob: float = 0.2,
     blur_prob: float = 0.0,
-) -> tuple[nn.Module, ...]:
+) -> Augmentations:
     """``views`` identical SimCLR pipelines (Chen et al. 2020, Appendix A).
 
     Random resized crop (scale ``crop_scale``), horizontal flip, colour jitter of strength ``s``
@@ -276,7 +276,7 @@ def simclr_recipe(
     with ``s`` = 0.5 there (Appendix B.9).
     """
     s = color_strength
-    return tuple(
+    return Augmentations(
         _pipeline(
             image_size,
             crop_scale,
@@ -303,16 +303,27 @@ class MultiViewGenerator(ViewGenerator):
     """Views that are augmented copies of the batch: one per augmentation pipeline.
 
     The uint8 batch becomes float once; each pipeline then draws its own per-sample
-    parameters. With two or more pipelines the generator provides ``two_views``.
+    parameters. With two or more pipelines the generator provides ``two_views``. ``groups``
+    names the group of each view (multi-crop: ``("global", "global", "local", ...)``, with
+    pipelines that crop to different sizes); then it also provides ``view_groups``.
     """
 
-    def __init__(self, augmentations: Sequence[nn.Module]) -> None:
+    requires = frozenset({"normalized_views"})
+
+    def __init__(self, augmentations: Sequence[nn.Module], groups: Sequence[str] = ()) -> None:
         super().__init__()
         if not augmentations:
             raise ValueError("MultiViewGenerator needs at least one augmentation pipeline")
+        if groups and len(groups) != len(augmentations):
+            raise ValueError(
+                f"MultiViewGenerator got {len(augmentations)} pipelines but {len(groups)} "
+                f"group names; give one group per pipeline"
+            )
         self.augmentations = nn.ModuleList(augmentations)
-        self.provides = frozenset({"two_views"}) if len(augmentations) >= 2 else frozenset()
+        self.groups = tuple(groups)
+        provides = {"two_views"} if len(augmentations) >= 2 else set()
+        self.provides = frozenset(provides | ({"view_groups"} if groups else set()))
 
     def forward(self, batch: Tensor) -> Views:
         images = to_float(batch)
-        return Views(images=tuple(aug(images) for aug in self.augmentations))
+        return Views(images=tuple(aug(images) for aug in self.augmentations), groups=self.groups)

@@ -36,13 +36,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
+from sslplug.assembly import assemble
 from sslplug.augment import MEAN, STD, BYOLAugmentation, blur_kernel_size
-from sslplug.config import RunContext, load_config
+from sslplug.config import load_config
 from sslplug.data import Loader, Split
-from sslplug.engine import autocast_context, place, resolve_device, train_step
-from sslplug.nn import build_backbone
-from sslplug.optim import build_optimizer
+from sslplug.engine import train_step
+from sslplug.optim import Optimization
 from sslplug.plugins import Components, PluginRegistry
+from sslplug.runtime import autocast_context, resolve_device
 
 __all__ = ["BenchSettings", "format_bench", "per_image_recipe", "run_bench"]
 
@@ -176,30 +177,25 @@ def _build(settings: BenchSettings, registry: PluginRegistry, device: torch.devi
     ]
     config = load_config(None, assignments, registry.settings_classes())
     total = settings.warmup + settings.repeats * settings.steps
-    context = RunContext(
-        config=config,
+    assembly = assemble(
+        config,
+        registry,
         image_size=settings.image_size,
-        num_classes=10,
         device=device,
+        num_classes=10,
         steps_per_epoch=total,
         total_steps=total,
     )
-    backbone, feature_dim = build_backbone(
-        config.model.backbone, settings.image_size, config.model.cifar_stem
-    )
-    components = registry.build(config, context, backbone, feature_dim)
-    place(components, device, config.train.channels_last)
-    optimizer = build_optimizer(config.optim, [components.encoder, components.loss])
-    return config, components, optimizer
+    return config, assembly.parts, assembly.optimization
 
 
 def _stepper(
-    components: Components, optimizer: torch.optim.Optimizer, autocast: Any
+    components: Components, optimization: Optimization, autocast: Any
 ) -> Callable[[Any], None]:
     counter = iter(range(1 << 30))
 
     def step(views: Any) -> None:
-        train_step(components, optimizer, views, next(counter), 1 << 30, autocast)
+        train_step(components, optimization, views, next(counter), 1 << 30, autocast)
 
     return step
 

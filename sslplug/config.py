@@ -10,6 +10,7 @@ valid. ``RunConfig.to_dict`` gives plain data that ``tomli_w`` writes as the run
 from __future__ import annotations
 
 import difflib
+import logging
 import sys
 import typing
 from collections.abc import Iterable, Mapping
@@ -35,14 +36,19 @@ __all__ = [
     "EvalSettings",
     "ModelSettings",
     "OptimSettings",
+    "Progress",
     "RunConfig",
     "RunContext",
     "TrainSettings",
     "load_config",
     "parse_assignment",
+    "read_toml",
 ]
 
 COMPONENTS = ("augmentation", "views", "encoder", "loss", "target_update")
+NO_TARGET = "none"  # components.target_update for a run without a target network
+
+log = logging.getLogger(__name__)
 
 
 def _positive(instance: Any, attribute: attrs.Attribute, value: float) -> None:
@@ -118,7 +124,9 @@ class TrainSettings:
     """The loop. ``device = "auto"`` takes CUDA when present; ``precision = "auto"`` is bf16 there.
 
     ``channels_last`` stores convolution weights NHWC, which is faster on CPUs (about 1.6x for
-    the small backbone here) and on tensor cores.
+    the small backbone here) and on tensor cores. ``disable`` names lifecycle plugins to switch
+    off for this run (the core's ``tensorboard``, ``progress``, ``knn``, ``view_grid``, or an
+    installed one); ``sslplug run --disable NAME`` adds to it.
     """
 
     epochs: int = attrs.field(default=15, validator=_positive)
@@ -132,6 +140,7 @@ class TrainSettings:
     channels_last: bool = True
     max_steps_per_epoch: int = attrs.field(default=0, validator=_non_negative)
     sync_batchnorm: bool = False
+    disable: tuple[str, ...] = ()
 
 
 @attrs.define
@@ -177,12 +186,53 @@ class RunConfig:
             return getattr(self, name)
         return self.plugins.get(name)
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        """Plain nested data (TOML-writable): ``{section: {key: value}}``."""
+    def used_plugin_sections(self) -> list[str]:
+        """The plugins that supply this run's components and have settings, sorted.
+
+        A run's saved settings need these sections and no others: a section of a plugin the run
+        does not use would make the run impossible to load once that plugin is uninstalled.
+        """
+        used = set(self.components.resolved().values()) - {NO_TARGET}
+        return sorted(used & set(self.plugins))
+
+    def to_dict(self, sections: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Plain nested data (TOML-writable): ``{section: {key: value}}``.
+
+        Every core section, and the plugin sections named in ``sections`` (all of them when
+        ``None``); ``to_dict(used_plugin_sections())`` is what a run saves.
+        """
+        chosen = set(self.plugins) if sections is None else set(sections)
         out = {name: attrs.asdict(getattr(self, name)) for name in CORE_SECTIONS}
         for name, settings in sorted(self.plugins.items()):
-            out[name] = attrs.asdict(settings)
+            if name in chosen:
+                out[name] = attrs.asdict(settings)
         return _tuples_to_lists(out)
+
+
+@attrs.define
+class Progress:
+    """Where training stands; the core updates it before every step.
+
+    Attributes:
+        step: optimizer steps finished so far (the 0-based index of the step about to run).
+        epoch: epochs finished so far (the 0-based index of the epoch in progress).
+        steps_per_epoch, total_steps: of the whole run.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    steps_per_epoch: int = 1
+    total_steps: int = 1
+
+    @property
+    def epoch_float(self) -> float:
+        """Epochs done, with the fraction of the current one (1.5: half-way through epoch 2)."""
+        return self.step / max(1, self.steps_per_epoch)
+
+    @property
+    def fraction(self) -> float:
+        """Share of the run done, from 0 at the first step towards 1."""
+        return min(1.0, self.step / max(1, self.total_steps))
 
 
 @attrs.define
@@ -198,6 +248,11 @@ class RunContext:
         steps_per_epoch, total_steps: optimizer steps.
         out_dir: the run folder.
         components: the plugin that supplied each component (``"none"`` for no target update).
+        progress: the current step and epoch, updated by the core before every step; a
+            component may keep ``run`` and read it for schedules and warm-ups.
+        parts: the built components (``sslplug.plugins.Components``), once they are built.
+        data: the run's data set (``sslplug.data.DataSet``), when training.
+        baseline: what ``sslplug_evaluate`` measured on the random initialisation.
     """
 
     config: RunConfig
@@ -209,6 +264,14 @@ class RunContext:
     total_steps: int = 0
     out_dir: Path = Path(".")
     components: dict[str, str] = attrs.Factory(dict)
+    progress: Progress = attrs.Factory(Progress)
+    parts: Any = None
+    data: Any = None
+    baseline: dict[str, float] = attrs.Factory(dict)
+
+    def __attrs_post_init__(self) -> None:
+        self.progress.steps_per_epoch = max(1, self.steps_per_epoch)
+        self.progress.total_steps = max(1, self.total_steps)
 
 
 def _tuples_to_lists(value: Any) -> Any:
@@ -313,6 +376,18 @@ def parse_assignment(text: str) -> tuple[str, str, Any]:
     return section, key, (value, raw)
 
 
+def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The tables of the TOML file ``path``; ``ConfigError`` naming it as ``what`` when it is
+    missing or not TOML. The one place that reads TOML files (``tomli`` before Python 3.11)."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {exc}") from None
+
+
 def load_config(
     config_file: str | Path | None = None,
     assignments: Iterable[str] = (),
@@ -320,6 +395,10 @@ def load_config(
     base: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> RunConfig:
     """Build a ``RunConfig``: defaults, then ``base``, then the TOML file, then assignments.
+
+    An unknown section is an error, except in ``base``: there, the section of a plugin that is
+    not installed is left out with a warning when the resulting run uses none of that plugin's
+    components (older runs saved the section of every plugin installed at the time).
 
     Args:
         config_file: a TOML file with one table per section.
@@ -330,6 +409,7 @@ def load_config(
     plugin_settings = dict(plugin_settings or {})
     valid_sections = {**CORE_SECTIONS, **plugin_settings}
     merged: dict[str, dict[str, Any]] = {}
+    base_origin = "the saved settings"
 
     def merge(source: Mapping[str, Any], origin: str) -> None:
         for section, table in source.items():
@@ -339,17 +419,12 @@ def load_config(
                 raise ConfigError(f"{origin}: [{section}] must be a table of key = value")
             merged.setdefault(section, {}).update(table)
 
+    uninstalled: list[str] = []
     if base:
-        merge(base, "the saved settings")
+        uninstalled = [section for section in base if section not in valid_sections]
+        merge({k: v for k, v in base.items() if k in valid_sections}, base_origin)
     if config_file is not None:
-        path = Path(config_file)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {str(path)!r} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
-        merge(data, str(path))
+        merge(read_toml(config_file), str(config_file))
     for text in assignments:
         section, key, (value, raw) = parse_assignment(text)
         if section not in valid_sections:
@@ -360,6 +435,17 @@ def load_config(
         merge({section: {key: value}}, "--set")
 
     core = {name: _build(cls, merged.get(name, {}), name) for name, cls in CORE_SECTIONS.items()}
+    used = set(core["components"].resolved().values())
+    for section in uninstalled:
+        if section in used:
+            raise _unknown(f"settings section in {base_origin}", section, valid_sections)
+        log.warning(
+            "leaving out [%s] of %s: plugin %r is not installed and this run uses none of its "
+            "components",
+            section,
+            base_origin,
+            section,
+        )
     plugins = {
         name: _build(cls, merged.get(name, {}), name) for name, cls in plugin_settings.items()
     }

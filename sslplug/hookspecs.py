@@ -19,11 +19,17 @@ no settings is simply ``def sslplug_loss(): ...``.
 ``settings`` is always the settings object of the plugin whose hook is called: an instance of
 the class that plugin returned from ``sslplug_settings``, filled from the user's config and
 ``--set NAME.key=value``; ``None`` for a plugin that declares no settings.
+
+Lifecycle hooks (``sslplug_run_start`` to ``sslplug_run_end``) are called on every registered
+plugin that the user has not switched off (``--disable NAME``), and only on rank 0 of a
+distributed run: the component objects run on every rank, loggers and monitors on one. The
+core's own TensorBoard logger (``tensorboard``), progress bar (``progress``), kNN monitor
+(``knn``) and view grid (``view_grid``) are such plugins, registered before the installed ones.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -31,7 +37,7 @@ import pluggy
 if TYPE_CHECKING:
     from torch import nn
 
-    from sslplug.components import Encoder, TargetUpdate, ViewGenerator
+    from sslplug.components import Augmentations, Encoder, TargetUpdate, ViewGenerator
     from sslplug.config import RunContext
 
 PROJECT_NAME = "sslplug"
@@ -54,18 +60,35 @@ def sslplug_settings() -> type | None:
     """
 
 
+@hookspec
+def sslplug_capabilities(register: Callable[[str, str], None]) -> None:
+    """Register the capability names this plugin's components use.
+
+    Called once for every registered plugin, when plugins are loaded. Call
+    ``register(name, description)`` for each name that the plugin's components put in
+    ``requires`` or ``provides`` and that the core does not register itself (the core's names
+    are listed in ``sslplug.CAPABILITIES``). A component that uses an unregistered name fails at
+    set-up; ``sslplug info PLUGIN`` shows what a plugin registers.
+    """
+
+
 @hookspec(firstresult=True)
-def sslplug_augmentation(settings: Any, run: RunContext) -> Sequence[nn.Module] | None:
+def sslplug_augmentation(
+    settings: Any, run: RunContext
+) -> Augmentations | Sequence[nn.Module] | None:
     """Build the augmentation pipelines, one per view.
 
     Args:
         settings: this plugin's settings.
         run: image size, channels, device and other facts of the run.
 
-    Return a sequence of modules, one per view. Each maps a float batch ``(B, C, H, W)`` in
-    ``[0, 1]`` on the device to an augmented, normalised batch of shape
-    ``(B, C, run.image_size, run.image_size)``, drawing random parameters per sample (kornia
-    augmentations do). ``sslplug.augment`` has the standard recipes.
+    Return ``sslplug.Augmentations(pipelines, provides=...)``: modules, one per view (or per
+    group of views, as the view generator that uses them expects), and the capabilities they
+    provide. A pipeline maps a float batch ``(B, C, H, W)`` in ``[0, 1]`` on the device to an
+    augmented batch, drawing random parameters per sample (kornia augmentations do); pipelines
+    that end normalised provide ``normalized_views``. ``sslplug.augment`` has the standard
+    recipes, which return ``Augmentations`` already. A plain list or tuple is still accepted
+    (taken to provide ``normalized_views``) with a deprecation warning.
     """
 
 
@@ -81,9 +104,11 @@ def sslplug_views(
         augmentations: the modules returned by the chosen ``sslplug_augmentation``.
 
     Return a ``ViewGenerator``: a module mapping the loader's uint8 batch ``(B, C, H, W)``, on the
-    device, to ``Views``. Set its ``provides`` (``"two_views"`` and so on) so that the core can
-    check it against the encoder and the loss. ``sslplug.augment.MultiViewGenerator`` applies each
-    augmentation to the batch once and suits every method whose views are augmented copies.
+    device, to ``Views``. Set its ``requires`` (what the augmentations must provide) and
+    ``provides`` (``"two_views"`` and so on) so that the core can check it against the other
+    components. Views may differ in size and carry group names (``Views.groups``).
+    ``sslplug.MultiViewGenerator`` applies each augmentation to the batch once and suits every
+    method whose views are augmented copies, multi-crop included.
     """
 
 
@@ -117,10 +142,12 @@ def sslplug_loss(settings: Any, run: RunContext, encoder: Encoder) -> nn.Module 
             head the encoder lacks (BYOL's predictor after a Barlow Twins encoder) reads
             ``encoder.provides`` and ``encoder.projection_dim`` and brings its own.
 
-    Return an ``nn.Module`` whose ``forward(outputs, views, target)`` returns ``(loss, metrics)``:
-    a scalar tensor to minimise and a dict of detached scalar tensors to log. ``target`` is the
-    target update's ``Outputs``, or ``None`` when the run has no target network. Its parameters,
-    if any, are trained with the encoder's. Declare what it needs in ``requires``.
+    Return an ``sslplug.Loss`` (an ``nn.Module``) whose ``forward(outputs, views, target)``
+    returns ``sslplug.LossResult(loss, metrics)``: a scalar tensor to minimise and a dict of
+    detached scalar tensors to log (the tuple ``(loss, metrics)`` is still accepted). ``target``
+    is the target update's ``Outputs`` for the views it reads, or ``None`` when the run has no
+    target network. Its parameters, if any, are trained with the encoder's. Declare what it needs
+    in ``requires``.
     """
 
 
@@ -134,39 +161,61 @@ def sslplug_target_update(settings: Any, run: RunContext, encoder: Encoder) -> T
         encoder: the online encoder, already built; copy from it what the target needs.
 
     Return a ``TargetUpdate`` (BYOL: an EMA copy of backbone and projector, updated by
-    ``step`` after every optimizer step), or ``None``. A plugin that does not implement this hook
-    gives a run without a target network, as does ``--target-update none``.
+    ``step`` after every optimizer step), or ``None``. Its ``reads`` names the groups of views it
+    sees (``None``: all). A plugin that does not implement this hook gives a run without a
+    target network, as does ``--target-update none``.
     """
 
 
 @hookspec
 def sslplug_run_start(run: RunContext) -> None:
-    """Called on every registered plugin once a run is set up, before its first step.
+    """Called once a run is set up, before its first step (rank 0 only).
 
     ``run.out_dir`` is the run folder; ``run.components`` names the plugin chosen for each
-    component. Loggers and callbacks open their files here.
+    component; ``run.parts`` holds the built components, ``run.data`` the data set,
+    ``run.progress`` the step and epoch the run starts at (not 0 when resumed), and
+    ``run.baseline`` what ``sslplug_evaluate`` measured on the random initialisation. Loggers and
+    callbacks open their files here.
     """
 
 
 @hookspec
 def sslplug_step_end(run: RunContext, step: int, metrics: dict[str, float]) -> None:
-    """Called on every registered plugin after each optimizer step that is logged.
+    """Called after each optimizer step that is logged (rank 0 only).
 
-    Called every ``train.log_every`` steps, not every step, so that reading the loss back from
-    the device does not stall the loop. ``metrics`` holds the loss, learning rate, images per
-    second and the metrics the loss and target update returned, as Python floats.
+    Called every ``train.log_every`` steps and at the last step of every epoch, not every step,
+    so that reading the loss back from the device does not stall the loop. ``step`` counts
+    finished steps from 1. ``metrics`` holds the loss, learning rate, images per second and the
+    metrics the loss and target update returned, as Python floats.
+    """
+
+
+@hookspec
+def sslplug_evaluate(run: RunContext, epoch: int) -> dict[str, float] | None:
+    """Measure the encoder; return metrics to log and save, or ``None`` when not due.
+
+    Called on rank 0 before the first step of a new run with ``epoch=0`` (the random
+    initialisation: its results become ``run.baseline``), and after every epoch, before the
+    checkpoint is written, with ``epoch`` counted from 1. Every plugin's results are merged into
+    the epoch's metrics (the kNN monitor returns ``knn_top1``), which ``sslplug_epoch_end`` and
+    ``summary.json`` receive. Put the encoder back in training mode if you change it.
     """
 
 
 @hookspec
 def sslplug_epoch_end(run: RunContext, epoch: int, metrics: dict[str, float]) -> None:
-    """Called on every registered plugin after each epoch's checkpoint is written.
+    """Called after each epoch's checkpoint is written (rank 0 only).
 
     ``epoch`` counts from 1. ``metrics`` holds the epoch's mean loss, throughput, the data-wait
-    share and, in epochs that evaluate, ``knn_top1``.
+    share and what ``sslplug_evaluate`` returned (``knn_top1`` in epochs the kNN monitor runs).
     """
 
 
 @hookspec
-def sslplug_run_end(run: RunContext, summary: dict[str, Any]) -> None:
-    """Called on every registered plugin when a run ends normally, after ``summary.json``."""
+def sslplug_run_end(run: RunContext, summary: dict[str, Any], error: BaseException | None) -> None:
+    """Called when a run ends, however it ends (rank 0 only).
+
+    After a normal end ``summary`` is what ``summary.json`` holds and ``error`` is ``None``. When
+    the run stops on an error or an interruption (Ctrl-C, SIGTERM), ``error`` is the exception
+    and ``summary`` holds what is known so far; the last checkpoint is intact. Close files here.
+    """

@@ -1,8 +1,10 @@
 """The plugin registry: a typed facade over ``pluggy.PluginManager``.
 
-It loads plugins from the entry-point group ``sslplug`` (built-ins are listed there too),
-isolates failures (a plugin that fails to import or validate is reported and left out, unless
-``strict``), and calls each component hook on exactly the plugin chosen for it. The rest of the
+It registers the core's own lifecycle plugins (TensorBoard, progress bar, kNN monitor, view
+grid), then loads plugins from the entry-point group ``sslplug`` (built-in methods are listed
+there too), isolates failures (a plugin that fails to import, to register or to declare valid
+settings is reported and left out, unless ``strict``), keeps the capability names plugins
+register, and calls each component hook on exactly the plugin chosen for it. The rest of the
 code calls typed methods here rather than ``pm.hook.x(...)``.
 """
 
@@ -10,7 +12,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -18,14 +21,29 @@ import pluggy
 from torch import nn
 
 from sslplug import hookspecs
-from sslplug.components import Encoder, TargetUpdate, ViewGenerator
+from sslplug.components import (
+    CAPABILITIES,
+    Augmentations,
+    Encoder,
+    TargetUpdate,
+    ViewGenerator,
+)
 from sslplug.config import COMPONENTS, RunConfig, RunContext
-from sslplug.errors import ComponentMismatchError, PluginError
+from sslplug.errors import ComponentMismatchError, ConfigError, PluginError
 
-__all__ = ["ENTRY_POINT_GROUP", "Components", "PluginFailure", "PluginInfo", "PluginRegistry"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Capability",
+    "Components",
+    "Lifecycle",
+    "PluginFailure",
+    "PluginInfo",
+    "PluginRegistry",
+]
 
 ENTRY_POINT_GROUP = "sslplug"
 NO_TARGET = "none"
+CORE = "sslplug"  # who registers the core's capabilities and lifecycle plugins
 
 _HOOK_OF = {name: f"sslplug_{name}" for name in COMPONENTS}
 
@@ -42,7 +60,7 @@ log = logging.getLogger(__name__)
 
 def _describe(expected: type | tuple[type, ...]) -> str:
     if isinstance(expected, tuple):
-        return "a list or tuple of augmentation modules, one per view"
+        return "sslplug.Augmentations (or a list or tuple of augmentation modules)"
     return f"a {expected.__module__}.{expected.__qualname__}"
 
 
@@ -70,6 +88,15 @@ class PluginInfo:
     has_settings: bool
 
 
+@attrs.frozen
+class Capability:
+    """A capability name, what it promises, and the plugin that registered it."""
+
+    name: str
+    description: str
+    plugin: str
+
+
 @attrs.define
 class Components:
     """The five components of a run, built, and the plugin that supplied each."""
@@ -81,6 +108,25 @@ class Components:
     target_update: TargetUpdate | None
     sources: dict[str, str]
 
+    def modules(self) -> dict[str, nn.Module | None]:
+        """The components whose ``state_dict`` a checkpoint holds, by name."""
+        return {
+            "views": self.views,
+            "encoder": self.encoder,
+            "loss": self.loss,
+            "target_update": self.target_update,
+        }
+
+    def optim_rules(self) -> list[Any]:
+        """The optimiser rules the components declared (``sslplug.OptimRules``)."""
+        rules = []
+        for module in self.modules().values():
+            method = getattr(module, "optim_rules", None)
+            rule = method() if callable(method) else None
+            if rule is not None:
+                rules.append(rule)
+        return rules
+
 
 class PluginRegistry:
     """Holds the registered plugins and builds components from them.
@@ -88,15 +134,27 @@ class PluginRegistry:
     Args:
         strict: raise ``PluginError`` on the first plugin that fails to load, instead of
             reporting it in ``failures`` and carrying on without it.
+        internal: register the core's lifecycle plugins (``tensorboard``, ``progress``,
+            ``knn``, ``view_grid``) first, as pytest registers its own.
     """
 
-    def __init__(self, strict: bool = False) -> None:
+    def __init__(self, strict: bool = False, internal: bool = True) -> None:
         self.strict = strict
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
         self.failures: list[PluginFailure] = []
         self._distributions: dict[str, tuple[str | None, str | None]] = {}
         self._settings: dict[str, type] = {}
+        self._internal: list[str] = []
+        self.capabilities: dict[str, Capability] = {
+            name: Capability(name, text, CORE) for name, text in CAPABILITIES.items()
+        }
+        if internal:
+            from sslplug.monitors import internal_plugins
+
+            for name, plugin in internal_plugins():
+                self.pm.register(plugin, name=name)
+                self._internal.append(name)
 
     # loading -------------------------------------------------------------------------------
 
@@ -111,6 +169,9 @@ class PluginRegistry:
         for ep in sorted(importlib.metadata.entry_points(group=group), key=order):
             dist = ep.dist.name if ep.dist is not None else None
             version = ep.dist.version if ep.dist is not None else None
+            if ep.name in self._internal:
+                self._fail(ep.name, dist, "the name is taken by one of sslplug's own plugins")
+                continue
             if self.pm.has_plugin(ep.name):
                 other = self._distributions[ep.name][0]
                 if other == dist:  # the same distribution seen twice on sys.path
@@ -142,19 +203,41 @@ class PluginRegistry:
             return False
         try:
             self.pm.check_pending()
-            settings = self._call_one("sslplug_settings", name, {})
-            if settings is not None and not attrs.has(settings):
-                raise PluginError(
-                    f"sslplug_settings must return an attrs class or None, got {settings!r}"
-                )
+            settings = _check_settings(self._call_one("sslplug_settings", name, {}))
+            capabilities = self._collect_capabilities(name)
         except Exception as exc:
             self.pm.unregister(name=name)
             self._fail(name, distribution, str(exc))
             return False
         if settings is not None:
             self._settings[name] = settings
+        for capability in capabilities:
+            self.capabilities.setdefault(capability.name, capability)
         self._distributions[name] = (distribution, version)
         return True
+
+    def _collect_capabilities(self, name: str) -> list[Capability]:
+        found: list[Capability] = []
+
+        def register(capability: str, description: str) -> None:
+            if not isinstance(capability, str) or not capability.isidentifier():
+                raise PluginError(
+                    f"sslplug_capabilities registered {capability!r}; a capability name is an "
+                    f"identifier such as 'global_local_views'"
+                )
+            known = self.capabilities.get(capability)
+            if known is not None and known.plugin != name:
+                log.warning(
+                    "plugin %r registers capability %r, already registered by %r; keeping theirs",
+                    name,
+                    capability,
+                    known.plugin,
+                )
+                return
+            found.append(Capability(capability, str(description), name))
+
+        self._call_one("sslplug_capabilities", name, {"register": register})
+        return found
 
     def _fail(self, name: str, distribution: str | None, error: str) -> None:
         failure = PluginFailure(name, distribution, error)
@@ -166,7 +249,12 @@ class PluginRegistry:
     # queries -------------------------------------------------------------------------------
 
     def names(self) -> list[str]:
+        """The plugins loaded from entry points or registered by hand (not the core's own)."""
         return sorted(name for name, _ in self.pm.list_name_plugin() if name in self._distributions)
+
+    def internal_names(self) -> list[str]:
+        """The core's own lifecycle plugins, which ``--disable NAME`` switches off."""
+        return list(self._internal)
 
     def provides(self, name: str) -> tuple[str, ...]:
         """The components plugin ``name`` implements, in data-flow order."""
@@ -189,24 +277,76 @@ class PluginRegistry:
         """The settings class of every plugin that declares one, by plugin name."""
         return dict(self._settings)
 
-    # building ------------------------------------------------------------------------------
+    def capabilities_of(self, name: str) -> list[Capability]:
+        """The capabilities plugin ``name`` registered."""
+        return [c for c in self.capabilities.values() if c.plugin == name]
 
-    def _require_plugin(self, name: str, component: str) -> None:
-        if name not in self._distributions:
-            installed = ", ".join(self.names()) or "(none)"
-            failed = [f for f in self.failures if f.name == name]
-            why = f" It failed to load: {failed[0].error}" if failed else ""
-            raise PluginError(
-                f"unknown plugin {name!r} for the {component}.{why} Installed plugins: {installed}"
-            )
+    # building ------------------------------------------------------------------------------
 
     def _call_one(self, hook: str, name: str, kwargs: dict[str, Any]) -> Any:
         """Call ``hook`` on plugin ``name`` alone; the impl receives the arguments it names."""
         others = [p for n, p in self.pm.list_name_plugin() if n != name]
         caller = self.pm.subset_hook_caller(hook, remove_plugins=others)
         result = caller(**kwargs)
-        if isinstance(result, list):  # non-firstresult hooks return a list
-            return result[0] if result else None
+        if caller.spec is not None and caller.spec.opts.get("firstresult"):
+            return result
+        return result[0] if result else None
+
+    def _resolve(self, config: RunConfig) -> dict[str, str]:
+        """The plugin for each component, checked: installed, and implementing the hook."""
+        sources = config.components.resolved()
+        for component, name in sources.items():
+            if component == "target_update" and name == NO_TARGET:
+                continue
+            if name not in self._distributions:
+                installed = ", ".join(self.names()) or "(none)"
+                failed = [f for f in self.failures if f.name == name]
+                why = f" It failed to load: {failed[0].error}" if failed else ""
+                raise PluginError(
+                    f"unknown plugin {name!r} for the {component}.{why} Installed plugins: "
+                    f"{installed}"
+                )
+            if component in self.provides(name):
+                continue
+            if component == "target_update" and not config.components.target_update:
+                sources[component] = NO_TARGET  # the method has no target network
+                continue
+            offering = [n for n in self.names() if component in self.provides(n)]
+            raise PluginError(
+                f"plugin {name!r} provides no {component}. Plugins that do: "
+                f"{', '.join(offering) or '(none)'}"
+            )
+        return sources
+
+    def _make(
+        self, component: str, config: RunConfig, sources: dict[str, str], **kwargs: Any
+    ) -> Any:
+        """Call the hook of ``component`` on its plugin and check what comes back."""
+        name = sources[component]
+        kwargs["settings"] = config.plugins.get(name)
+        try:
+            result = self._call_one(_HOOK_OF[component], name, kwargs)
+        except (PluginError, ComponentMismatchError):
+            raise
+        except Exception as exc:
+            raise PluginError(f"plugin {name!r} failed to build its {component}: {exc!r}") from exc
+        if result is None and component == "target_update":
+            return None
+        expected = _RETURN_TYPE[component]
+        if not isinstance(result, expected):
+            raise PluginError(
+                f"plugin {name!r} returned {type(result).__name__} from {_HOOK_OF[component]}; "
+                f"expected {_describe(expected)}"
+            )
+        if component == "augmentation" and not isinstance(result, Augmentations):
+            warnings.warn(
+                f"plugin {name!r} returned a plain {type(result).__name__} from "
+                f"sslplug_augmentation; return sslplug.Augmentations(pipelines, provides=...) to "
+                f"declare what the pipelines produce (taken to be normalized_views)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            result = Augmentations(result)
         return result
 
     def build(
@@ -214,116 +354,141 @@ class PluginRegistry:
     ) -> Components:
         """Build every component of a run and check that they fit together.
 
-        Raises ``PluginError`` for an unknown plugin or one that does not provide a component
-        asked of it, and ``ComponentMismatchError`` for components that cannot work together.
+        Raises ``PluginError`` for an unknown plugin, one that does not provide a component
+        asked of it, or a capability nobody registered, and ``ComponentMismatchError`` for
+        components that cannot work together.
         """
-        sources = config.components.resolved()
-        for component, name in sources.items():
-            if component == "target_update" and name == NO_TARGET:
-                continue
-            self._require_plugin(name, component)
-            explicit = getattr(config.components, component) != ""
-            if component not in self.provides(name) and (explicit or component != "target_update"):
-                offering = [n for n in self.names() if component in self.provides(n)]
-                raise PluginError(
-                    f"plugin {name!r} provides no {component}. Plugins that do: "
-                    f"{', '.join(offering) or '(none)'}"
-                )
-        run.components = dict(sources)
+        sources = self._resolve(config)
+        run.components = sources
 
-        def settings(component: str) -> Any:
-            return config.plugins.get(sources[component])
+        def make(component: str, **kwargs: Any) -> Any:
+            return self._make(component, config, sources, run=run, **kwargs)
 
-        def call(component: str, **kwargs: Any) -> Any:
-            name = sources[component]
-            try:
-                result = self._call_one(_HOOK_OF[component], name, kwargs)
-            except (PluginError, ComponentMismatchError):
-                raise
-            except Exception as exc:
-                raise PluginError(
-                    f"plugin {name!r} failed to build its {component}: {exc!r}"
-                ) from exc
-            if result is None and component == "target_update":
-                return None
-            expected = _RETURN_TYPE[component]
-            if not isinstance(result, expected):
-                raise PluginError(
-                    f"plugin {name!r} returned {type(result).__name__} from "
-                    f"{_HOOK_OF[component]}; expected {_describe(expected)}"
-                )
-            return result
-
-        augmentations = tuple(call("augmentation", settings=settings("augmentation"), run=run))
-        views = call("views", settings=settings("views"), run=run, augmentations=augmentations)
-        encoder = call(
-            "encoder",
-            settings=settings("encoder"),
-            run=run,
-            backbone=backbone,
-            feature_dim=feature_dim,
-        )
+        augmentations = make("augmentation")
+        views = make("views", augmentations=augmentations)
+        encoder = make("encoder", backbone=backbone, feature_dim=feature_dim)
         target_update = None
-        if sources["target_update"] != NO_TARGET and "target_update" in self.provides(
-            sources["target_update"]
-        ):
-            target_update = call(
-                "target_update", settings=settings("target_update"), run=run, encoder=encoder
-            )
+        if sources["target_update"] != NO_TARGET:
+            target_update = make("target_update", encoder=encoder)
         if target_update is None:
             sources["target_update"] = NO_TARGET
-            run.components["target_update"] = NO_TARGET
-        loss = call("loss", settings=settings("loss"), run=run, encoder=encoder)
-
-        check_compatible(sources, views, encoder, loss, target_update)
-        return Components(augmentations, views, encoder, loss, target_update, sources)
+        loss = make("loss", encoder=encoder)
+        parts = Components(augmentations, views, encoder, loss, target_update, sources)
+        check_compatible(parts, self.capabilities)
+        run.parts = parts
+        return parts
 
     # lifecycle -----------------------------------------------------------------------------
 
+    def lifecycle(self, disabled: Iterable[str] = (), used: Iterable[str] = ()) -> Lifecycle:
+        """The lifecycle hooks, called on every plugin but those in ``disabled``.
+
+        Raises ``ConfigError`` for a name that is not registered, or that supplies one of the
+        run's components (``used``).
+        """
+        disabled = list(dict.fromkeys(disabled))
+        known = self.internal_names() + self.names()
+        for name in disabled:
+            if name not in known:
+                raise ConfigError(
+                    f"--disable {name!r}: no plugin of that name; registered: {', '.join(known)}"
+                )
+            if name in set(used):
+                raise ConfigError(
+                    f"--disable {name!r}: that plugin supplies a component of this run; choose "
+                    f"another plugin for the component instead"
+                )
+        return Lifecycle(self.pm, [self.pm.get_plugin(name) for name in disabled])
+
+
+class Lifecycle:
+    """The lifecycle hooks of one run, typed, without the plugins the user switched off."""
+
+    def __init__(self, pm: pluggy.PluginManager, disabled: Sequence[Any]) -> None:
+        def caller(hook: str) -> Any:
+            return pm.subset_hook_caller(hook, remove_plugins=disabled)
+
+        self._run_start = caller("sslplug_run_start")
+        self._step_end = caller("sslplug_step_end")
+        self._evaluate = caller("sslplug_evaluate")
+        self._epoch_end = caller("sslplug_epoch_end")
+        self._run_end = caller("sslplug_run_end")
+
     def run_start(self, run: RunContext) -> None:
-        self.pm.hook.sslplug_run_start(run=run)
+        self._run_start(run=run)
 
     def step_end(self, run: RunContext, step: int, metrics: dict[str, float]) -> None:
-        self.pm.hook.sslplug_step_end(run=run, step=step, metrics=metrics)
+        self._step_end(run=run, step=step, metrics=metrics)
+
+    def evaluate(self, run: RunContext, epoch: int) -> dict[str, float]:
+        merged: dict[str, float] = {}
+        for result in reversed(self._evaluate(run=run, epoch=epoch)):
+            merged.update(result or {})
+        return merged
 
     def epoch_end(self, run: RunContext, epoch: int, metrics: dict[str, float]) -> None:
-        self.pm.hook.sslplug_epoch_end(run=run, epoch=epoch, metrics=metrics)
+        self._epoch_end(run=run, epoch=epoch, metrics=metrics)
 
-    def run_end(self, run: RunContext, summary: dict[str, Any]) -> None:
-        self.pm.hook.sslplug_run_end(run=run, summary=summary)
+    def run_end(
+        self, run: RunContext, summary: dict[str, Any], error: BaseException | None = None
+    ) -> None:
+        self._run_end(run=run, summary=summary, error=error)
 
 
-def check_compatible(
-    sources: dict[str, str],
-    views: ViewGenerator,
-    encoder: Encoder,
-    loss: nn.Module,
-    target_update: TargetUpdate | None,
-) -> None:
-    """Check every component's ``requires`` against what the components before it provide.
+def _check_settings(settings: Any) -> type | None:
+    """A plugin's settings class must be an attrs class that builds with its defaults."""
+    if settings is None:
+        return None
+    if not attrs.has(settings):
+        raise PluginError(f"sslplug_settings must return an attrs class or None, got {settings!r}")
+    try:
+        attrs.resolve_types(settings)
+        settings()
+    except Exception as exc:
+        raise PluginError(
+            f"its settings class {settings.__qualname__} cannot be built from its defaults "
+            f"({exc}); give every field a default"
+        ) from None
+    return settings
 
-    Order of the data flow: views, then encoder, then target update, then loss. A component may
+
+def check_compatible(parts: Components, capabilities: dict[str, Capability]) -> None:
+    """Check every component's ``requires`` against what the components before it provide,
+    and that every name is a registered capability.
+
+    Order of the data flow: augmentation, views, encoder, target update, loss. A component may
     require what any component before it provides.
     """
+    sources = parts.sources
     chain: Sequence[tuple[str, Any]] = [
-        ("views", views),
-        ("encoder", encoder),
-        ("target_update", target_update),
-        ("loss", loss),
+        ("augmentation", parts.augmentations),
+        ("views", parts.views),
+        ("encoder", parts.encoder),
+        ("target_update", parts.target_update),
+        ("loss", parts.loss),
     ]
     available: dict[str, str] = {}
     for component, obj in chain:
         if obj is None:
             continue
-        missing = sorted(set(getattr(obj, "requires", ())) - set(available))
+        requires = set(getattr(obj, "requires", ()))
+        provides = set(getattr(obj, "provides", ()))
+        unknown = sorted((requires | provides) - set(capabilities))
+        if unknown:
+            raise PluginError(
+                f"the {component} of plugin {sources[component]!r} declares the capability "
+                f"{', '.join(map(repr, unknown))}, which no plugin registers; register it with "
+                f"the sslplug_capabilities hook. Registered: {', '.join(sorted(capabilities))}"
+            )
+        missing = sorted(requires - set(available))
         if missing:
             have = ", ".join(f"{cap} (from {available[cap]})" for cap in sorted(available))
             raise ComponentMismatchError(
                 f"the {component} from plugin {sources[component]!r} requires "
                 f"{', '.join(missing)}, which no component before it provides "
-                f"(views from {sources['views']!r}, encoder from {sources['encoder']!r}, "
-                f"target update from {sources['target_update']!r}). "
-                f"Available: {have or '(nothing)'}"
+                f"(augmentation from {sources['augmentation']!r}, views from "
+                f"{sources['views']!r}, encoder from {sources['encoder']!r}, target update from "
+                f"{sources['target_update']!r}). Available: {have or '(nothing)'}"
             )
-        for cap in getattr(obj, "provides", ()):
+        for cap in provides:
             available[cap] = f"{component} of {sources[component]!r}"

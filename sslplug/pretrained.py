@@ -19,20 +19,20 @@ for images of 64 px or less, the CIFAR stem is put in::
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
 
+from sslplug.assembly import assemble
 from sslplug.checkpoint import FILENAME, load_checkpoint
 from sslplug.components import Encoder
-from sslplug.config import RunConfig, RunContext, load_config
-from sslplug.engine import set_rng_state
+from sslplug.config import RunConfig, load_config
 from sslplug.errors import CheckpointError
-from sslplug.nn import build_backbone, uses_cifar_stem
+from sslplug.nn import uses_cifar_stem
 from sslplug.plugins import PluginRegistry
+from sslplug.runtime import seed_everything
 
 __all__ = ["Run", "build_encoder", "export_backbone", "load_run"]
 
@@ -59,7 +59,8 @@ def load_run(path: str | Path, registry: PluginRegistry) -> Run:
     """The run whose folder (or checkpoint file) is ``path``.
 
     Raises ``CheckpointError`` for a missing, corrupt or foreign file, and ``ConfigError`` when
-    its settings name a plugin section that is not installed.
+    its settings hold the section of a plugin that is not installed and supplied one of its
+    components (the section of an uninstalled plugin that it did not use is left out).
     """
     path = Path(path)
     checkpoint = path / FILENAME if path.is_dir() else path
@@ -94,24 +95,19 @@ def build_encoder(
             f"evaluate is {image_size}px; evaluate on data of the same size (for an image folder: "
             f"--set data.image_size={trained_size})"
         )
-    if run.state.get("init_rng") is not None:
-        set_rng_state(run.state["init_rng"])
-    else:  # a checkpoint from before init_rng was saved: the same seed, not the same draw
-        random.seed(config.train.seed)
-        torch.manual_seed(config.train.seed)
-    context = RunContext(
-        config=config,
+    init_rng = run.state.get("init_rng")
+    if init_rng is None:  # a checkpoint from before init_rng was saved: the same seed, not draw
+        seed_everything(config.train.seed)
+    encoder = assemble(
+        config,
+        registry,
         image_size=image_size,
-        num_classes=num_classes,
         device=device,
-        steps_per_epoch=1,
-        total_steps=1,
+        num_classes=num_classes,
         out_dir=run.run_dir,
-    )
-    backbone, feature_dim = build_backbone(
-        config.model.backbone, image_size, config.model.cifar_stem
-    )
-    encoder = registry.build(config, context, backbone, feature_dim).encoder
+        init_rng=init_rng,
+        train=False,
+    ).parts.encoder
     if pretrained:
         try:
             encoder.load_state_dict(run.state["encoder"])
@@ -156,7 +152,7 @@ def export_backbone(run: Run, encoder: Encoder, out: str | Path, image_size: int
         "epochs_trained": run.epoch,
         "source_checkpoint": str(run.checkpoint),
         "load": load,
-        "settings": config.to_dict(),
+        "settings": config.to_dict(config.used_plugin_sections()),
     }
     note_path = out.with_suffix(".json")
     note_path.write_text(json.dumps(note, indent=2) + "\n")

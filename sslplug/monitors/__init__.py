@@ -1,0 +1,37 @@
+"""The core's own lifecycle plugins: what a run shows while it trains.
+
+Each is a plugin on the lifecycle hooks like any third-party one, registered by the registry
+before the installed plugins (as pytest registers its terminal reporter), and switched off with
+``sslplug run --disable NAME`` or ``disable = ["NAME"]`` in the ``[train]`` table:
+
+==============  ===========================================================================
+name            what it does
+==============  ===========================================================================
+``tensorboard``  scalars, the view grid and test-set embeddings under ``RUN/tensorboard/``
+``progress``     the progress bar with its ETA, and a line per finished epoch
+``knn``          weighted kNN accuracy of the frozen features (before training and every
+                 ``eval.every`` epochs), through ``sslplug_evaluate``
+``view_grid``    ``RUN/views.png``: eight images of every view the model is shown
+==============  ===========================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["internal_plugins"]
+
+
+def internal_plugins() -> list[tuple[str, Any]]:
+    """Fresh instances of the core's lifecycle plugins, by name, in registration order."""
+    from sslplug.monitors.knn import KNNMonitor
+    from sslplug.monitors.progress import ProgressBar
+    from sslplug.monitors.tensorboard import TensorBoardLogger
+    from sslplug.monitors.view_grid import ViewGrid
+
+    return [
+        ("tensorboard", TensorBoardLogger()),
+        ("progress", ProgressBar()),
+        ("knn", KNNMonitor()),
+        ("view_grid", ViewGrid()),
+    ]

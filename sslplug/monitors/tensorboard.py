@@ -1,0 +1,98 @@
+"""TensorBoard: the training scalars, evaluation results, the view grid and, at the end, the
+features of test images for the embedding projector, under ``RUN/tensorboard/``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sslplug.config import RunContext
+from sslplug.data import Split
+from sslplug.evaluate import extract_features
+from sslplug.hookspecs import hookimpl
+from sslplug.monitors.view_grid import FILENAME as VIEWS_FILE
+
+
+def _tag(metric: str) -> str:
+    return "knn/top1" if metric == "knn_top1" else f"eval/{metric}"
+
+
+class TensorBoardLogger:
+    """One ``SummaryWriter`` a run, opened at its start and closed at its end."""
+
+    def __init__(self) -> None:
+        self.writer: Any = None
+
+    @hookimpl
+    def sslplug_run_start(self, run: RunContext) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        step = run.progress.step
+        self.writer = SummaryWriter(str(run.out_dir / "tensorboard"), purge_step=step or None)
+        if step == 0:
+            for key, value in run.baseline.items():
+                self.writer.add_scalar(_tag(key), value, 0)
+            views = run.out_dir / VIEWS_FILE
+            if views.is_file():
+                import numpy as np
+                from PIL import Image
+
+                picture = np.asarray(Image.open(views).convert("RGB"))
+                self.writer.add_image("views", picture, 0, dataformats="HWC")
+
+    @hookimpl
+    def sslplug_step_end(self, run: RunContext, step: int, metrics: dict[str, float]) -> None:
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"train/{key}", value, step)
+
+    @hookimpl
+    def sslplug_epoch_end(self, run: RunContext, epoch: int, metrics: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for key in ("loss", "images_per_second", "data_wait_share"):
+            self.writer.add_scalar(f"epoch/{key}", metrics[key], epoch)
+        standard = {"epoch", "loss", "images_per_second", "data_wait_share"}
+        for key, value in metrics.items():
+            if key not in standard:
+                self.writer.add_scalar(_tag(key), value, run.progress.step)
+
+    @hookimpl
+    def sslplug_run_end(
+        self, run: RunContext, summary: dict[str, Any], error: BaseException | None
+    ) -> None:
+        if self.writer is None:
+            return
+        if error is None:
+            self._embeddings(run)
+            for key in ("knn_top1", "knn_top1_random_init"):
+                if summary.get(key) is not None:
+                    self.writer.add_scalar(f"summary/{key}", summary[key], run.progress.step)
+        self.writer.close()
+        self.writer = None
+
+    def _embeddings(self, run: RunContext) -> None:
+        """Test-set features with their labels and thumbnails, for the projector."""
+        data, count = run.data, run.config.eval.embedding_samples
+        if not count or data is None or data.test is None or not data.test.labelled:
+            return
+        test = data.test
+        index = torch.linspace(0, len(test) - 1, min(count, len(test))).long().unique()
+        sample = Split(
+            labels=test.labels[index],
+            images=test.images[index] if test.images is not None else None,
+            source=torch.utils.data.Subset(test.source, index.tolist())
+            if test.images is None
+            else None,
+        )
+        features, labels = extract_features(run.parts.encoder, sample, run.device, workers=0)
+        names = data.classes
+        thumbnails = sample.images.float() / 255 if sample.images is not None else None
+        self.writer.add_embedding(
+            features.cpu(),
+            metadata=[names[i] if names else str(i) for i in labels.tolist()],
+            label_img=thumbnails,
+            global_step=run.progress.step,
+            tag="test_features",
+        )

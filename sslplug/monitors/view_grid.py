@@ -1,0 +1,67 @@
+"""``RUN/views.png``: eight images of every view, one row a view, as the model sees them.
+
+Drawn at the start of a new run from the first training images, with the random-number state
+forked, so that it changes nothing in training. Views of different sizes (global and local
+crops) are scaled to the largest for the picture.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor
+
+from sslplug.augment import denormalize
+from sslplug.config import RunContext
+from sslplug.hookspecs import hookimpl
+
+FILENAME = "views.png"
+
+
+def _first_images(run: RunContext, count: int) -> Tensor | None:
+    train = run.data.train if run.data is not None else None
+    if train is None:
+        return None
+    if train.images is not None:
+        return train.images[:count]
+    found = []
+    for index in range(min(len(train.source), 4 * count)):
+        item = train.source[index]
+        if item is not None:
+            found.append(item[0])
+        if len(found) == count:
+            break
+    return torch.stack(found) if found else None
+
+
+def view_grid(views: tuple[Tensor, ...], count: int = 8) -> Tensor | None:
+    """One row of ``count`` denormalised images per view, scaled to the largest view."""
+    rows = [denormalize(v[:count].float().cpu()) for v in views if v.dim() == 4]
+    if not rows:
+        return None
+    size = max(r.shape[-1] for r in rows)
+    rows = [
+        r if r.shape[-1] == size else F.interpolate(r, size=(size, size), mode="nearest")
+        for r in rows
+    ]
+    return torchvision.utils.make_grid(torch.cat(rows).clamp(0, 1), nrow=count, padding=1)
+
+
+class ViewGrid:
+    """Writes ``views.png`` at the start of a new run (``tryfirst``, so that loggers starting
+    after it can show the file)."""
+
+    @hookimpl(tryfirst=True)
+    def sslplug_run_start(self, run: RunContext) -> None:
+        if run.progress.step != 0 or run.parts is None:
+            return
+        images = _first_images(run, 8)
+        if images is None:
+            return
+        devices = [run.device] if torch.device(run.device).type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            views = run.parts.views(images.to(run.device))
+        grid = view_grid(views.images)
+        if grid is not None:
+            torchvision.utils.save_image(grid, run.out_dir / FILENAME)
