@@ -14,7 +14,7 @@ import attrs
 
 from sslplug import __version__
 from sslplug.bench import BenchSettings
-from sslplug.config import COMPONENTS, load_config
+from sslplug.config import COMPONENTS, load_config, read_toml
 from sslplug.errors import ConfigError, SslplugError
 from sslplug.finetune import FinetuneSettings
 from sslplug.plugins import PluginRegistry
@@ -143,13 +143,14 @@ def _add_downstream(sub: argparse._SubParsersAction) -> None:
         )
 
     def labels(parser: argparse.ArgumentParser, default: list[str]) -> None:
+        shown = " ".join(default).replace("%", "%%")  # argparse formats help with %
         parser.add_argument(
             "--labels",
             action="append",
             metavar="BUDGET",
             help=(
                 "labelled train images to use: a percentage (1%%, 10%%), a count per class "
-                f"(25) or all; repeatable (default: {' '.join(default)})"
+                f"(25) or all; repeatable (default: {shown})"
             ),
         )
         parser.add_argument(
@@ -324,9 +325,7 @@ def _cmd_run(args: argparse.Namespace, registry: PluginRegistry) -> int:
                 f"--resume {str(args.resume)!r}: no settings.toml there; give the folder of a run "
                 f"that sslplug started"
             )
-        import tomllib
-
-        base = tomllib.loads(settings_file.read_text())
+        base = read_toml(settings_file, "the run's settings")
     config = load_config(args.config, _assignments(args), registry.settings_classes(), base=base)
     from sslplug import distributed
 

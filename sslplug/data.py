@@ -240,7 +240,7 @@ def _fit(image: Tensor, size: int) -> Tensor:
 
 class ImageFolder(Dataset):
     """Image files with labels; ``__getitem__`` gives ``(uint8 (3, size, size), label)``, or
-    ``None`` for a file that cannot be decoded (counted and skipped by the loader)."""
+    ``None`` for a file that cannot be decoded (left out of the batch, and counted)."""
 
     def __init__(self, files: list[Path], labels: list[int], size: int, strict: bool) -> None:
         self.files, self.labels, self.size, self.strict = files, labels, size, strict
@@ -263,17 +263,19 @@ class ImageFolder(Dataset):
         return _fit(image, self.size), self.labels[index]
 
 
-def _collate(items: list[tuple[Tensor, int] | None]) -> tuple[Tensor, Tensor, int]:
+def _collate(items: list[tuple[Tensor, int] | None]) -> tuple[Tensor, Tensor, list[int]]:
+    """The readable items as ``(images, labels)``, and the positions in ``items`` of the
+    unreadable ones."""
     good = [item for item in items if item is not None]
-    skipped = len(items) - len(good)
+    unreadable = [position for position, item in enumerate(items) if item is None]
     if not good:
         return (
             torch.empty(0, 3, 0, 0, dtype=torch.uint8),
             torch.empty(0, dtype=torch.int64),
-            skipped,
+            unreadable,
         )
     images = torch.stack([img for img, _ in good])
-    return images, torch.tensor([lab for _, lab in good], dtype=torch.int64), skipped
+    return images, torch.tensor([lab for _, lab in good], dtype=torch.int64), unreadable
 
 
 def _scan(folder: Path) -> tuple[list[Path], list[int], tuple[str, ...]]:
@@ -370,7 +372,7 @@ def _decode_all(source: ImageFolder, workers: int) -> tuple[Tensor, Tensor, int]
         if len(batch):
             images.append(batch)
             labels.append(lab)
-        skipped += bad
+        skipped += len(bad)
     if not images:
         return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), skipped
     return torch.cat(images), torch.cat(labels), skipped
@@ -404,6 +406,11 @@ class Loader:
 
     ``wait_seconds`` accumulates the time spent producing batches (indexing or worker output
     plus the transfer), which the engine reports as the data-wait share of step time.
+
+    ``skipped`` is the number of files of a streamed split found unreadable so far, each
+    counted once however many epochs meet it. A split in memory was decoded by ``load_data``,
+    which counted its unreadable files in ``DataSet.skipped``; so the images a run skipped are
+    ``data.skipped + loader.skipped``.
     """
 
     def __init__(
@@ -424,8 +431,13 @@ class Loader:
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.drop_last, self.seed, self.workers = shuffle, drop_last, seed, workers
         self.wait_seconds = 0.0
-        self.skipped = 0
+        self._unreadable: set[int] = set()  # indices into the split's source
         self._pin = device.type == "cuda"
+
+    @property
+    def skipped(self) -> int:
+        """Files of a streamed split that could not be decoded, so far (see the class)."""
+        return len(self._unreadable)
 
     def __len__(self) -> int:
         n = len(self.split)
@@ -471,21 +483,19 @@ class Loader:
             yield batch
 
     def _from_workers(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        batches = [index.tolist() for index in self._index_batches(generator)]
         loader = DataLoader(
             self.split.source,
-            batch_sampler=[index.tolist() for index in self._index_batches(generator)],
+            batch_sampler=batches,
             num_workers=self.workers,
             collate_fn=_collate,
             pin_memory=self._pin,
         )
         iterator: Any = iter(loader)
-        while True:
+        for indices in batches:  # the DataLoader yields the batches in this order
             start = time.perf_counter()
-            try:
-                images, labels, skipped = next(iterator)
-            except StopIteration:
-                return
-            self.skipped += skipped
+            images, labels, unreadable = next(iterator)
+            self._unreadable.update(indices[position] for position in unreadable)
             if not len(images):
                 continue
             batch = (

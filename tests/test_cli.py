@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
 import pytest
+import tomli_w
 
-from sslplug.cli import main
+from sslplug.cli import _parser, main
 
 
 def test_list_shows_byol_with_distribution_and_components(capsys):
@@ -73,3 +75,54 @@ def test_info_shows_components_and_settings_with_defaults(capsys):
 def test_info_of_an_unknown_plugin_lists_the_installed(capsys):
     assert main(["info", "mocov3"]) == 2
     assert "no plugin named 'mocov3'; installed: barlow_twins, byol" in capsys.readouterr().err
+
+
+def _subcommands() -> list[str]:
+    parser = _parser()
+    (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(sub.choices)
+
+
+def test_every_subcommand_is_covered_by_the_help_test():
+    assert {"run", "eval", "finetune", "export", "bench"} <= set(_subcommands())
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help"]] + [[cmd, "--help"] for cmd in _subcommands()], ids=" ".join
+)
+def test_help_of_every_command_prints_usage_and_exits_0(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: sslplug"), out
+    assert argv[0] in out
+
+
+class _Stop(Exception):
+    """Raised by the stand-in for training, once it has the settings the command built."""
+
+
+def test_resume_reads_the_run_settings_without_the_tomllib_module(tmp_path, monkeypatch):
+    # Python 3.10 has no tomllib; the command must read settings.toml through config's import.
+    import sslplug.engine
+    from sslplug.config import load_config
+    from sslplug.plugins import PluginRegistry
+
+    registry = PluginRegistry()
+    registry.load_entry_points()
+    saved = load_config(None, ["train.epochs=7", "optim.name=sgd"], registry.settings_classes())
+    (tmp_path / "settings.toml").write_text(tomli_w.dumps(saved.to_dict()))
+    seen = []
+
+    def train(config, registry, resume=None):
+        seen.append((config, resume))
+        raise _Stop
+
+    monkeypatch.setattr(sslplug.engine, "train", train)
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` now fails
+    with pytest.raises(_Stop):
+        main(["run", "--resume", str(tmp_path), "--epochs", "9"])
+    (config, resume), = seen
+    assert resume == tmp_path
+    assert (config.optim.name, config.train.epochs) == ("sgd", 9)

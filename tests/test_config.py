@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import sslplug_byol as byol
+import sslplug_rotnet as rotnet
+import sslplug_simclr as simclr
 import tomli_w
 
 from sslplug.config import RunConfig, load_config, parse_assignment
@@ -114,3 +118,69 @@ def test_saved_settings_load_back_unchanged(tmp_path):
     again = load_config(path, plugin_settings=PLUGINS)
     assert isinstance(again, RunConfig)
     assert again == config
+
+
+def _old_settings(**components: str) -> dict[str, dict]:
+    """Saved settings of a run made while another plugin, ``dino``, was installed too."""
+    saved = load_config(plugin_settings=PLUGINS).to_dict()
+    saved["components"].update(components)
+    saved["dino"] = {"teacher_temperature": 0.04}
+    return saved
+
+
+def test_saved_section_of_an_uninstalled_unused_plugin_is_dropped_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="sslplug.config"):
+        config = load_config(
+            assignments=["train.epochs=3"], plugin_settings=PLUGINS, base=_old_settings()
+        )
+    assert config.train.epochs == 3 and set(config.plugins) == {"byol"}
+    assert "[dino]" in caplog.text and "not installed" in caplog.text
+
+
+def test_saved_section_of_an_uninstalled_plugin_the_run_uses_is_an_error():
+    with pytest.raises(ConfigError, match=r"unknown settings section in the saved settings 'dino'"):
+        load_config(plugin_settings=PLUGINS, base=_old_settings(loss="dino"))
+
+
+def test_a_set_that_chooses_the_uninstalled_plugin_makes_its_saved_section_an_error():
+    with pytest.raises(ConfigError, match=r"unknown settings section in the saved settings 'dino'"):
+        load_config(None, ["components.loss=dino"], PLUGINS, base=_old_settings())
+    # and the other way round: --set moves the run off it, so its section is left out
+    base = _old_settings(loss="dino")
+    assert load_config(None, ["components.loss=byol"], PLUGINS, base=base).plugins == {
+        "byol": byol.BYOLSettings()
+    }
+
+
+def test_unknown_sections_on_the_command_line_stay_errors(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[dino]\nteacher_temperature = 0.04\n")
+    with pytest.raises(ConfigError, match=r"unknown settings section in .*run\.toml 'dino'"):
+        load_config(path, plugin_settings=PLUGINS, base=_old_settings())
+    with pytest.raises(ConfigError, match=r"unknown settings section 'dino'"):
+        load_config(None, ["dino.x=1"], plugin_settings=PLUGINS, base=_old_settings())
+
+
+def test_to_dict_keeps_core_sections_and_the_plugin_sections_asked_for():
+    config = load_config(
+        assignments=["components.loss=simclr"],
+        plugin_settings={
+            **PLUGINS,
+            "simclr": simclr.SimCLRSettings,
+            "rotnet": rotnet.RotNetSettings,
+        },
+    )
+    assert config.used_plugin_sections() == ["byol", "simclr"]
+    saved = config.to_dict(config.used_plugin_sections())
+    assert set(saved) == {"components", "data", "model", "optim", "train", "eval", "byol", "simclr"}
+    assert saved["simclr"]["temperature"] == 0.5
+    assert "rotnet" in config.to_dict()  # without a choice: every plugin section
+    assert set(config.to_dict([])) == set(saved) - {"byol", "simclr"}
+
+
+def test_used_plugin_sections_leaves_out_none_and_plugins_without_settings():
+    config = load_config(
+        assignments=["components.target_update=none", "components.views=nosettings"],
+        plugin_settings=PLUGINS,
+    )
+    assert config.used_plugin_sections() == ["byol"]

@@ -149,3 +149,17 @@ def test_loader_drops_the_last_partial_batch_only_when_asked():
     )
     assert len(Loader(split, 10, torch.device("cpu"), True, drop_last=True)) == 2
     assert len(Loader(split, 10, torch.device("cpu"), False, drop_last=False)) == 3
+
+
+def test_streamed_unreadable_files_are_counted_once_each_by_the_loader(tmp_path):
+    images, labels = make_shapes(per_class=1, seed=0)
+    write_images(images, labels, tmp_path, classes=False)
+    for name in ("a.png", "b.jpg", "c.png"):
+        (tmp_path / name).write_bytes(b"not an image")
+    settings = DataSettings(name=str(tmp_path), image_size=16, workers=0, cache_gb=0.0)
+    data = load_data(settings)
+    assert data.train.images is None and data.skipped == 0  # streamed: nothing decoded yet
+    loader = Loader(data.train, 4, torch.device("cpu"), shuffle=True, drop_last=False, workers=0)
+    assert sum(len(b) for b, _ in loader.epoch(0)) == 10 and loader.skipped == 3
+    list(loader.epoch(1))  # the same three files again: still three images skipped
+    assert loader.skipped == 3
