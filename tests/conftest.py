@@ -1,7 +1,17 @@
-"""Shared fixtures: a loaded registry, a small labelled image folder, settings for fast runs."""
+"""Shared fixtures: a loaded registry, a small labelled image folder, settings for fast runs, and a
+throwaway virtual environment for tests that install plugin distributions with pip."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +20,14 @@ from PIL import Image
 
 from sslplug.data import SHAPE_CLASSES, make_shapes
 from sslplug.plugins import PluginRegistry
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+# the frozen plugin packages under fixtures/ are data for the tests, not tests to collect
+collect_ignore = ["fixtures"]
 
 # BYOL with narrow heads and a handful of steps: enough to exercise every part of the loop.
 FAST = [
@@ -48,6 +66,29 @@ def write_images(
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{index:04d}.png")
 
 
+@pytest.fixture
+def with_plugin(monkeypatch: pytest.MonkeyPatch):
+    """``with with_plugin(plugin, name): main([...])``: the command line runs with one more
+    plugin registered beside the installed ones (a real plugin object, through the registry's
+    own ``register``)."""
+    import sslplug.cli
+
+    load = sslplug.cli._load_registry
+
+    @contextlib.contextmanager
+    def extra(plugin: object, name: str) -> Iterator[None]:
+        def load_with_extra(strict: bool) -> PluginRegistry:
+            registry = load(strict)
+            assert registry.register(plugin, name)
+            return registry
+
+        with monkeypatch.context() as patch:
+            patch.setattr(sslplug.cli, "_load_registry", load_with_extra)
+            yield
+
+    return extra
+
+
 @pytest.fixture(scope="session")
 def shapes_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A labelled image folder with train/ and test/ splits: 8 and 2 images of each shape."""
@@ -66,3 +107,108 @@ def fast_args(shapes_folder: Path, tmp_path: Path) -> list[str]:
     for item in FAST:
         args += ["--set", item]
     return args
+
+
+def _distribution_name(source: Path) -> str:
+    return tomllib.loads((source / "pyproject.toml").read_text())["project"]["name"]
+
+
+def _distributions_seen_here() -> set[str]:
+    """Distributions that give this test process an ``sslplug`` entry point."""
+    return {ep.dist.name for ep in importlib.metadata.entry_points(group="sslplug") if ep.dist}
+
+
+class ThrowawayVenv:
+    """A virtual environment in a temporary folder, for tests that ``pip install`` plugins.
+
+    It sees every package of the interpreter running the tests (torch, sslplug, pip, setuptools)
+    through a ``.pth`` file, so nothing is reinstalled, while what is installed into it stays
+    there: a test run that is interrupted cannot leave a plugin in the project's environment.
+    """
+
+    def __init__(self, root: Path, sources: Path) -> None:
+        self.root = root
+        self._sources = sources
+        bindir = "Scripts" if os.name == "nt" else "bin"
+        self.python = root / bindir / ("python.exe" if os.name == "nt" else "python")
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, timeout=120
+        )
+        site_packages = self.run(
+            "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", check=True
+        ).stdout.strip()
+        # addsitedir, not a bare path, so that the host's own .pth files (the editable install
+        # of sslplug among them) are processed too
+        host = sysconfig.get_paths()["purelib"]
+        (Path(site_packages) / "_sslplug_test_host.pth").write_text(
+            f"import site; site.addsitedir({host!r})\n"
+        )
+
+    def run(
+        self, *args: str, cwd: Path | None = None, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """Run this environment's python with ``args``."""
+        return subprocess.run(
+            [str(self.python), *args],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=cwd or self.root,
+            check=check,
+        )
+
+    def sslplug(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run the ``sslplug`` command line in this environment."""
+        return self.run("-m", "sslplug", *args)
+
+    def pip(self, *args: str) -> None:
+        done = self.run("-m", "pip", "-q", "--disable-pip-version-check", *args)
+        assert done.returncode == 0, f"pip {' '.join(args)} failed:\n{done.stderr[-3000:]}"
+
+    def entry_points(self) -> set[tuple[str, str]]:
+        """The ``sslplug`` entry points this environment sees, as (plugin, distribution)."""
+        listing = self.run(
+            "-c",
+            "import importlib.metadata as m\n"
+            "for ep in m.entry_points(group='sslplug'):\n"
+            "    print(ep.name, ep.dist.name if ep.dist else '-')",
+            check=True,
+        ).stdout
+        return {(name, dist) for name, dist in map(str.split, listing.splitlines())}
+
+    @contextlib.contextmanager
+    def installed(self, *sources: Path, editable: bool = False) -> Iterator[list[Path]]:
+        """Install the distributions in the folders ``sources`` for the duration of the block.
+
+        pip installs copies made in a temporary folder, so that its ``build/`` and ``*.egg-info``
+        never land next to the sources. Yields the copies. On leaving, the distributions are
+        uninstalled; both ways the test process is checked not to see them.
+        """
+        copies = [
+            Path(shutil.copytree(source, Path(tempfile.mkdtemp(dir=self._sources)) / source.name))
+            for source in sources
+        ]
+        names = {_distribution_name(copy) for copy in copies}
+        args = ["install", "--no-deps", "--no-build-isolation"]
+        for copy in copies:
+            args += ["-e", str(copy)] if editable else [str(copy)]
+        self.pip(*args)
+        try:
+            seen = {dist for _, dist in self.entry_points()}
+            assert names <= seen, f"installed {sorted(names)}; the environment sees {sorted(seen)}"
+            assert not names & _distributions_seen_here(), "pip installed into the test process"
+            yield copies
+        finally:
+            self.pip("uninstall", "-y", *names)
+            assert not names & _distributions_seen_here(), "pip installed into the test process"
+
+
+@pytest.fixture(scope="session")
+def plugin_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThrowawayVenv]:
+    """One throwaway virtual environment for the whole test session; see ``ThrowawayVenv``."""
+    before = _distributions_seen_here()
+    venv = ThrowawayVenv(
+        tmp_path_factory.mktemp("plugin-venv"), tmp_path_factory.mktemp("plugin-sources")
+    )
+    yield venv
+    assert _distributions_seen_here() == before, "a test installed a plugin into this process"

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import sslplug
 from sslplug.checkpoint import load_checkpoint, save_checkpoint
 from sslplug.cli import main
 from sslplug.errors import CheckpointError
-from sslplug.plugins import PluginRegistry
 
 
 def test_short_run_leaves_settings_checkpoint_logs_and_summary(fast_args, tmp_path):
@@ -43,14 +43,18 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(run)["encoder"]
 
 
-def test_resume_after_a_kill_continues_exactly(fast_args, tmp_path, monkeypatch):
-    assert main(_with(fast_args, "--out", str(tmp_path / "full"))) == 0
+class KilledAfterFirstEpoch:
+    """A lifecycle plugin that interrupts the run once the first epoch is saved."""
 
-    def killed_after_first_epoch(self, run, epoch, metrics):
+    @sslplug.hookimpl
+    def sslplug_epoch_end(self, epoch: int) -> None:
         raise KeyboardInterrupt
 
-    with monkeypatch.context() as patch:
-        patch.setattr(PluginRegistry, "epoch_end", killed_after_first_epoch)
+
+@pytest.mark.slow  # three training runs
+def test_resume_after_a_kill_continues_exactly(fast_args, tmp_path, with_plugin):
+    assert main(_with(fast_args, "--out", str(tmp_path / "full"))) == 0
+    with with_plugin(KilledAfterFirstEpoch(), "killer"):
         assert main(_with(fast_args, "--out", str(tmp_path / "half"))) == 130
     assert load_checkpoint(tmp_path / "half")["epoch"] == 1
     assert main(["run", "--resume", str(tmp_path / "half")]) == 0

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import types
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import sslplug
 from sslplug.checkpoint import load_checkpoint
 from sslplug.cli import main
 from sslplug.config import load_config, parse_assignment
@@ -27,16 +29,20 @@ def _with(args: list[str], flag: str, value: str) -> list[str]:
     return out
 
 
-def test_sigterm_mid_epoch_saves_and_resume_is_exact(fast_args, tmp_path, monkeypatch, capsys):
-    args = _with(fast_args, "--epochs", "3")
-    assert main(_with(args, "--out", str(tmp_path / "full"))) == 0
+class TerminatedAtStep2:
+    """A lifecycle plugin that sends this process SIGTERM after the second step."""
 
-    def terminated_at_step_2(self, run, step, metrics):
+    @sslplug.hookimpl
+    def sslplug_step_end(self, step: int) -> None:
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    with monkeypatch.context() as patch:
-        patch.setattr(PluginRegistry, "step_end", terminated_at_step_2)
+
+@pytest.mark.slow  # a three-epoch run, stopped and resumed, and another
+def test_sigterm_mid_epoch_saves_and_resume_is_exact(fast_args, tmp_path, with_plugin, capsys):
+    args = _with(fast_args, "--epochs", "3")
+    assert main(_with(args, "--out", str(tmp_path / "full"))) == 0
+    with with_plugin(TerminatedAtStep2(), "terminator"):
         assert main(_with(args, "--out", str(tmp_path / "half"))) == 130
     err = capsys.readouterr().err
     assert "SIGTERM: stopped after step 3 (epoch 2, step 1 of 2)" in err
@@ -54,41 +60,69 @@ def test_sigterm_mid_epoch_saves_and_resume_is_exact(fast_args, tmp_path, monkey
     assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("component", ["loss", "encoder", "views", "target_update"])
-def test_a_component_raising_mid_run_names_its_plugin_and_the_checkpoint_stays(
-    registry, shapes_folder, tmp_path, monkeypatch, component
-):
-    build = PluginRegistry.build
+def _faulty_plugin(component: str) -> types.ModuleType:
+    """A plugin whose ``component`` is BYOL's, raising ``RuntimeError('boom')`` on its third
+    call."""
+    import sslplug_byol
+
     calls = {"n": 0}
 
-    def build_with_a_fault(self, *args, **kwargs):
-        components = build(self, *args, **kwargs)
-        module = getattr(components, component)
+    def faulty(module: torch.nn.Module) -> torch.nn.Module:
         real = module.forward
 
-        def forward(*a, **k):
+        def forward(*args, **kwargs):
             calls["n"] += 1
             if calls["n"] == 3:
                 raise RuntimeError("boom")
-            return real(*a, **k)
+            return real(*args, **kwargs)
 
         module.forward = forward
-        return components
+        return module
 
-    monkeypatch.setattr(PluginRegistry, "build", build_with_a_fault)
+    settings = sslplug_byol.BYOLSettings(projector_hidden_dim=64, predictor_hidden_dim=64)
+    plugin = types.ModuleType("faulty")
+
+    @sslplug.hookimpl
+    def sslplug_views(augmentations):
+        return faulty(sslplug_byol.sslplug_views(augmentations))
+
+    @sslplug.hookimpl
+    def sslplug_encoder(backbone, feature_dim):
+        return faulty(sslplug_byol.BYOLEncoder(backbone, feature_dim, settings))
+
+    @sslplug.hookimpl
+    def sslplug_loss():
+        return faulty(sslplug_byol.BYOLLoss())
+
+    @sslplug.hookimpl
+    def sslplug_target_update(encoder):
+        return faulty(sslplug_byol.BYOLTarget(encoder, 0.99))
+
+    hook = locals()[f"sslplug_{component}"]
+    setattr(plugin, hook.__name__, hook)
+    return plugin
+
+
+@pytest.mark.parametrize("component", ["loss", "encoder", "views", "target_update"])
+def test_a_component_raising_mid_run_names_its_plugin_and_the_checkpoint_stays(
+    registry, shapes_folder, tmp_path, component
+):
+    assert registry.register(_faulty_plugin(component), "faulty")
     config = load_config(
         assignments=[
             *FAST,
             f"data.name={shapes_folder}",
             "train.epochs=3",
             f"train.out={tmp_path}",
+            f"components.{component}=faulty",
+            'train.disable=["view_grid"]',  # it draws views once before the first step
         ],
         plugin_settings=registry.settings_classes(),
     )
     with pytest.raises(ComponentFailure) as info:
         train(config, registry)
     message = str(info.value)
-    assert f"plugin 'byol' raised in its {component}: RuntimeError('boom')" in message
+    assert f"plugin 'faulty' raised in its {component}: RuntimeError('boom')" in message
     assert "at step 3 (epoch 2)" in message and "is intact" in message
     assert isinstance(info.value.__cause__, RuntimeError)
     assert load_checkpoint(tmp_path)["epoch"] == 1
