@@ -53,6 +53,7 @@ def test_batch_larger_than_the_data_is_refused(shapes_folder, capsys):
     assert "larger than the 80 training images" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a subprocess
 def test_console_script_help_runs():
     result = subprocess.run(
         [sys.executable, "-m", "sslplug", "run", "--help"],

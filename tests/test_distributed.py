@@ -58,6 +58,7 @@ def _worker(rank: int, name: str, store: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two gloo ranks in spawned processes
 @pytest.mark.parametrize("name", ["simclr", "barlow_twins", "byol"])
 def test_two_ranks_match_one_process_with_the_whole_batch(name, tmp_path: Path):
     z1, z2 = (z.clone().requires_grad_() for z in _embeddings())

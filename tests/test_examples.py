@@ -3,41 +3,25 @@ broken distributions are reported by name and leave the other plugins usable."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
-import shutil
-import subprocess
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import FAST
+from .conftest import FAST, ThrowawayVenv
 
 EXAMPLES = Path(__file__).parent.parent / "docs" / "examples"
 
-
-def _pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "-q", *args], check=True, timeout=600)
-
-
-def _sslplug(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "sslplug", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+pytestmark = pytest.mark.slow  # pip installs and a subprocess per command
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    # install from copies, so that pip's build folders never land in the repository
-    root = tmp_path_factory.mktemp("examples")
-    copies = [
-        shutil.copytree(EXAMPLES / name, root / name)
-        for name in ("sslplug-vicreg", "sslplug-broken")
-    ]
-    _pip("install", "--no-deps", *map(str, copies))
-    try:
-        yield
-    finally:
-        _pip("uninstall", "-y", "sslplug-vicreg", "sslplug-broken")
+def examples(plugin_venv: ThrowawayVenv) -> Iterator[ThrowawayVenv]:
+    """The throwaway environment with the VICReg and the broken examples installed."""
+    with plugin_venv.installed(EXAMPLES / "sslplug-vicreg", EXAMPLES / "sslplug-broken"):
+        yield plugin_venv
 
 
 def _fast_run(shapes_folder: Path, out: Path, *args: str) -> list[str]:
@@ -47,17 +31,25 @@ def _fast_run(shapes_folder: Path, out: Path, *args: str) -> list[str]:
     return command
 
 
+def test_the_examples_are_seen_in_the_throwaway_environment_only(examples):
+    assert {("vicreg", "sslplug-vicreg"), ("broken_type", "sslplug-broken")} <= (
+        examples.entry_points()
+    )
+    here = importlib.metadata.entry_points(group="sslplug")
+    assert "vicreg" not in here.names and "broken_type" not in here.names
+
+
 def test_installed_vicreg_is_listed_and_mixes_with_builtin_encoders(
-    installed, shapes_folder, tmp_path
+    examples, shapes_folder, tmp_path
 ):
-    listing = _sslplug("list")
+    listing = examples.sslplug("list")
     assert listing.returncode == 0
     vicreg = next(
         line.split() for line in listing.stdout.splitlines() if line.startswith("vicreg ")
     )
     assert vicreg[1:3] == ["sslplug-vicreg", "0.1.0"]
     assert vicreg[3:8] == ["-", "-", "-", "x", "-"]  # only a loss
-    done = _sslplug(
+    done = examples.sslplug(
         *_fast_run(shapes_folder, tmp_path / "run", "--plugin", "simclr", "--loss", "vicreg")
     )
     assert done.returncode == 0, done.stderr[-2000:]
@@ -68,9 +60,9 @@ def test_installed_vicreg_is_listed_and_mixes_with_builtin_encoders(
 
 
 def test_broken_distributions_are_named_and_the_rest_keeps_working(
-    installed, shapes_folder, tmp_path
+    examples, shapes_folder, tmp_path
 ):
-    listing = _sslplug("list")
+    listing = examples.sslplug("list")
     assert listing.returncode == 0
     out = listing.stdout
     assert (
@@ -85,12 +77,14 @@ def test_broken_distributions_are_named_and_the_rest_keeps_working(
     byol = next(line.split() for line in out.splitlines() if line.startswith("byol "))
     assert byol[1] == "sslplug"  # the built-in keeps its name
 
-    wrong_type = _sslplug(*_fast_run(shapes_folder, tmp_path / "bad", "--loss", "broken_type"))
+    wrong_type = examples.sslplug(
+        *_fast_run(shapes_folder, tmp_path / "bad", "--loss", "broken_type")
+    )
     assert wrong_type.returncode == 2
     assert "plugin 'broken_type' returned str from sslplug_loss" in wrong_type.stderr
 
-    strict = _sslplug("--strict-plugins", "list")
+    strict = examples.sslplug("--strict-plugins", "list")
     assert strict.returncode == 2 and "broken" in strict.stderr
 
-    fine = _sslplug(*_fast_run(shapes_folder, tmp_path / "ok", "--plugin", "byol"))
+    fine = examples.sslplug(*_fast_run(shapes_folder, tmp_path / "ok", "--plugin", "byol"))
     assert fine.returncode == 0, fine.stderr[-2000:]

@@ -19,7 +19,7 @@ SPECS = sorted(
 )
 
 
-def test_there_are_five_component_hooks_a_settings_hook_and_lifecycle_hooks():
+def test_the_five_component_hooks_the_settings_hook_and_lifecycle_hooks_are_there():
     assert {
         "sslplug_augmentation",
         "sslplug_views",
@@ -31,7 +31,7 @@ def test_there_are_five_component_hooks_a_settings_hook_and_lifecycle_hooks():
         "sslplug_step_end",
         "sslplug_epoch_end",
         "sslplug_run_end",
-    } == set(SPECS)
+    } <= set(SPECS)
 
 
 @pytest.mark.parametrize("name", SPECS)
@@ -46,12 +46,26 @@ def test_hook_is_in_the_reference(name):
     assert re.search(rf"^### `{name}\(", reference, re.MULTILINE), f"docs/hooks.md lacks {name}"
 
 
+def _test_names() -> set[str]:
+    """The name of every test function under tests/ (the frozen plugins in fixtures/ aside)."""
+    names = set()
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        if "fixtures" in path.relative_to(ROOT / "tests").parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                names.add(node.name)
+    return {name for name in names if name.startswith("test_")}
+
+
 @pytest.mark.parametrize("name", SPECS)
-def test_hook_has_a_test(name):
-    tests = "".join(
-        p.read_text() for p in (ROOT / "tests").glob("test_*.py") if p.name != "test_hookspecs.py"
+def test_plugin_hooks_have_tests(name):
+    """As datasette does: each hook has a test named ``test_hook_<hook>...``."""
+    expected = "test_hook_" + name.removeprefix("sslplug_")
+    tests = _test_names()
+    assert any(expected in test for test in tests), (
+        f"no test under tests/ is named {expected}...; add one that exercises {name}"
     )
-    assert name in tests or name.removeprefix("sslplug_") + "(" in tests, f"no test mentions {name}"
 
 
 def test_component_hooks_are_firstresult_and_lifecycle_hooks_are_not():

@@ -34,6 +34,7 @@ def _listening(registry: PluginRegistry) -> list[float]:
     return losses
 
 
+@pytest.mark.slow  # four runs of 20 steps on the default data
 @pytest.mark.parametrize(
     ("choice", "expected"),
     [

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.metadata
+import math
 import types
+from pathlib import Path
 from typing import ClassVar
 
 import attrs
@@ -13,32 +14,25 @@ from torch import nn
 
 import sslplug
 from sslplug.config import RunContext, load_config
+from sslplug.engine import train
 from sslplug.errors import ComponentMismatchError, PluginError
 from sslplug.nn import build_backbone
 from sslplug.plugins import PluginRegistry
 
-
-class FakeDist:
-    def __init__(self, name: str, version: str = "1.0") -> None:
-        self.name, self.version = name, version
+from .conftest import FAST
 
 
-class FakeEntryPoint:
-    def __init__(self, name: str, value: str, loader, dist: str = "thirdparty") -> None:
-        self.name, self.value, self._loader, self.dist = name, value, loader, FakeDist(dist)
-
-    def load(self):
-        return self._loader()
-
-
-def _with_entry_points(monkeypatch, extra):
-    real = importlib.metadata.entry_points
-
-    def fake(group=None, **kwargs):
-        eps = list(real(group=group, **kwargs)) if group else real(**kwargs)
-        return eps + extra if group == "sslplug" else eps
-
-    monkeypatch.setattr(importlib.metadata, "entry_points", fake)
+def _distribution(root: Path, name: str, plugins: dict[str, str]) -> Path:
+    """Lay out distribution ``name`` in ``root`` as pip would: one module per plugin, with the
+    given source, and a ``.dist-info`` folder whose ``entry_points.txt`` advertises them."""
+    info = root / f"{name.replace('-', '_')}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    lines = [f"{plugin} = {plugin}_plugin" for plugin in plugins]
+    (info / "entry_points.txt").write_text("[sslplug]\n" + "\n".join(lines) + "\n")
+    for plugin, source in plugins.items():
+        (root / f"{plugin}_plugin.py").write_text(source)
+    return root
 
 
 def _module(name: str, **functions) -> types.ModuleType:
@@ -57,13 +51,9 @@ def test_builtin_byol_is_loaded_from_the_entry_point_group(registry):
     assert registry.failures == []
 
 
-def test_plugin_that_fails_to_import_is_reported_and_left_out(monkeypatch):
-    def boom():
-        raise ImportError("no module named 'missing_dependency'")
-
-    _with_entry_points(
-        monkeypatch, [FakeEntryPoint("broken", "broken_mod", boom, dist="broken-dist")]
-    )
+def test_plugin_that_fails_to_import_is_reported_and_left_out(tmp_path, monkeypatch):
+    broken = {"broken": "import missing_dependency  # not installed\n"}
+    monkeypatch.syspath_prepend(_distribution(tmp_path, "broken-dist", broken))
     registry = PluginRegistry()
     registry.load_entry_points()
     assert "byol" in registry.names()
@@ -73,11 +63,9 @@ def test_plugin_that_fails_to_import_is_reported_and_left_out(monkeypatch):
     assert "missing_dependency" in str(failure) and "broken-dist" in str(failure)
 
 
-def test_strict_loading_turns_a_failure_into_an_error(monkeypatch):
-    def boom():
-        raise RuntimeError("kaput")
-
-    _with_entry_points(monkeypatch, [FakeEntryPoint("broken", "broken_mod", boom)])
+def test_strict_loading_turns_a_failure_into_an_error(tmp_path, monkeypatch):
+    broken = {"broken": "raise RuntimeError('kaput')\n"}
+    monkeypatch.syspath_prepend(_distribution(tmp_path, "thirdparty", broken))
     with pytest.raises(PluginError, match=r"broken.*kaput"):
         PluginRegistry(strict=True).load_entry_points()
 
@@ -93,7 +81,31 @@ def test_misspelled_hook_is_caught_by_check_pending():
     assert "sslplug_los" in registry.failures[0].error
 
 
-def test_settings_hook_must_return_an_attrs_class():
+@attrs.define
+class WeightSettings:
+    weight: float = 1.0
+
+
+def test_hook_settings_class_is_filled_from_the_config_and_given_to_the_hooks(registry):
+    received = []
+
+    @sslplug.hookimpl
+    def sslplug_settings():
+        return WeightSettings
+
+    @sslplug.hookimpl
+    def sslplug_loss(settings):
+        received.append(settings)
+        return MeanLoss()
+
+    plugin = _module("weighted", sslplug_settings=sslplug_settings, sslplug_loss=sslplug_loss)
+    assert registry.register(plugin, "weighted")
+    assert registry.settings_classes()["weighted"] is WeightSettings
+    _build(registry, "components.loss=weighted", "weighted.weight=0.5")
+    assert received == [WeightSettings(weight=0.5)]
+
+
+def test_hook_settings_must_return_an_attrs_class():
     @sslplug.hookimpl
     def sslplug_settings():
         return dict
@@ -137,15 +149,26 @@ def test_unknown_plugin_lists_the_installed_ones(registry):
         _build(registry, "components.loss=nope")
 
 
-def test_target_update_none_gives_a_run_without_target(registry):
+def test_hook_target_update_none_gives_a_run_without_target(registry):
     components = _build(registry, "components.target_update=none")
     assert components.target_update is None
     assert components.sources["target_update"] == "none"
 
 
-@attrs.define
-class OneViewSettings:
-    pass
+def test_hook_augmentation_of_one_plugin_feeds_the_views_of_another(registry):
+    sizes = []
+
+    @sslplug.hookimpl
+    def sslplug_augmentation(run):
+        sizes.append(run.image_size)
+        return sslplug.simclr_recipe(run.image_size, views=2)
+
+    registry.register(_module("augs", sslplug_augmentation=sslplug_augmentation), "augs")
+    components = _build(registry, "components.augmentation=augs")
+    assert sizes == [16]
+    assert components.sources["augmentation"] == "augs" and components.sources["views"] == "byol"
+    views = components.views(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8))
+    assert len(views.images) == 2 and views.images[0].shape == (4, 3, 16, 16)
 
 
 class OneView(sslplug.ViewGenerator):
@@ -161,7 +184,7 @@ def _one_view_plugin():
     return _module("oneview", sslplug_views=sslplug_views)
 
 
-def test_incompatible_mix_fails_before_training_naming_both_components(registry):
+def test_hook_views_of_an_incompatible_mix_fail_before_training_naming_both(registry):
     registry.register(_one_view_plugin(), "oneview")
     with pytest.raises(ComponentMismatchError) as info:
         _build(registry, "components.views=oneview")
@@ -179,7 +202,7 @@ def test_plugin_without_the_component_asked_for(registry):
         _build(registry, "components.loss=oneview")
 
 
-def test_hook_returning_the_wrong_type_is_named(registry):
+def test_hook_encoder_returning_the_wrong_type_is_named(registry):
     @sslplug.hookimpl
     def sslplug_encoder():
         return nn.Linear(2, 2)
@@ -189,7 +212,7 @@ def test_hook_returning_the_wrong_type_is_named(registry):
         _build(registry, "components.encoder=wrong")
 
 
-def test_hook_that_raises_names_plugin_and_component(registry):
+def test_hook_loss_that_raises_names_plugin_and_component(registry):
     @sslplug.hookimpl
     def sslplug_loss():
         raise ValueError("bad temperature")
@@ -201,14 +224,15 @@ def test_hook_that_raises_names_plugin_and_component(registry):
         _build(registry, "components.loss=raiser")
 
 
-def test_a_loss_from_another_plugin_mixes_in(registry):
-    class MeanLoss(nn.Module):
-        requires: ClassVar[frozenset[str]] = frozenset({"projection"})
+class MeanLoss(nn.Module):
+    requires: ClassVar[frozenset[str]] = frozenset({"projection"})
 
-        def forward(self, outputs, views, target):
-            loss = sum(z.pow(2).mean() for z in outputs.projections)
-            return loss, {}
+    def forward(self, outputs, views, target):
+        loss = sum(z.pow(2).mean() for z in outputs.projections)
+        return loss, {}
 
+
+def test_hook_loss_from_another_plugin_mixes_in(registry):
     @sslplug.hookimpl
     def sslplug_loss():
         return MeanLoss()
@@ -219,13 +243,82 @@ def test_a_loss_from_another_plugin_mixes_in(registry):
     assert components.sources["encoder"] == "byol"
 
 
-def test_lifecycle_hooks_reach_every_plugin(registry):
-    seen = []
+@pytest.fixture(scope="module")
+def lifecycle(shapes_folder, tmp_path_factory) -> tuple[list[tuple[str, dict]], dict]:
+    """The lifecycle hook calls received, in order, by a plugin that provides no component of
+    the run (lifecycle hooks reach every plugin) during a real run of two epochs of two steps,
+    and the summary the run returns."""
+    calls: list[tuple[str, dict]] = []
 
     @sslplug.hookimpl
-    def sslplug_epoch_end(epoch, metrics):
-        seen.append((epoch, metrics["loss"]))
+    def sslplug_run_start(run):
+        calls.append(("run_start", {"components": dict(run.components)}))
 
-    registry.register(_module("listener", sslplug_epoch_end=sslplug_epoch_end), "listener")
-    registry.epoch_end(_context(load_config()), 3, {"loss": 1.5})
-    assert seen == [(3, 1.5)]
+    @sslplug.hookimpl
+    def sslplug_step_end(run, step, metrics):
+        calls.append(("step_end", {"step": step, "metrics": dict(metrics)}))
+
+    @sslplug.hookimpl
+    def sslplug_epoch_end(run, epoch, metrics):
+        calls.append(("epoch_end", {"epoch": epoch, "metrics": dict(metrics)}))
+
+    @sslplug.hookimpl
+    def sslplug_run_end(run, summary):
+        calls.append(("run_end", {"summary": summary}))
+
+    registry = PluginRegistry()
+    registry.load_entry_points()
+    listener = _module(
+        "listener",
+        sslplug_run_start=sslplug_run_start,
+        sslplug_step_end=sslplug_step_end,
+        sslplug_epoch_end=sslplug_epoch_end,
+        sslplug_run_end=sslplug_run_end,
+    )
+    assert registry.register(listener, "listener")
+    config = load_config(
+        assignments=[
+            *FAST,
+            f"data.name={shapes_folder}",  # 80 images: two steps of 32 an epoch
+            "train.epochs=2",
+            "eval.baseline=false",
+            "eval.every=0",
+            "eval.embedding_samples=0",
+            f"train.out={tmp_path_factory.mktemp('lifecycle') / 'run'}",
+        ],
+        plugin_settings=registry.settings_classes(),
+    )
+    summary = train(config, registry)
+    return calls, summary
+
+
+def test_hook_run_start_comes_first_with_the_chosen_components(lifecycle):
+    calls, summary = lifecycle
+    (starts,) = [index for index, (hook, _) in enumerate(calls) if hook == "run_start"]
+    assert starts == 0
+    assert calls[0][1]["components"] == summary["components"]
+
+
+def test_hook_step_end_follows_every_step_with_its_metrics(lifecycle):
+    calls, summary = lifecycle
+    steps = [args for hook, args in calls if hook == "step_end"]
+    assert [args["step"] for args in steps] == [1, 2, 3, 4] and summary["steps"] == 4
+    assert all(math.isfinite(args["metrics"]["loss"]) for args in steps)
+
+
+def test_hook_epoch_end_follows_the_last_step_of_each_epoch(lifecycle):
+    calls, _ = lifecycle
+    between = [(hook, args.get("step", args.get("epoch"))) for hook, args in calls[1:-1]]
+    assert between == [
+        ("step_end", 1), ("step_end", 2), ("epoch_end", 1),
+        ("step_end", 3), ("step_end", 4), ("epoch_end", 2),
+    ]  # fmt: skip
+    epochs = [args for hook, args in calls if hook == "epoch_end"]
+    assert all(math.isfinite(args["metrics"]["loss"]) for args in epochs)
+
+
+def test_hook_run_end_comes_last_with_the_summary(lifecycle):
+    calls, summary = lifecycle
+    hook, args = calls[-1]
+    assert hook == "run_end" and [h for h, _ in calls].count("run_end") == 1
+    assert args["summary"]["epochs"] == 2 and args["summary"]["steps"] == summary["steps"]

@@ -2,44 +2,33 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from sslplug.cli import main
 
+from .conftest import ThrowawayVenv
 
-def test_new_plugin_installs_lists_and_passes_its_own_test(tmp_path, capsys):
+
+@pytest.mark.slow  # a pip install and two subprocesses
+def test_new_plugin_installs_lists_and_passes_its_own_test(
+    plugin_venv: ThrowawayVenv, tmp_path, capsys
+):
     assert main(["new-plugin", "cosine_loss", "--component", "loss", "--dir", str(tmp_path)]) == 0
     folder = tmp_path / "sslplug-cosine-loss"
     assert {p.name for p in folder.iterdir()} == {
         "pyproject.toml", "sslplug_cosine_loss.py", "tests", "README.md",
     }  # fmt: skip
-    pip = [sys.executable, "-m", "pip", "-q"]
-    subprocess.run([*pip, "install", "--no-deps", "-e", str(folder)], check=True, timeout=600)
-    try:
-        listing = subprocess.run(
-            [sys.executable, "-m", "sslplug", "list"], capture_output=True, text=True, check=True
-        )
+    with plugin_venv.installed(folder, editable=True) as (installed,):
+        assert ("cosine_loss", "sslplug-cosine-loss") in plugin_venv.entry_points()
+        listing = plugin_venv.sslplug("list")
+        assert listing.returncode == 0, listing.stderr[-2000:]
         row = next(line.split() for line in listing.stdout.splitlines() if "cosine_loss" in line)
-        assert row[1:3] == ["sslplug-cosine-loss", "0.1.0"] and row[3:8] == [
-            "-",
-            "-",
-            "-",
-            "x",
-            "-",
-        ]
-        own = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder / "tests")],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            cwd=folder,
+        assert row[1:3] == ["sslplug-cosine-loss", "0.1.0"]
+        assert row[3:8] == ["-", "-", "-", "x", "-"]
+        own = plugin_venv.run(
+            "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", cwd=installed
         )
         assert own.returncode == 0, own.stdout[-3000:]
-    finally:
-        subprocess.run([*pip, "uninstall", "-y", "sslplug-cosine-loss"], check=True, timeout=600)
 
 
 @pytest.mark.parametrize(

@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from sslplug.checkpoint import load_checkpoint
 
 from .conftest import FAST
+
+pytestmark = pytest.mark.slow  # torchrun with two gloo ranks
 
 
 def _torchrun(shapes_folder: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
