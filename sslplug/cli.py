@@ -98,6 +98,14 @@ def _parser() -> argparse.ArgumentParser:
         help="continue the run in RUN_DIR from its last checkpoint",
     )
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common.add_argument(
+        "--disable",
+        action="append",
+        default=[],
+        metavar="PLUGIN",
+        help="switch a lifecycle plugin off for this run: tensorboard, progress, knn, view_grid, "
+        "or an installed one (repeatable; also `disable = [...]` under [train])",
+    )
 
     sub.add_parser("list", help="show installed plugins and the components each provides")
     new = sub.add_parser(
@@ -246,6 +254,9 @@ def _assignments(args: argparse.Namespace) -> list[str]:
     ]
     if args.no_progress:
         out.append("train.progress=false")
+    if getattr(args, "disable", None):
+        names = ", ".join(f'"{name}"' for name in args.disable)
+        out.append(f"train.disable=[{names}]")
     return out + list(args.assignments)
 
 
@@ -273,6 +284,10 @@ def _cmd_list(registry: PluginRegistry) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     for failure in registry.failures:
         print(f"\nnot loaded: {failure}")
+    print(
+        f"\ncore lifecycle plugins (switch one off with --disable NAME): "
+        f"{', '.join(registry.internal_names())}"
+    )
     return 0
 
 
@@ -298,6 +313,11 @@ def _cmd_info(args: argparse.Namespace, registry: PluginRegistry) -> int:
     if doc:
         print("\n" + doc.split("\n\n")[0])
     print(f"\ncomponents: {', '.join(entry.components) or '(none)'}")
+    capabilities = registry.capabilities_of(args.name)
+    if capabilities:
+        print("capabilities it registers:")
+        for capability in capabilities:
+            print(f"  {capability.name}: {capability.description}")
     settings = registry.settings_classes().get(args.name)
     if settings is None:
         print("settings: none")
