@@ -19,8 +19,9 @@ __all__ = ["write_plugin"]
 _HOOKS = {
     "augmentation": '''
 @sslplug.hookimpl
-def sslplug_augmentation(settings: Settings, run: sslplug.RunContext) -> tuple[nn.Module, ...]:
-    """Two augmentation pipelines, batched on the device (here SimCLR's)."""
+def sslplug_augmentation(settings: Settings, run: sslplug.RunContext) -> sslplug.Augmentations:
+    """Two augmentation pipelines, batched on the device (here SimCLR's), and what they
+    produce: ``sslplug.Augmentations(pipelines, provides={"normalized_views"})``."""
     return sslplug.simclr_recipe(run.image_size, views=2)
 ''',
     "views": '''
@@ -37,17 +38,17 @@ def sslplug_encoder(settings: Settings, backbone: nn.Module, feature_dim: int) -
     return sslplug.ProjectorEncoder(backbone, feature_dim, projector, settings.projection_dim)
 ''',
     "loss": '''
-class Loss(nn.Module):
+class Loss(sslplug.Loss):
     """Negative cosine similarity of the two views' projections: replace with your loss."""
 
-    requires: ClassVar[frozenset[str]] = frozenset({"two_views", "projection"})
+    requires = frozenset({"two_views", "projection"})
 
     def forward(
         self, outputs: sslplug.Outputs, views: sslplug.Views, target: sslplug.Outputs | None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    ) -> sslplug.LossResult:
         z1, z2 = outputs.projections[:2]
         loss = -F.cosine_similarity(z1, z2, dim=-1).mean()
-        return loss, {}
+        return sslplug.LossResult(loss, {"cosine": -loss.detach()})
 
 
 @sslplug.hookimpl
@@ -189,11 +190,9 @@ def write_plugin(name: str, components: list[str], parent: Path) -> Path:
         )
     hooks = "".join("\n" + _HOOKS[c] for c in components)
     loss = "loss" in components
-    imports = "from typing import ClassVar\n\n" if loss else ""
-    torch_import = (
-        "import torch.nn.functional as F\nfrom torch import Tensor, nn"
-        if loss
-        else "from torch import nn"
+    imports = ""
+    torch_import = "import torch.nn.functional as F\nfrom torch import nn" if loss else (
+        "from torch import nn"
     )
     (folder / "tests").mkdir(parents=True)
     fields = {

@@ -15,8 +15,6 @@ defaults are the paper's: lambda_ = mu = 25, nu = 1.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import attrs
 import torch
 import torch.nn.functional as F
@@ -47,8 +45,10 @@ def covariance(z: Tensor) -> Tensor:
     return off_diagonal / d
 
 
-class VICRegLoss(nn.Module):
-    requires: ClassVar[frozenset[str]] = frozenset({"two_views", "projection"})
+class VICRegLoss(sslplug.Loss):
+    """The VICReg loss on the first two views' projections, in float32."""
+
+    requires = frozenset({"two_views", "projection"})
 
     def __init__(self, settings: VICRegSettings) -> None:
         super().__init__()
@@ -56,7 +56,7 @@ class VICRegLoss(nn.Module):
 
     def forward(
         self, outputs: sslplug.Outputs, views: sslplug.Views, target: sslplug.Outputs | None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    ) -> sslplug.LossResult:
         s = self.settings
         with torch.autocast(outputs.projections[0].device.type, enabled=False):
             z1, z2 = (z.float() for z in outputs.projections[:2])
@@ -66,11 +66,12 @@ class VICRegLoss(nn.Module):
         loss = (
             s.invariance_weight * invariance + s.variance_weight * var + s.covariance_weight * cov
         )
-        return loss, {
+        metrics = {
             "invariance": invariance.detach(),
             "variance": var.detach(),
             "covariance": cov.detach(),
         }
+        return sslplug.LossResult(loss, metrics)
 
 
 @sslplug.hookimpl
