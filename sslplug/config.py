@@ -273,6 +273,12 @@ class RunContext:
         self.progress.steps_per_epoch = max(1, self.steps_per_epoch)
         self.progress.total_steps = max(1, self.total_steps)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> RunContext:
+        """The run is shared, not copied: a component that keeps ``run`` and is deep-copied
+        (a target network made from the encoder, fine-tuning's copy) reads the same live
+        ``progress`` and does not copy the data set."""
+        return self
+
 
 def _tuples_to_lists(value: Any) -> Any:
     if isinstance(value, dict):
