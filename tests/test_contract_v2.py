@@ -452,3 +452,37 @@ def test_fixture_uses_the_public_api_only(name: str) -> None:
         and node.value.id == "sslplug"
     }
     assert used <= set(sslplug.__all__), sorted(used - set(sslplug.__all__))
+
+
+def test_multi_crop_views_flow_through_the_view_grid_and_the_benchmark(tmp_path):
+    from PIL import Image
+
+    from sslplug.bench import BenchSettings, run_bench
+
+    registry = _registry("dino_like")
+    config = load_config(
+        None,
+        [
+            "components.plugin=dino_like",
+            "train.epochs=1",
+            "train.batch_size=32",
+            "train.max_steps_per_epoch=1",
+            "train.progress=false",
+            'train.disable=["knn", "tensorboard"]',
+            "eval.baseline=false",
+            "data.workers=0",
+            f"train.out={tmp_path}",
+        ],
+        registry.settings_classes(),
+    )
+    train(config, registry)
+    width, height = Image.open(tmp_path / "views.png").size
+    assert (width, height) == (8 * 33 + 1, 8 * 33 + 1)  # 8 views, the local ones scaled up
+
+    settings = BenchSettings(
+        plugin="dino_like", batch_size=16, steps=1, warmup=0, repeats=1, baseline=False,
+        device="cpu", workers=0,
+    )  # fmt: skip
+    results = run_bench(settings, registry)
+    assert results["sslplug_views"]["images_per_second"] > 0
+    assert results["sslplug_step"]["images_per_second"] > 0

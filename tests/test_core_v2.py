@@ -328,3 +328,23 @@ def test_the_view_generator_state_is_checkpointed(registry, shapes_folder, tmp_p
 def test_unknown_disable_name_is_a_config_error(registry):
     with pytest.raises(ConfigError, match="registered: tensorboard, progress, knn, view_grid"):
         registry.lifecycle(["nope"], used={"byol"})
+
+
+def test_a_component_keeping_run_shares_it_when_deep_copied():
+    import copy
+
+    from sslplug.config import RunConfig
+
+    run = RunContext(config=RunConfig(), image_size=32, steps_per_epoch=4, total_steps=8)
+
+    class Scheduled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.run = run
+            self.linear = nn.Linear(2, 2)
+
+    module = Scheduled()
+    twin = copy.deepcopy(module)
+    assert twin.run is run and twin.linear is not module.linear
+    run.progress.step = 6
+    assert twin.run.progress.epoch_float == 1.5 and twin.run.progress.fraction == 0.75
