@@ -98,7 +98,9 @@ class BYOLTarget(TargetUpdate):
     @torch.no_grad()
     def step(self, encoder: Encoder, step: int, total_steps: int) -> dict[str, float]:
         tau = sslplug.cosine_tau(self.tau_base, step, total_steps)
-        sslplug.ema_update(self.network, nn.Sequential(encoder.backbone, encoder.projector), tau)
+        projector = encoder.projector
+        assert isinstance(projector, nn.Module)  # checked in __init__
+        sslplug.ema_update(self.network, nn.Sequential(encoder.backbone, projector), tau)
         return {"tau": tau}
 
 

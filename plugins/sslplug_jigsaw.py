@@ -139,6 +139,7 @@ class JigsawViews(sslplug.ViewGenerator):
 
     requires = frozenset({"normalized_views"})
     provides = frozenset({"permutation_labels"})
+    permutations: Tensor  # a buffer
 
     def __init__(
         self, augmentation: nn.Module, permutations: Tensor, tile_fraction: float, upsample_to: int

@@ -267,7 +267,7 @@ def _load_registry(strict: bool) -> PluginRegistry:
 
 
 def _cmd_list(registry: PluginRegistry) -> int:
-    rows = [("plugin", "distribution", "version", *COMPONENTS, "settings")]
+    rows: list[tuple[str, ...]] = [("plugin", "distribution", "version", *COMPONENTS, "settings")]
     for info in registry.info():
         marks = tuple("x" if c in info.components else "-" for c in COMPONENTS)
         rows.append(
@@ -323,12 +323,13 @@ def _cmd_info(args: argparse.Namespace, registry: PluginRegistry) -> int:
         print("settings: none")
         return 0
     print(f"settings ([{args.name}] in a TOML file, or --set {args.name}.KEY=VALUE):")
-    if inspect.getdoc(settings):
-        print("  " + inspect.getdoc(settings).split("\n\n")[0].replace("\n", "\n  "))
+    settings_doc = inspect.getdoc(settings)
+    if settings_doc:
+        print("  " + settings_doc.split("\n\n")[0].replace("\n", "\n  "))
     for field in attrs.fields(settings):
-        default = (
-            field.default.factory() if isinstance(field.default, attrs.Factory) else field.default
-        )
+        # attrs' stubs declare Factory a function (it pretends to return the value it makes)
+        is_factory = isinstance(field.default, attrs.Factory)  # type: ignore[arg-type]
+        default = field.default.factory() if is_factory else field.default
         kind = getattr(field.type, "__name__", None) or str(field.type)
         print(f"  {field.name} = {default!r}  ({kind})")
     return 0

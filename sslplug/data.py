@@ -193,12 +193,13 @@ def _torchvision(name: str, settings: DataSettings) -> DataSet:
             ) from None
         classes = tuple(ds.classes)
         splits[split] = Split(images=images, labels=labels)
-    size = splits["train"].images.shape[-1]
+    train_images = splits["train"].images
+    assert train_images is not None  # torchvision splits are held in memory
+    size = train_images.shape[-1]
     if settings.image_size and settings.image_size != size:
-        splits = {
-            k: Split(images=_resize(s.images, settings.image_size), labels=s.labels)
-            for k, s in splits.items()
-        }
+        for k, s in splits.items():
+            assert s.images is not None
+            splits[k] = Split(images=_resize(s.images, settings.image_size), labels=s.labels)
         size = settings.image_size
     return DataSet(
         name=name, train=splits["train"], test=splits["test"], image_size=size, classes=classes
@@ -476,14 +477,17 @@ class Loader:
         return [batch[self.rank * share : (self.rank + 1) * share] for batch in batches]
 
     def _from_memory(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        images = self.split.images
+        assert images is not None
         for index in self._index_batches(generator):
             start = time.perf_counter()
-            batch = self._to_device(self.split.images[index], self.split.labels[index])
+            batch = self._to_device(images[index], self.split.labels[index])
             self.wait_seconds += time.perf_counter() - start
             yield batch
 
     def _from_workers(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
         batches = [index.tolist() for index in self._index_batches(generator)]
+        assert self.split.source is not None  # a split without images is streamed
         loader = DataLoader(
             self.split.source,
             batch_sampler=batches,

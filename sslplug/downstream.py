@@ -46,6 +46,7 @@ def frozen_evaluation(
 ) -> list[dict[str, Any]]:
     """kNN and linear-probe top-1 (percent) of ``encoder`` for every label budget."""
     _check_labelled(data)
+    assert data.test is not None  # checked by _check_labelled
     train_x, train_y = extract_features(encoder, data.train, device)
     test_x, test_y = extract_features(encoder, data.test, device)
     rows = []

@@ -382,7 +382,7 @@ def _train_epoch(run: _Run, epoch: int, stop: _StopRequest) -> dict[str, float]:
         if module is not None:
             module.train()
     steps_per_epoch = len(run.loader)
-    autocast = autocast_context(config.train.precision, context.device)
+    autocast = autocast_context(config.train.precision, torch.device(context.device))
     run.loader.wait_seconds = 0.0
     epoch_start = time.perf_counter()
     done = run.step - epoch * steps_per_epoch  # > 0 when resuming inside this epoch

@@ -54,7 +54,9 @@ def take(split: Split, index: Tensor) -> Split:
     index = index.cpu()
     if split.images is not None:
         return Split(labels=split.labels[index], images=split.images[index])
-    kept = [x for x in (split.source[i] for i in index.tolist()) if x is not None]
+    source = split.source
+    assert source is not None  # a split without images is streamed
+    kept = [x for x in (source[i] for i in index.tolist()) if x is not None]
     return Split(
         labels=torch.tensor([lab for _, lab in kept], dtype=torch.long),
         images=torch.stack([img for img, _ in kept]),
@@ -83,6 +85,7 @@ def finetune(
     torch.manual_seed(settings.seed)
     model = _Classifier(copy.deepcopy(encoder), data.num_classes).to(device)
     train = take(data.train, labelled)
+    assert train.images is not None  # take() returns an in-memory split
     images, labels = train.images.to(device), train.labels.to(device)
     augment = crop_flip_recipe(data.image_size, settings.crop_scale).to(device)
     batch = min(settings.batch_size, len(train))
@@ -106,4 +109,5 @@ def finetune(
         loss.backward()
         optimizer.step()
         scheduler.step()
+    assert data.test is not None, "finetune needs a test split"
     return _accuracy(model, data.test, device)

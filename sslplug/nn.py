@@ -159,7 +159,7 @@ def build_backbone(name: str, image_size: int, cifar_stem: str = "auto") -> tupl
 def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
     """``target <- tau * target + (1 - tau) * online`` for parameters; buffers (batch-norm
     statistics) are copied. ``target`` and ``online`` must have the same structure."""
-    target_params = list(target.parameters())
+    target_params: list[torch.Tensor] = list(target.parameters())
     online_params = [p.detach() for p in online.parameters()]
     torch._foreach_lerp_(target_params, online_params, 1.0 - tau)
     for t, o in zip(target.buffers(), online.buffers()):

@@ -65,7 +65,7 @@ class LARS(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -141,6 +141,10 @@ class ParamGroup:
         return list({id(p): p for p in params if p.requires_grad}.values())
 
 
+def _groups_tuple(groups: Iterable[ParamGroup]) -> tuple[ParamGroup, ...]:
+    return tuple(groups)
+
+
 @attrs.frozen
 class OptimRules:
     """What a component asks of the optimiser.
@@ -153,7 +157,7 @@ class OptimRules:
       decay of their own are scaled by the same factor. ``None``: constant weight decay.
     """
 
-    groups: tuple[ParamGroup, ...] = attrs.field(default=(), converter=tuple)
+    groups: tuple[ParamGroup, ...] = attrs.field(default=(), converter=_groups_tuple)
     clip_grad_norm: float = attrs.field(default=0.0, validator=_finite_non_negative)
     weight_decay_end: float | None = attrs.field(default=None, validator=_finite_non_negative)
 
@@ -177,7 +181,8 @@ def _merge_rules(rules: Sequence[OptimRules]) -> OptimRules:
 
 def _split_decay(params: Iterable[nn.Parameter]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Weights of linear and conv layers, and everything else (biases, norm parameters)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in params:
         (decay if p.ndim > 1 else no_decay).append(p)
     return decay, no_decay
@@ -362,7 +367,7 @@ class Optimization:
 
     def last_lr(self) -> float:
         """The learning rate of the first default group at the last scheduler step."""
-        return self.scheduler.get_last_lr()[0]
+        return float(self.scheduler.get_last_lr()[0])
 
     def state_dict(self) -> dict[str, Any]:
         """``{"optimizer": ..., "scheduler": ...}``, the layout of the engine's checkpoints."""

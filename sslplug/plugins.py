@@ -346,6 +346,7 @@ class PluginRegistry:
                 DeprecationWarning,
                 stacklevel=2,
             )
+            assert isinstance(result, (list, tuple))  # checked against _RETURN_TYPE above
             result = Augmentations(result)
         return result
 

@@ -77,7 +77,8 @@ def place(components: Components, device: torch.device, channels_last: bool) -> 
         if module is not None:
             module.to(device)
             if channels_last:
-                module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+                # older torch stubs have no memory_format overload of Module.to
+                module.to(memory_format=torch.channels_last)  # type: ignore[call-overload, unused-ignore]
 
 
 def wrap_for_ddp(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+import torch
 from tqdm import tqdm
 
 from sslplug.config import RunContext
@@ -36,7 +37,7 @@ class KNNMonitor:
             data.train,
             data.test,
             data.num_classes,
-            run.device,
+            torch.device(run.device),
             k=settings.knn_k,
             temperature=settings.knn_temperature,
         )

@@ -86,7 +86,9 @@ class TensorBoardLogger:
             if test.images is None
             else None,
         )
-        features, labels = extract_features(run.parts.encoder, sample, run.device, workers=0)
+        features, labels = extract_features(
+            run.parts.encoder, sample, torch.device(run.device), workers=0
+        )
         names = data.classes
         thumbnails = sample.images.float() / 255 if sample.images is not None else None
         self.writer.add_embedding(
