@@ -1,9 +1,10 @@
 """Checkpoints: written atomically, read with ``weights_only=True`` so a file can never run code.
 
 A checkpoint is a dict of tensors and plain data holding everything needed to continue a run:
-the encoder, the loss and the target network, the optimizer and schedule, the step and epoch,
-the random-number states and the settings. It is written to a temporary file in the same folder
-and renamed over the old one, so a crash while writing leaves the previous checkpoint intact.
+the state of every component (view generator, encoder, loss, target update), the optimizer and
+schedule, the step and epoch, the random-number states and the settings. It is written to a
+temporary file in the same folder and renamed over the old one, so a crash while writing leaves
+the previous checkpoint intact.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -254,9 +255,6 @@ def _assignments(args: argparse.Namespace) -> list[str]:
     ]
     if args.no_progress:
         out.append("train.progress=false")
-    if getattr(args, "disable", None):
-        names = ", ".join(f'"{name}"' for name in args.disable)
-        out.append(f"train.disable=[{names}]")
     return out + list(args.assignments)
 
 
@@ -348,6 +346,8 @@ def _cmd_run(args: argparse.Namespace, registry: PluginRegistry) -> int:
             )
         base = read_toml(settings_file, "the run's settings")
     config = load_config(args.config, _assignments(args), registry.settings_classes(), base=base)
+    # --disable adds to the names the config file or the resumed run switched off
+    config.train.disable = tuple(dict.fromkeys([*config.train.disable, *args.disable]))
     from sslplug import distributed
 
     try:
@@ -520,6 +520,8 @@ def _cmd_bench(args: argparse.Namespace, registry: PluginRegistry) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # plugin authors must see what the contract deprecates, which Python hides by default
+    warnings.filterwarnings("default", category=DeprecationWarning, module=r"sslplug(\.|$)")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

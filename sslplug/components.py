@@ -54,9 +54,10 @@ What every component may rely on:
   before each step: ``step``, ``epoch``, ``steps_per_epoch``, ``total_steps`` and the derived
   ``epoch_float`` and ``fraction``. Keep ``run`` and read it in ``forward`` for warm-ups and
   schedules, instead of counting calls.
-- **Optimiser rules.** ``optim_rules()`` on the encoder or the loss returns an
-  ``sslplug.OptimRules``: parameter groups with their own learning rate or weight decay, layers
-  frozen for the first epochs, gradient clipping, a weight-decay schedule; the core applies it.
+- **Optimiser rules.** ``optim_rules()`` on any component returns an ``sslplug.OptimRules``:
+  parameter groups with their own learning rate or weight decay, layers frozen for the first
+  epochs, gradient clipping, a weight-decay schedule; the core applies them. The optimiser
+  trains the encoder's and the loss's parameters, and those a ``ParamGroup`` names.
 """
 
 from __future__ import annotations

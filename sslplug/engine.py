@@ -406,6 +406,7 @@ def _train_epoch(run: _Run, epoch: int, stop: _StopRequest) -> dict[str, float]:
             )
             loss_sum += loss
             run.step += 1
+            context.progress.step = run.step
             window_images += images.shape[0]
             if distributed.any_rank(stop.requested is not None):
                 _stop_now(run, epoch, loss_sum, stop)
@@ -544,7 +545,18 @@ def train(
         raise
     finally:
         if main:
-            run.lifecycle.run_end(run.context, summary or _summary(run), error)
+            _end_run(run, summary, error)
+
+
+def _end_run(run: _Run, summary: dict[str, Any] | None, error: BaseException | None) -> None:
+    """The run-end hooks; when the run already failed, their own failure is reported beside
+    the run's error instead of hiding it."""
+    try:
+        run.lifecycle.run_end(run.context, summary or _summary(run), error)
+    except Exception as exc:
+        if error is None:
+            raise
+        log.error("%s (while ending a run that failed with %r)", exc, error)
 
 
 def _median(history: list[dict[str, float]], key: str) -> float | None:

@@ -29,7 +29,7 @@ from sslplug.components import (
     ViewGenerator,
 )
 from sslplug.config import COMPONENTS, RunConfig, RunContext
-from sslplug.errors import ComponentMismatchError, ConfigError, PluginError
+from sslplug.errors import ComponentMismatchError, ConfigError, PluginError, SslplugError
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -403,37 +403,55 @@ class PluginRegistry:
 
 
 class Lifecycle:
-    """The lifecycle hooks of one run, typed, without the plugins the user switched off."""
+    """The lifecycle hooks of one run, typed, without the plugins the user switched off.
+
+    An exception raised inside a lifecycle plugin becomes a ``PluginError`` that names the
+    plugin and the hook; an interruption (``KeyboardInterrupt``) and sslplug's own errors pass
+    through unchanged.
+    """
 
     def __init__(self, pm: pluggy.PluginManager, disabled: Sequence[Any]) -> None:
-        def caller(hook: str) -> Any:
-            return pm.subset_hook_caller(hook, remove_plugins=disabled)
+        self._callers = {
+            hook: pm.subset_hook_caller(f"sslplug_{hook}", remove_plugins=disabled)
+            for hook in ("run_start", "step_end", "evaluate", "epoch_end", "run_end")
+        }
 
-        self._run_start = caller("sslplug_run_start")
-        self._step_end = caller("sslplug_step_end")
-        self._evaluate = caller("sslplug_evaluate")
-        self._epoch_end = caller("sslplug_epoch_end")
-        self._run_end = caller("sslplug_run_end")
+    def _call(self, hook: str, **kwargs: Any) -> Any:
+        caller = self._callers[hook]
+        try:
+            return caller(**kwargs)
+        except SslplugError:
+            raise
+        except Exception as exc:
+            codes = {impl.function.__code__: impl.plugin_name for impl in caller.get_hookimpls()}
+            frame, name = exc.__traceback__, "?"
+            while frame is not None:
+                name = codes.get(frame.tb_frame.f_code, name)
+                frame = frame.tb_next
+            raise PluginError(
+                f"lifecycle plugin {name!r} raised in sslplug_{hook}: {exc!r}; switch it off "
+                f"with --disable {name} or fix it"
+            ) from exc
 
     def run_start(self, run: RunContext) -> None:
-        self._run_start(run=run)
+        self._call("run_start", run=run)
 
     def step_end(self, run: RunContext, step: int, metrics: dict[str, float]) -> None:
-        self._step_end(run=run, step=step, metrics=metrics)
+        self._call("step_end", run=run, step=step, metrics=metrics)
 
     def evaluate(self, run: RunContext, epoch: int) -> dict[str, float]:
         merged: dict[str, float] = {}
-        for result in reversed(self._evaluate(run=run, epoch=epoch)):
+        for result in reversed(self._call("evaluate", run=run, epoch=epoch)):
             merged.update(result or {})
         return merged
 
     def epoch_end(self, run: RunContext, epoch: int, metrics: dict[str, float]) -> None:
-        self._epoch_end(run=run, epoch=epoch, metrics=metrics)
+        self._call("epoch_end", run=run, epoch=epoch, metrics=metrics)
 
     def run_end(
         self, run: RunContext, summary: dict[str, Any], error: BaseException | None = None
     ) -> None:
-        self._run_end(run=run, summary=summary, error=error)
+        self._call("run_end", run=run, summary=summary, error=error)
 
 
 def _check_settings(settings: Any) -> type | None:

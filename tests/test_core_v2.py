@@ -348,3 +348,26 @@ def test_a_component_keeping_run_shares_it_when_deep_copied():
     assert twin.run is run and twin.linear is not module.linear
     run.progress.step = 6
     assert twin.run.progress.epoch_float == 1.5 and twin.run.progress.fraction == 0.75
+
+
+class _Crashing:
+    @sslplug.hookimpl
+    def sslplug_epoch_end(self, epoch):
+        raise ValueError("logger broke")
+
+
+def test_a_lifecycle_plugin_that_raises_is_named(registry, shapes_folder, tmp_path):
+    registry.register(_Crashing(), "crashing")
+    expected = r"lifecycle plugin 'crashing' raised in sslplug_epoch_end"
+    with pytest.raises(PluginError, match=expected):
+        _train(registry, shapes_folder, tmp_path, "eval.baseline=false")
+    assert load_checkpoint(tmp_path)["epoch"] == 1  # the epoch it ended was saved first
+
+
+def test_disable_adds_to_the_config_file(fast_args, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('[train]\ndisable = ["knn"]\n')
+    args = [*fast_args, "--config", str(config), "--disable", "tensorboard", "--epochs", "1"]
+    assert main(args) == 0
+    saved = read_toml(tmp_path / "run" / "settings.toml")["train"]["disable"]
+    assert saved == ["knn", "tensorboard"]
