@@ -212,3 +212,59 @@ def plugin_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThrowawayV
     )
     yield venv
     assert _distributions_seen_here() == before, "a test installed a plugin into this process"
+
+
+# Linux capabilities that let root ignore file permissions; dropped, root meets them like anyone
+_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH, _PR_CAPBSET_DROP = 1, 2, 24
+
+
+def _limit(unprivileged: bool, max_file_bytes: int | None):
+    """What the child does before it runs: give up root's power over permissions, cap the size
+    of the files it writes."""
+
+    def prepare() -> None:
+        if max_file_bytes is not None:
+            import resource
+            import signal
+
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the cap: EFBIG, not death
+            resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+        if unprivileged and os.geteuid() == 0:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            for capability in (_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH):
+                if libc.prctl(_PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+                    raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+    return prepare
+
+
+@pytest.fixture
+def run_cli(tmp_path_factory: pytest.TempPathFactory):
+    """``run_cli(args, unprivileged=False, max_file_bytes=None)``: ``python -m sslplug ARGS``
+    in a child process, returning the ``CompletedProcess`` (text output).
+
+    ``unprivileged`` drops root's power to ignore file permissions (the tests run as root in
+    CI), so that a folder without write permission really refuses writes;
+    ``max_file_bytes`` caps the size of any file the child writes (``RLIMIT_FSIZE``), as a full
+    disk would: a write past it fails with ``EFBIG``.
+    """
+    home = tmp_path_factory.mktemp("home")
+    home.chmod(0o777)
+
+    def run(
+        args: list[str], unprivileged: bool = False, max_file_bytes: int | None = None
+    ) -> subprocess.CompletedProcess:
+        env = {**os.environ, "HOME": str(home), "OMP_NUM_THREADS": "1"}
+        return subprocess.run(
+            [sys.executable, "-m", "sslplug", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=env,
+            preexec_fn=_limit(unprivileged, max_file_bytes),
+            timeout=600,
+            check=False,
+        )
+
+    return run
