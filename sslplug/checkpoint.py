@@ -9,6 +9,7 @@ the previous checkpoint intact.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import tempfile
@@ -20,26 +21,71 @@ import torch
 
 from sslplug.errors import CheckpointError
 
-__all__ = ["FORMAT", "VERSION", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "CheckpointWriteError",
+    "load_checkpoint",
+    "save_checkpoint",
+    "write_failure",
+]
 
 FORMAT = "sslplug-checkpoint"
 VERSION = 1
 FILENAME = "last.pt"
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (a full disk, a file size limit, no permission); the
+    file at the path, if any, is left as it was."""
+
+
+# What an error number means for someone whose file could not be written, where the system's
+# own words ("File too large") could mislead; the others ("Permission denied") say it already.
+_WRITE_FAILURES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "a file size limit was reached (see `ulimit -f`)",
+}
+
+
+def write_failure(exc: BaseException) -> str:
+    """Why a write failed, in words, from an ``OSError`` or from the exception torch raises
+    around one (``RuntimeError: enforce fail at inline_container.cc``, with the ``OSError`` as
+    its context)."""
+    cause: BaseException | None = exc
+    for _ in range(8):  # a chain of causes is short; the bound only guards against a cycle
+        if cause is None or isinstance(cause, OSError):
+            break
+        cause = cause.__cause__ or cause.__context__
+    if not isinstance(cause, OSError):
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    detail = cause.strerror or str(cause)
+    meaning = _WRITE_FAILURES.get(cause.errno or 0)
+    return f"{meaning} ({detail})" if meaning else detail
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` (plus the format marker) to ``path`` atomically."""
+    """Write ``state`` (plus the format marker) to ``path`` atomically: into a temporary file
+    ``.NAME.XXXXXXXX.tmp`` beside it, then renamed over it. When the write fails, the temporary
+    file is removed, ``path`` is left as it was, and ``CheckpointWriteError`` says why."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             torch.save({"format": FORMAT, "version": VERSION, **state}, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError | RuntimeError):
+            raise CheckpointWriteError(
+                f"could not write the checkpoint {str(path)!r}: {write_failure(exc)}"
+            ) from exc
         raise
     return path
 

@@ -96,7 +96,14 @@ def _parser() -> argparse.ArgumentParser:
         "--resume",
         type=Path,
         metavar="RUN_DIR",
-        help="continue the run in RUN_DIR from its last checkpoint",
+        help="continue the run in RUN_DIR from its last checkpoint, with its own settings "
+        "(a run stopped before its first checkpoint starts over)",
+    )
+    common.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an --out that holds one: delete that run's checkpoint, "
+        "settings, summary, views and TensorBoard logs first",
     )
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
     common.add_argument(
@@ -338,6 +345,7 @@ def _cmd_run(args: argparse.Namespace, registry: PluginRegistry) -> int:
 
     base = None
     if args.resume is not None:
+        _check_resume_flags(args)
         settings_file = args.resume / "settings.toml"
         if not settings_file.is_file():
             raise ConfigError(
@@ -346,18 +354,55 @@ def _cmd_run(args: argparse.Namespace, registry: PluginRegistry) -> int:
             )
         base = read_toml(settings_file, "the run's settings")
     config = load_config(args.config, _assignments(args), registry.settings_classes(), base=base)
+    if base is not None:
+        _check_same_components(args.resume, base, config.components)
     # --disable adds to the names the config file or the resumed run switched off
     config.train.disable = tuple(dict.fromkeys([*config.train.disable, *args.disable]))
     from sslplug import distributed
 
     try:
-        summary = train(config, registry, resume=args.resume)
+        if args.overwrite:
+            summary = train(config, registry, overwrite=True)
+        else:
+            summary = train(config, registry, resume=args.resume)
         main = distributed.is_main()
     finally:
         distributed.stop()
     if main:
         _print_summary(summary)
     return 0
+
+
+def _check_resume_flags(args: argparse.Namespace) -> None:
+    """A resumed run continues in its own folder: no --out elsewhere, no --overwrite."""
+    if args.overwrite:
+        raise ConfigError(
+            f"--resume {str(args.resume)!r} continues that run and --overwrite starts one over; "
+            f"give one of them"
+        )
+    if args.out is not None and Path(args.out).resolve() != args.resume.resolve():
+        raise ConfigError(
+            f"--out {args.out!r} with --resume {str(args.resume)!r}: a resumed run continues in "
+            f"its own folder, {str(args.resume)!r}; leave out --out (or, for a new run in "
+            f"{args.out!r}, leave out --resume)"
+        )
+
+
+def _check_same_components(run_dir: Path, saved: dict[str, Any], asked: Any) -> None:
+    """A resumed run keeps the components it was trained with; refuse flags or settings that
+    ask for others, rather than continuing with the saved ones regardless."""
+    trained = saved.get("components", {})
+    differences = [
+        f"{name} {trained[name]!r} (asked: {getattr(asked, name)!r})"
+        for name in ("plugin", *COMPONENTS)
+        if name in trained and trained[name] != getattr(asked, name)
+    ]
+    if differences:
+        raise ConfigError(
+            f"--resume {str(run_dir)!r}: the run was trained with {', '.join(differences)}; a "
+            f"resumed run keeps its components: leave out the component flags, or start a new "
+            f"run with those components and another --out"
+        )
 
 
 def _print_summary(summary: dict) -> None:

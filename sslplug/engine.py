@@ -5,7 +5,10 @@ and trains. After every epoch it writes ``last.pt`` atomically, so a crash or a 
 most the epoch in progress; ``train(..., resume=RUN_DIR)`` continues from it. Everything else a
 run shows (TensorBoard, the progress bar, the kNN monitor, the view grid) is done by lifecycle
 plugins (``sslplug.monitors``), which the user may switch off. The run folder holds
-``settings.toml`` (the resolved settings), ``last.pt`` and, at the end, ``summary.json``.
+``settings.toml`` (the resolved settings), ``last.pt`` and, at the end, ``summary.json``; a
+run holds its lock from set-up to the end (``sslplug.rundir``), refuses a folder that holds
+another run unless told to overwrite it, and refuses to resume with settings that change the
+steps of an epoch.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +35,14 @@ from tqdm import tqdm
 
 from sslplug import distributed
 from sslplug.assembly import Assembly, assemble
-from sslplug.checkpoint import FILENAME, load_checkpoint, save_checkpoint
+from sslplug.checkpoint import FILENAME, CheckpointWriteError, load_checkpoint, save_checkpoint
 from sslplug.components import LossResult, Outputs, Views
 from sslplug.config import RunConfig, RunContext
 from sslplug.data import DataSet, Loader, load_data
 from sslplug.errors import CheckpointError, ConfigError, PluginError, SslplugError
 from sslplug.optim import Optimization
 from sslplug.plugins import Components, Lifecycle, PluginRegistry
+from sslplug.rundir import RUN_FILES, RunFolder, RunFolderError, write_text
 from sslplug.runtime import (
     autocast_context,
     place,
@@ -85,6 +89,7 @@ class _Run:
     history: list[dict[str, float]] = attrs.Factory(list)
     epoch_loss_sum: float = 0.0  # of the steps of an unfinished epoch, for a mid-epoch resume
     started: float = attrs.Factory(time.perf_counter)
+    saved: tuple[int, int] | None = None  # (epoch, step) of the checkpoint in the run folder
 
     @property
     def context(self) -> RunContext:
@@ -125,6 +130,8 @@ class _Run:
             "image_size": self.context.image_size,
             "init_rng": self.assembly.init_rng,
             "epoch_loss_sum": self.epoch_loss_sum,
+            "steps_per_epoch": len(self.loader),
+            "batch_size": self.config.train.batch_size,
         }
 
     def restore(self, state: dict[str, Any], source: Path) -> None:
@@ -133,6 +140,7 @@ class _Run:
                 f"{str(source)!r} was written by components {state.get('components')}, not "
                 f"{self.context.components}"
             )
+        self._check_same_epochs(state, source)
         for key, module in self.parts.modules().items():
             if module is None or state.get(key) is None:
                 continue  # "views" is absent from checkpoints written before it was saved
@@ -147,6 +155,7 @@ class _Run:
                 ) from None
         self.optimization.load_state_dict(state)
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.saved = (self.epoch, self.step)
         self.history = list(state.get("history", []))
         baseline = state.get("baseline")
         if baseline is None and state.get("knn_baseline") is not None:
@@ -162,6 +171,34 @@ class _Run:
             if distributed.is_distributed():
                 torch.manual_seed(self.config.train.seed * 7919 + distributed.rank() + self.step)
 
+    def _check_same_epochs(self, state: dict[str, Any], source: Path) -> None:
+        """Refuse to resume with settings that change the steps of an epoch (the batch size,
+        ``train.max_steps_per_epoch``, the data): the step count, the schedules and the place
+        inside an epoch all rest on them. A checkpoint written before these were saved tells
+        its steps per epoch by its step and epoch when it ends an epoch; otherwise it passes."""
+        steps, batch = len(self.loader), self.config.train.batch_size
+        saved_steps = state.get("steps_per_epoch")
+        epoch, step = int(state["epoch"]), int(state["step"])
+        at_epoch_end = not state.get("epoch_loss_sum")  # no loss of an unfinished epoch saved
+        if saved_steps is None and epoch > 0 and at_epoch_end and step % epoch == 0:
+            saved_steps = step // epoch
+        saved_train = state.get("settings", {}).get("train", {})
+        saved_batch = state.get("batch_size", saved_train.get("batch_size"))
+        differences = []
+        if saved_batch is not None and saved_batch != batch:
+            differences.append(f"its batch size is {saved_batch}, these settings make it {batch}")
+        if saved_steps is not None and saved_steps != steps:
+            differences.append(
+                f"its epochs have {saved_steps} steps, these settings make them {steps}"
+            )
+        if differences:
+            raise ConfigError(
+                f"cannot resume the run in {str(source)!r}: {'; '.join(differences)}. A run keeps "
+                f"the steps of its epochs to the end: resume with the run's own settings (leave "
+                f"out --batch-size, --data and --set train.max_steps_per_epoch=...), or start a "
+                f"new run with another --out"
+            )
+
 
 def _settings(config: RunConfig) -> dict[str, Any]:
     """The settings a run saves: the core sections and those of the plugins it uses."""
@@ -171,7 +208,7 @@ def _settings(config: RunConfig) -> dict[str, Any]:
 def _write_settings(config: RunConfig, components: dict[str, str], out_dir: Path) -> None:
     settings = _settings(config)
     settings["components"].update(components)
-    (out_dir / "settings.toml").write_text(tomli_w.dumps(settings))
+    write_text(out_dir / "settings.toml", tomli_w.dumps(settings))
 
 
 class ComponentFailure(PluginError):
@@ -309,9 +346,14 @@ def _scalars(metrics: Mapping[str, Any], component: str, names: Mapping[str, str
 
 
 def _set_up(
-    config: RunConfig, registry: PluginRegistry, resume: str | Path | None
+    config: RunConfig,
+    registry: PluginRegistry,
+    resume: str | Path | None,
+    folder: RunFolder,
+    overwrite: bool,
 ) -> tuple[_Run, dict[str, Any] | None]:
-    """Data, loader, the run's parts, and the checkpoint to continue from."""
+    """Lock the run folder, then: data, loader, the run's parts, the checkpoint to continue
+    from, and the folder made ready for the run."""
     device = distributed.start(config.train.device) or resolve_device(config.train.device)
     world = distributed.world_size()
     if config.train.batch_size % world:
@@ -319,10 +361,8 @@ def _set_up(
             f"train.batch_size {config.train.batch_size} is the batch of all {world} ranks "
             f"together and must be a multiple of {world}"
         )
-    checkpoint = load_checkpoint(resume) if resume is not None else None
-    out_dir = Path(resume) if resume is not None and Path(resume).is_dir() else None
-    out_dir = out_dir or Path(config.train.out or _default_out(config))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _on_main(folder.lock, folder)
+    checkpoint = _checkpoint_to_resume(resume)
     seed_everything(config.train.seed)
     data = load_data(config.data, seed=config.train.seed)
     if len(data.train) < config.train.batch_size:
@@ -350,14 +390,81 @@ def _set_up(
         num_classes=data.num_classes,
         steps_per_epoch=len(loader),
         total_steps=len(loader) * config.train.epochs,
-        out_dir=out_dir,
+        out_dir=folder.path,
         data=data,
     )
     if world > 1:  # the same weights everywhere, but each rank draws its own augmentations
         torch.manual_seed(config.train.seed * 7919 + distributed.rank())
     used = set(assembly.context.components.values())
     lifecycle = registry.lifecycle(config.train.disable, used)
-    return _Run(config, data, loader, assembly, lifecycle, out_dir), checkpoint
+    # the settings are good: now the folder may be changed
+    _on_main(lambda: _make_ready(folder, resume, checkpoint, overwrite), folder)
+    return _Run(config, data, loader, assembly, lifecycle, folder.path), checkpoint
+
+
+def _run_folder(config: RunConfig, resume: str | Path | None) -> Path:
+    """A resumed run continues in its own folder; a new one goes to ``train.out``."""
+    if resume is not None and Path(resume).is_dir():
+        return Path(resume)
+    return Path(config.train.out or _default_out(config))
+
+
+def _checkpoint_to_resume(resume: str | Path | None) -> dict[str, Any] | None:
+    """The checkpoint ``resume`` names; ``None`` for a new run, and for a run folder that holds
+    the settings of a run stopped before its first checkpoint, which then starts over."""
+    if resume is None:
+        return None
+    folder = Path(resume)
+    started = folder.is_dir() and (folder / "settings.toml").is_file()
+    if started and not (folder / FILENAME).exists():
+        return None
+    return load_checkpoint(resume)
+
+
+def _make_ready(
+    folder: RunFolder,
+    resume: str | Path | None,
+    checkpoint: dict[str, Any] | None,
+    overwrite: bool,
+) -> None:
+    """Clear the way for the run, saying what was removed: another run's files (only when
+    ``overwrite``), the outputs of a start that never reached a checkpoint, temporary files of
+    a checkpoint write cut short."""
+    resumed_from = None if resume is None else Path(resume)
+    if resumed_from is not None and not resumed_from.is_dir():
+        resumed_from = resumed_from.parent  # a checkpoint file: its run's folder
+    if resumed_from is None or resumed_from.resolve() != folder.path.resolve():
+        removed = folder.start_new_run(overwrite)
+        if removed:
+            _print(f"--overwrite: removed the earlier run's {', '.join(removed)} in {folder.path}")
+    elif checkpoint is None:
+        removed = folder.remove(tuple(name for name in RUN_FILES if name != "settings.toml"))
+        _print(
+            f"{folder.path} holds a run stopped before its first checkpoint (no {FILENAME}): "
+            f"starting it over from epoch 0 with its saved settings"
+            + (f" (removed its {', '.join(removed)})" if removed else "")
+        )
+    stale = folder.remove_stale_temporaries()
+    if stale:
+        _print(
+            f"removed {len(stale)} temporary file(s) of a checkpoint write that was cut short: "
+            + ", ".join(str(path) for path in stale)
+        )
+
+
+def _on_main(action: Callable[[], None], folder: RunFolder) -> None:
+    """Run ``action`` on rank 0 alone, which alone writes in the run folder; when it fails,
+    every rank stops."""
+    error: SslplugError | None = None
+    if distributed.is_main():
+        try:
+            action()
+        except SslplugError as exc:
+            error = exc
+    if distributed.any_rank(error is not None):
+        raise error or RunFolderError(
+            f"rank 0 could not use the run folder {str(folder.path)!r}; its message says why"
+        )
 
 
 def _begin(run: _Run, checkpoint: dict[str, Any] | None, resume: str | Path | None) -> None:
@@ -366,6 +473,13 @@ def _begin(run: _Run, checkpoint: dict[str, Any] | None, resume: str | Path | No
     if checkpoint is not None:
         run.restore(checkpoint, Path(str(resume)))
         log.info("resumed from %s at epoch %d, step %d", resume, run.epoch, run.step)
+        planned = checkpoint.get("settings", {}).get("train", {}).get("epochs")
+        epochs = run.config.train.epochs
+        if planned is not None and planned != epochs and epochs > run.epoch:
+            _print(
+                f"train.epochs is now {epochs} (the run was set for {planned}): "
+                f"the learning-rate and momentum schedules now run to the new end"
+            )
     run.context.progress.step, run.context.progress.epoch = run.step, run.epoch
     if not distributed.is_main():
         return
@@ -434,7 +548,7 @@ def _stop_now(run: _Run, epoch: int, loss_sum: torch.Tensor, stop: _StopRequest)
     run.epoch_loss_sum = loss_sum.item()
     state = run.state()
     if distributed.is_main():
-        save_checkpoint(state, run.checkpoint)
+        _save(run, state)
     steps = len(run.loader)
     _print(
         f"{stop.requested or 'SIGTERM'}: stopped after step {run.step} (epoch {epoch + 1}, "
@@ -496,8 +610,24 @@ def _end_epoch(run: _Run, epoch: int, measured: dict[str, float]) -> None:
         _check_ranks_agree(run.parts, run.epoch)
     state = run.state()  # on every rank: it gathers each rank's random-number state
     if distributed.is_main():
-        save_checkpoint(state, run.checkpoint)
+        _save(run, state)
         run.lifecycle.epoch_end(run.context, run.epoch, metrics)
+
+
+def _save(run: _Run, state: dict[str, Any]) -> None:
+    """Write the checkpoint; when the write fails, say what is kept and how to go on."""
+    try:
+        save_checkpoint(state, run.checkpoint)
+    except CheckpointWriteError as exc:
+        if run.saved is not None and run.checkpoint.is_file():
+            epoch, step = run.saved
+            kept = f"the previous checkpoint there, of epoch {epoch} (step {step}), is intact"
+            then = f"continue with `sslplug run --resume {run.out_dir}`"
+        else:
+            kept = "no checkpoint of this run was written before it"
+            then = f"`sslplug run --resume {run.out_dir}` starts the run over"
+        raise CheckpointWriteError(f"{exc}; {kept}. When there is room again, {then}") from exc
+    run.saved = (run.epoch, run.step)
 
 
 def _summary(run: _Run) -> dict[str, Any]:
@@ -525,27 +655,33 @@ def train(
     config: RunConfig,
     registry: PluginRegistry,
     resume: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Pre-train an encoder as ``config`` says; return the summary (also in ``summary.json``)."""
-    run, checkpoint = _set_up(config, registry, resume)
-    main = distributed.is_main()
-    error: BaseException | None = None
-    summary: dict[str, Any] | None = None
-    try:
-        with _StopRequest() as stop:
-            _begin(run, checkpoint, resume)
-            for epoch in range(run.epoch, config.train.epochs):
-                _end_epoch(run, epoch, _train_epoch(run, epoch, stop))
-        summary = _summary(run)
-        if main:
-            (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        return summary
-    except BaseException as exc:
-        error = exc
-        raise
-    finally:
-        if main:
-            _end_run(run, summary, error)
+    """Pre-train an encoder as ``config`` says; return the summary (also in ``summary.json``).
+
+    ``resume`` continues the run in that folder (or from that checkpoint file). A new run
+    refuses a ``train.out`` that holds a run, unless ``overwrite``: then that run's files are
+    deleted first."""
+    with RunFolder(_run_folder(config, resume)) as folder:
+        run, checkpoint = _set_up(config, registry, resume, folder, overwrite)
+        main = distributed.is_main()
+        error: BaseException | None = None
+        summary: dict[str, Any] | None = None
+        try:
+            with _StopRequest() as stop:
+                _begin(run, checkpoint, resume)
+                for epoch in range(run.epoch, config.train.epochs):
+                    _end_epoch(run, epoch, _train_epoch(run, epoch, stop))
+            summary = _summary(run)
+            if main:
+                write_text(run.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+            return summary
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if main:
+                _end_run(run, summary, error)
 
 
 def _end_run(run: _Run, summary: dict[str, Any] | None, error: BaseException | None) -> None:
