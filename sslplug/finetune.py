@@ -2,11 +2,18 @@
 
 The classifier reads ``encoder.features`` (the features evaluation uses), so methods whose
 backbone sees tiles or patches are fine-tuned through the same path they are evaluated by.
-Training uses the light augmentation of the pretext tasks (random resized crop with scale
-0.35-1 and a horizontal flip, batched on the device), AdamW with a cosine schedule, and a
-fixed number of steps whatever the number of labels, so that 1% and 10% of the labels cost the
-same. Starting the same training from the random initialisation of the same run gives
-supervised training from scratch on the same labels: the baseline that shows what
+
+The recipe is linear probing, then fine-tuning (LP-FT, Kumar et al. 2022): the classifier is
+first fitted on the frozen features of the labelled images (``sslplug.evaluate.fit_probe``,
+its L2 penalty chosen on a held-out fifth), so fine-tuning starts from the frozen probe's
+answer instead of a random head whose first gradients disturb the pre-trained features; then
+the whole network trains with the encoder at a tenth of the head's learning rate
+(``backbone_lr_scale``), as the semi-supervised protocols of SimCLR and BYOL fine-tune the
+backbone gently. Training uses the light augmentation of the pretext tasks (random resized
+crop with scale 0.35-1 and a horizontal flip, batched on the device), AdamW with a cosine
+schedule, and a fixed number of steps whatever the number of labels, so that 1% and 10% of the
+labels cost the same. Starting the same training from the random initialisation of the same
+run gives supervised training from scratch on the same labels: the baseline that shows what
 pre-training is worth.
 """
 
@@ -23,6 +30,7 @@ from torch import Tensor, nn
 from sslplug.augment import crop_flip_recipe, normalize, to_float
 from sslplug.components import Encoder
 from sslplug.data import DataSet, Loader, Split
+from sslplug.evaluate import fit_probe
 
 __all__ = ["FinetuneSettings", "finetune", "take"]
 
@@ -37,16 +45,26 @@ class FinetuneSettings:
     weight_decay: float = 1e-4
     crop_scale: tuple[float, float] = (0.35, 1.0)
     seed: int = 0
+    backbone_lr_scale: float = 0.1
+    probe_first: bool = True
 
 
 class _Classifier(nn.Module):
+    """The encoder, a fixed standardisation of its features (the probe's, or none), and a
+    linear head."""
+
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, encoder: Encoder, num_classes: int) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = nn.Linear(encoder.feature_dim, num_classes)
+        self.register_buffer("mean", torch.zeros(1, encoder.feature_dim))
+        self.register_buffer("std", torch.ones(1, encoder.feature_dim))
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.encoder.features(images))
+        return self.head((self.encoder.features(images).float() - self.mean) / self.std)
 
 
 def take(split: Split, index: Tensor) -> Split:
@@ -72,6 +90,22 @@ def _accuracy(model: nn.Module, split: Split, device: torch.device) -> float:
     return 100.0 * correct / len(split)
 
 
+@torch.no_grad()
+def _probe_head(
+    model: _Classifier, images: Tensor, labels: Tensor, num_classes: int, seed: int
+) -> None:
+    """Set the classifier to the linear probe of the frozen, un-augmented features."""
+    model.eval()
+    features = torch.cat(
+        [model.encoder.features(normalize(to_float(chunk))).float() for chunk in images.split(512)]
+    )
+    with torch.enable_grad():
+        probe = fit_probe(features, labels, num_classes, seed=seed)
+    model.head.load_state_dict(probe.head.state_dict())
+    model.mean.copy_(probe.mean)
+    model.std.copy_(probe.std)
+
+
 def finetune(
     encoder: Encoder,
     data: DataSet,
@@ -87,10 +121,16 @@ def finetune(
     train = take(data.train, labelled)
     assert train.images is not None  # take() returns an in-memory split
     images, labels = train.images.to(device), train.labels.to(device)
+    if settings.probe_first:
+        _probe_head(model, images, labels, data.num_classes, settings.seed)
     augment = crop_flip_recipe(data.image_size, settings.crop_scale).to(device)
     batch = min(settings.batch_size, len(train))
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+        [
+            {"params": model.encoder.parameters(), "lr": settings.lr * settings.backbone_lr_scale},
+            {"params": model.head.parameters(), "lr": settings.lr},
+        ],
+        weight_decay=settings.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, settings.steps) / settings.steps))

@@ -75,11 +75,38 @@ def test_finetuning_learns_and_leaves_the_encoder_unchanged(byol_run, registry):
     encoder = build_encoder(run, registry, 32, 10, torch.device("cpu"), pretrained=False)
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     index = torch.cat([(data.train.labels == c).nonzero()[:40, 0] for c in range(10)])
-    top1 = finetune(
-        encoder, data, index, torch.device("cpu"), FinetuneSettings(steps=40, batch_size=64)
-    )
+    settings = FinetuneSettings(steps=40, batch_size=64, backbone_lr_scale=1.0)  # from scratch
+    top1 = finetune(encoder, data, index, torch.device("cpu"), settings)
     assert top1 > 35.0  # chance is 10%
     assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+
+
+def test_finetuning_starts_from_the_linear_probe_of_the_frozen_features(byol_run, registry):
+    from sslplug.augment import normalize, to_float
+    from sslplug.evaluate import fit_probe
+    from sslplug.finetune import _Classifier, _probe_head
+
+    run = load_run(byol_run, registry)
+    data = load_data(DataSettings(name="shapes"))
+    encoder = build_encoder(run, registry, 32, 10, torch.device("cpu"))
+    index = torch.cat([(data.train.labels == c).nonzero()[:20, 0] for c in range(10)])
+    images, labels = data.train.images[index], data.train.labels[index]
+    model = _Classifier(encoder, 10)
+    _probe_head(model, images, labels, 10, seed=0)
+    with torch.no_grad():
+        features = encoder.eval().features(normalize(to_float(images)))
+        probe = fit_probe(features, labels, 10, seed=0)
+        torch.testing.assert_close(model(normalize(to_float(images))), probe(features))
+    assert (probe(features).argmax(1) == labels).float().mean() > 0.5
+
+
+def test_the_scratch_baseline_fine_tunes_the_encoder_at_the_head_rate(byol_run, capsys):
+    args = ["finetune", str(byol_run), "--labels", "4", "--steps", "2", "--baseline"]
+    assert main(args) == 0
+    rows = json.loads((byol_run / "summary.json").read_text())["evaluations"][-2:]
+    assert [r["backbone_lr_scale"] for r in rows] == [0.1, 1.0]
+    assert main([*args, "--backbone-lr-scale", "0"]) == 2
+    assert "--backbone-lr-scale 0.0 must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_export_small_backbone_loads_strictly_and_gives_the_same_features(
