@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -25,6 +26,7 @@ __all__ = [
     "FORMAT",
     "VERSION",
     "CheckpointWriteError",
+    "is_checkpoint_file",
     "load_checkpoint",
     "save_checkpoint",
     "write_failure",
@@ -94,7 +96,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by ``save_checkpoint``.
 
     ``path`` may be a run folder, whose ``last.pt`` is read. Raises ``CheckpointError`` for a
-    missing file, one that is not a checkpoint, a truncated one, or one of another format.
+    missing or unreadable file, one that is not a checkpoint, a truncated one, one holding
+    objects that are not plain data, or one of another format. The message never repeats
+    torch's advice to load with ``weights_only=False``: for a file of unknown origin that would
+    mean running whatever code it holds.
     """
     path = Path(path)
     if path.is_dir():
@@ -104,12 +109,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"no checkpoint at {str(path)!r}: give a run folder that holds {FILENAME} or a "
             f"checkpoint file written by sslplug"
         )
+    _check_archive(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+    except pickle.UnpicklingError as exc:  # weights_only refused what the file holds
+        raise CheckpointError(_refused_content(path, exc)) from None
+    except Exception as exc:  # a damaged archive makes torch raise almost anything
         raise CheckpointError(
-            f"{str(path)!r} is not a readable sslplug checkpoint (truncated, corrupt, or another "
-            f"kind of file): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            f"{str(path)!r} is not a readable sslplug checkpoint: it is a zip archive, but not "
+            f"one that torch.save wrote, or its contents are damaged ({_torch_reason(exc)}); "
+            f"check the path, or copy the file again from where it came from"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(
@@ -122,3 +131,111 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"reads version {VERSION}"
         )
     return state
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive, which starts with these bytes
+# save_checkpoint puts the marker first in the archive's first member, within its first bytes
+_HEAD_BYTES = 4096
+
+
+def is_checkpoint_file(path: str | Path) -> bool:
+    """Whether ``path`` is a file that ``save_checkpoint`` wrote, whole or cut short.
+
+    Cheap: it reads the first few KiB, where every checkpoint holds its format marker. For
+    code that writes files and must never replace a checkpoint.
+    """
+    try:
+        with Path(path).open("rb") as handle:
+            head = handle.read(_HEAD_BYTES)
+    except OSError:
+        return False
+    return head.startswith(_ZIP_MAGIC) and FORMAT.encode() in head
+
+
+def _check_archive(path: Path) -> None:
+    """Raise ``CheckpointError`` unless ``path`` can be read and is a whole zip archive: say
+    when it is another kind of file, and when it is truncated."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(_HEAD_BYTES)
+        size = path.stat().st_size
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot read the checkpoint {str(path)!r}: {exc.strerror or exc}; check its "
+            f"permissions (sslplug only needs to read it)"
+        ) from None
+    if head and not head.startswith(_ZIP_MAGIC):
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable sslplug checkpoint: it is not a zip archive, as "
+            f"every file that torch.save writes is, so sslplug did not write it; it is another "
+            f"kind of file, or came from an untrusted source. Check the path"
+        )
+    try:
+        with zipfile.ZipFile(path):
+            return
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        pass  # a zip archive's index is at its end: without it, the file was cut short
+    kind = "an sslplug checkpoint" if FORMAT.encode() in head else "a PyTorch file"
+    cut = f"truncated ({size} bytes of {kind}, without its end)" if head else "empty (0 bytes)"
+    temporary = re.fullmatch(r"\.(.+)\.\w+\.tmp", path.name)  # as save_checkpoint names them
+    if temporary:
+        final = path.with_name(temporary.group(1))
+        kept = (
+            f"the checkpoint it was to replace, {str(final)!r}, is untouched: use that one"
+            if final.is_file()
+            else f"no complete {final.name} was written beside it"
+        )
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable sslplug checkpoint: it is the temporary file of a "
+            f"checkpoint write that was cut short (the process was killed) and is incomplete "
+            f"({size} bytes); {kept}"
+        )
+    raise CheckpointError(
+        f"{str(path)!r} is not a readable sslplug checkpoint: it is {cut}, an incomplete "
+        f"file such as a copy or download that stopped early, or a disk that filled during a "
+        f"copy, leaves behind. sslplug replaces a checkpoint only with a complete one, so this "
+        f"file was cut short after sslplug wrote it, and sslplug keeps no earlier checkpoint: "
+        f"the previous one is gone. Copy the file again from where it came from, or start the "
+        f"run again"
+    )
+
+
+def _refused_content(path: Path, exc: pickle.UnpicklingError) -> str:
+    """What to say when ``torch.load(weights_only=True)`` refuses what a file holds."""
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    if refused:
+        return (
+            f"{str(path)!r} is not a readable sslplug checkpoint: it holds an object that "
+            f"needs {refused.group(1)} (a class or function, not plain data), and sslplug "
+            f"reads checkpoints as plain data only (tensors, "
+            f"numbers, strings, lists, dicts), so that opening a file can never run code. If a "
+            f"run of yours wrote it, one of its components keeps such an object in its state "
+            f"(its state_dict, or a module's get_extra_state): components must keep plain data "
+            f"there, and rebuild their objects from it in load_state_dict or set_extra_state. "
+            f"Otherwise the file was not written by sslplug, or comes from an untrusted source"
+        )
+    return (
+        f"{str(path)!r} is not a readable sslplug checkpoint: it holds data that is not plain "
+        f"tensors and numbers ({_torch_reason(exc)}), so sslplug did not write it; it is another "
+        f"kind of file, or came from an untrusted source, and sslplug will not open it in a way "
+        f"that could run code"
+    )
+
+
+# sentences of torch's messages to leave out: advice to load an untrusted file in a way that can
+# run its code, and requests to report the error to PyTorch
+_UNSAFE_ADVICE = re.compile(
+    r"weights_only|safe_globals|trust|arbitrary code|file an issue|report an enhancement|"
+    r"Could this error message|internal miniz error|If you are seeing this error|This can happen",
+    re.IGNORECASE,
+)
+
+
+def _torch_reason(exc: BaseException) -> str:
+    """The first plain sentence of a torch loading error, without its advice."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # terminal colours
+    text = text.split("WeightsUnpickler error:", 1)[-1]
+    text = re.sub(r"\[enforce fail at [^\]]*\]\s*\.?\s*", "", text)
+    sentences = (s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", text))
+    kept = [s for s in sentences if s and not _UNSAFE_ADVICE.search(s)]
+    return kept[0].rstrip(".") if kept else type(exc).__name__

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ import attrs
 from sslplug import __version__
 from sslplug.bench import BenchSettings
 from sslplug.config import COMPONENTS, load_config, read_toml
-from sslplug.errors import ConfigError, SslplugError
+from sslplug.errors import ConfigError, OutputError, SslplugError
 from sslplug.finetune import FinetuneSettings
 from sslplug.plugins import PluginRegistry
 
@@ -38,6 +39,13 @@ FLAG_SETTINGS = {
     "seed": "train.seed",
     "out": "train.out",
 }
+
+# what eval and finetune do with their results, and when saving them fails
+_RECORDED = (
+    "The results are printed, then appended to the run's summary.json (under 'evaluations') "
+    "and its TensorBoard log. When the run folder cannot be written, the printed table is all "
+    "there is of them: sslplug says what could not be saved and exits with status 2."
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -185,6 +193,7 @@ def _add_downstream(sub: argparse._SubParsersAction) -> None:
             "Weighted kNN and a linear probe (L-BFGS logistic regression, L2 penalty chosen on "
             "a held-out fifth) on the frozen features of a run's encoder."
         ),
+        epilog=_RECORDED,
     )
     source_and_data(ev)
     labels(ev, ["all"])
@@ -197,6 +206,7 @@ def _add_downstream(sub: argparse._SubParsersAction) -> None:
             "the labels. --baseline trains the same from the run's random initialisation: "
             "supervised training from scratch on the same labels."
         ),
+        epilog=_RECORDED,
     )
     source_and_data(ft)
     labels(ft, ["1%"])
@@ -210,9 +220,21 @@ def _add_downstream(sub: argparse._SubParsersAction) -> None:
     ex = sub.add_parser(
         "export",
         help="write the backbone as a plain state dict (and a JSON note of its settings)",
+        description=(
+            "Write the backbone of a run's encoder to OUT.pt as a plain state dict, and a note "
+            "of its settings and of how to load it to OUT.json (OUT.pt with the suffix .json, so "
+            "OUT.pt may not end in .json). Both are written whole or not at all. An existing "
+            "file is replaced only with --force; an sslplug checkpoint or a file of the run "
+            "(last.pt, settings.toml, summary.json) never is."
+        ),
     )
     ex.add_argument("source", type=Path, metavar="RUN_OR_CHECKPOINT")
-    ex.add_argument("out", type=Path, metavar="OUT.pt")
+    ex.add_argument("out", metavar="OUT.pt", help="the file to write (not a folder)")
+    ex.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUT.pt and OUT.json if they exist (never a checkpoint or a file of the run)",
+    )
 
     bench = sub.add_parser(
         "bench",
@@ -469,7 +491,7 @@ def _encoders(args: argparse.Namespace, registry: PluginRegistry, run: Any, data
 
 
 def _cmd_eval(args: argparse.Namespace, registry: PluginRegistry) -> int:
-    from sslplug.downstream import format_table, frozen_evaluation, record
+    from sslplug.downstream import format_table, frozen_evaluation
 
     run, data, device = _open_run(args, registry)
     budgets = _budgets(args, "all")
@@ -485,17 +507,17 @@ def _cmd_eval(args: argparse.Namespace, registry: PluginRegistry) -> int:
             knn_k=run.config.eval.knn_k,
             knn_temperature=run.config.eval.knn_temperature,
         )
-    record(run.run_dir, rows)
     print(
         f"{run.run_dir} ({', '.join(f'{k}={v}' for k, v in run.components.items())}), "
         f"epoch {run.epoch}, on {data.name}:"
     )
     print(format_table(rows))
+    _record(run.run_dir, rows)
     return 0
 
 
 def _cmd_finetune(args: argparse.Namespace, registry: PluginRegistry) -> int:
-    from sslplug.downstream import finetune_evaluation, format_table, record
+    from sslplug.downstream import finetune_evaluation, format_table
 
     for name in ("steps", "batch_size"):
         if getattr(args, name) <= 0:
@@ -510,10 +532,22 @@ def _cmd_finetune(args: argparse.Namespace, registry: PluginRegistry) -> int:
     rows = []
     for init, encoder in _encoders(args, registry, run, data, device):
         rows += finetune_evaluation(encoder, data, budgets, device, init, settings)
-    record(run.run_dir, rows)
     print(f"{run.run_dir} fine-tuned for {settings.steps} steps on {data.name}:")
     print(format_table(rows))
+    _record(run.run_dir, rows)
     return 0
+
+
+def _record(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """Save the results just printed in the run folder; when that fails, say that the printed
+    table is all there is of them (``main`` then exits with status 2)."""
+    from sslplug.downstream import record
+
+    sys.stdout.flush()  # the table comes before the error, also when both go to one file
+    try:
+        record(run_dir, rows)
+    except OutputError as exc:
+        raise OutputError(f"saving the results above failed: {exc}") from None
 
 
 def _cmd_export(args: argparse.Namespace, registry: PluginRegistry) -> int:
@@ -521,11 +555,17 @@ def _cmd_export(args: argparse.Namespace, registry: PluginRegistry) -> int:
 
     from sslplug.pretrained import build_encoder, export_backbone, load_run
 
+    if args.out.endswith(("/", os.sep)) and not Path(args.out).is_dir():
+        raise OutputError(
+            f"{args.out!r} ends in {args.out[-1]!r}, so it names a folder; give the name of a "
+            f"file to write, such as {str(Path(args.out) / 'backbone.pt')!r}"
+        )
+    out = Path(args.out)
     run = load_run(args.source, registry)
     image_size = run.state.get("image_size") or 32
     encoder = build_encoder(run, registry, image_size, 0, torch.device("cpu"))
-    note = export_backbone(run, encoder, args.out, image_size)
-    print(f"backbone written to {args.out}; settings and how to load it in {note}")
+    note = export_backbone(run, encoder, out, image_size, force=args.force)
+    print(f"backbone written to {out}; settings and how to load it in {note}")
     return 0
 
 

@@ -10,6 +10,7 @@ TensorBoard log, and that ``format_table`` prints.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,11 +18,13 @@ from typing import Any
 
 import torch
 
+from sslplug.checkpoint import write_failure
 from sslplug.components import Encoder
 from sslplug.data import DataSet
-from sslplug.errors import DataError
+from sslplug.errors import DataError, OutputError
 from sslplug.evaluate import LabelBudget, extract_features, knn_predict, label_subset, linear_probe
 from sslplug.finetune import FinetuneSettings, finetune
+from sslplug.outputs import write_atomically
 
 __all__ = ["finetune_evaluation", "format_table", "frozen_evaluation", "record"]
 
@@ -108,20 +111,44 @@ def finetune_evaluation(
 
 
 def record(run_dir: str | Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Append ``rows`` to ``run_dir/summary.json`` (under ``"evaluations"``) and TensorBoard."""
+    """Append ``rows`` to ``run_dir/summary.json`` (under ``"evaluations"``) and TensorBoard.
+
+    ``summary.json`` is replaced atomically, so a failure leaves it as it was. Raises
+    ``OutputError`` saying what could not be written and why: ``summary.json`` (then nothing is
+    recorded), or the TensorBoard log (then ``summary.json`` holds the rows).
+    """
     from torch.utils.tensorboard import SummaryWriter
 
     run_dir = Path(run_dir)
     path = run_dir / "summary.json"
-    summary = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        summary = json.loads(path.read_text()) if path.exists() else {}
+        if not isinstance(summary, dict) or not isinstance(summary.get("evaluations", []), list):
+            raise ValueError("it is not the JSON object with a list of evaluations sslplug writes")
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        raise OutputError(
+            f"cannot add the results to {str(path)!r}: {write_failure(exc)}; move the file "
+            f"aside (a new one is written then) and run again"
+        ) from None
     summary.setdefault("evaluations", []).extend(rows)
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-    with SummaryWriter(str(run_dir / "tensorboard")) as writer:
-        for row in rows:
-            for key in ("knn_top1", "linear_top1", "finetune_top1"):
-                if key in row:
-                    tag = f"eval/{key}/{row['labels'].replace('/', '_per_')}/{row['init']}"
-                    writer.add_scalar(tag, row[key], summary.get("steps", 0))
+    write_atomically({path: (json.dumps(summary, indent=2) + "\n").encode()})
+    log = run_dir / "tensorboard"
+    try:
+        log.mkdir(parents=True, exist_ok=True)
+        # try a file first: SummaryWriter fails in a thread of its own, with a traceback
+        with tempfile.TemporaryFile(dir=log):
+            pass
+        with SummaryWriter(str(log)) as writer:
+            for row in rows:
+                for key in ("knn_top1", "linear_top1", "finetune_top1"):
+                    if key in row:
+                        tag = f"eval/{key}/{row['labels'].replace('/', '_per_')}/{row['init']}"
+                        writer.add_scalar(tag, row[key], summary.get("steps", 0))
+    except OSError as exc:
+        raise OutputError(
+            f"the results were added to {str(path)!r}, but not to the TensorBoard log "
+            f"{str(log)!r}: {write_failure(exc)}; make it writable to log the next ones there"
+        ) from None
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:

@@ -10,6 +10,7 @@ __all__ = [
     "ComponentMismatchError",
     "ConfigError",
     "DataError",
+    "OutputError",
     "PluginError",
     "SslplugError",
 ]
@@ -37,3 +38,8 @@ class DataError(SslplugError):
 
 class CheckpointError(SslplugError):
     """A file is not a usable sslplug checkpoint."""
+
+
+class OutputError(SslplugError):
+    """A file cannot be written where it was asked (a read-only place, a folder, a path under a
+    file, a full disk), or writing it would replace a checkpoint or a file that exists."""

@@ -18,6 +18,7 @@ for images of 64 px or less, the CIFAR stem is put in::
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,11 @@ from sslplug.assembly import assemble
 from sslplug.checkpoint import FILENAME, load_checkpoint
 from sslplug.components import Encoder
 from sslplug.config import RunConfig, load_config
-from sslplug.errors import CheckpointError
+from sslplug.errors import CheckpointError, OutputError
 from sslplug.nn import uses_cifar_stem
+from sslplug.outputs import check_new_file, write_atomically
 from sslplug.plugins import PluginRegistry
+from sslplug.rundir import MARKERS
 from sslplug.runtime import seed_everything
 
 __all__ = ["Run", "build_encoder", "export_backbone", "load_run"]
@@ -66,7 +69,12 @@ def load_run(path: str | Path, registry: PluginRegistry) -> Run:
     checkpoint = path / FILENAME if path.is_dir() else path
     state = load_checkpoint(checkpoint)
     settings = state.get("settings")
-    if not isinstance(settings, dict) or state.get("encoder") is None:
+    if (
+        not isinstance(settings, dict)
+        or not all(isinstance(section, dict) for section in settings.values())
+        or not isinstance(state.get("encoder"), dict)
+        or not isinstance(state.get("components", {}), dict)
+    ):
         raise CheckpointError(
             f"{str(checkpoint)!r} holds no encoder weights or settings; give the folder or the "
             f"last.pt of a run that `sslplug run` wrote"
@@ -121,13 +129,32 @@ def build_encoder(
     return encoder.to(device).eval()
 
 
-def export_backbone(run: Run, encoder: Encoder, out: str | Path, image_size: int) -> Path:
+def export_backbone(
+    run: Run, encoder: Encoder, out: str | Path, image_size: int, force: bool = False
+) -> Path:
     """Write ``encoder.backbone``'s state dict to ``out`` and a note of its settings beside it
-    (``out`` with the suffix ``.json``); return the note's path."""
+    (``out`` with the suffix ``.json``, so ``out`` itself may not end in ``.json``); return the
+    note's path.
+
+    Both files are written atomically (see ``sslplug.outputs``): a failure leaves neither
+    behind. An existing file is replaced only with ``force``; an sslplug checkpoint or a file
+    of the run (its checkpoint, ``settings.toml``, ``summary.json``) never is. Raises
+    ``OutputError`` saying which file could not be written and why.
+    """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".json" and not out.is_dir():
+        raise OutputError(
+            f"{str(out)!r} ends in .json, the name of the settings note written beside the "
+            f"backbone (the backbone's path with the suffix .json); name the backbone "
+            f"{str(out.with_suffix('.pt'))!r}, for instance"
+        )
+    run_files = (run.checkpoint, *(run.run_dir / name for name in MARKERS))
+    check_new_file(out, force, keep=run_files)
+    note_path = out.with_suffix(".json")
+    check_new_file(note_path, force, keep=run_files)
     state = {k: v.detach().cpu().clone() for k, v in encoder.backbone.state_dict().items()}
-    torch.save(state, out)
+    backbone_file = io.BytesIO()  # in memory first, so that a failed write is an OSError
+    torch.save(state, backbone_file)
     config = run.config
     backbone = config.model.backbone
     cifar_stem = backbone != "small" and uses_cifar_stem(config.model.cifar_stem, image_size)
@@ -154,6 +181,7 @@ def export_backbone(run: Run, encoder: Encoder, out: str | Path, image_size: int
         "load": load,
         "settings": config.to_dict(config.used_plugin_sections()),
     }
-    note_path = out.with_suffix(".json")
-    note_path.write_text(json.dumps(note, indent=2) + "\n")
+    write_atomically(
+        {out: backbone_file.getvalue(), note_path: (json.dumps(note, indent=2) + "\n").encode()}
+    )
     return note_path
