@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 
 from sslplug.checkpoint import write_failure
@@ -87,6 +88,8 @@ def finetune_evaluation(
     """Test top-1 (percent) after fine-tuning ``encoder`` on each label budget."""
     _check_labelled(data)
     settings = settings or FinetuneSettings()
+    if init != "pre-trained":  # from scratch there is nothing to preserve: one rate for all
+        settings = attrs.evolve(settings, backbone_lr_scale=1.0)
     rows = []
     for budget in budgets:
         start = time.perf_counter()
@@ -104,6 +107,8 @@ def finetune_evaluation(
                 "steps": settings.steps,
                 "batch_size": settings.batch_size,
                 "lr": settings.lr,
+                "backbone_lr_scale": settings.backbone_lr_scale,
+                "probe_first": settings.probe_first,
                 "seconds": time.perf_counter() - start,
             }
         )
@@ -159,6 +164,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         ("init", "init", "{}"),
         ("kNN top-1", "knn_top1", "{:.2f}%"),
         ("linear top-1", "linear_top1", "{:.2f}%"),
+        ("probe L2", "linear_weight_decay", "{:g}"),
         ("fine-tuned top-1", "finetune_top1", "{:.2f}%"),
     ]
     used = [c for c in columns if any(c[1] in row for row in rows)]
