@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -603,6 +603,23 @@ def _cmd_bench(args: argparse.Namespace, registry: PluginRegistry) -> int:
     return 0
 
 
+def _torch_threads(environ: Mapping[str, str] = os.environ) -> int | None:
+    """How many threads torch should use: one per core this process may run on.
+
+    ``None`` leaves torch's own choice: when ``OMP_NUM_THREADS`` is set (the user's word, and
+    torchrun's, which sets 1 for each of several processes on a machine), or when the platform
+    cannot say which cores the process may use (no ``os.sched_getaffinity``). Threads beyond
+    those cores take turns on them and slow each other down many times over: two runs sharing
+    two cores ran ten times slower than one.
+    """
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS and Windows have no sched_getaffinity
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # plugin authors must see what the contract deprecates, which Python hides by default
@@ -611,6 +628,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    import torch  # after parsing: --help and --version need not wait for it
+
+    threads = _torch_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+        why = "one per core this process may run on"
+    else:
+        why = "OMP_NUM_THREADS is set" if os.environ.get("OMP_NUM_THREADS") else "torch's default"
+    logging.getLogger(__name__).debug("torch uses %d thread(s): %s", torch.get_num_threads(), why)
     try:
         registry = _load_registry(args.strict_plugins)
         commands = {

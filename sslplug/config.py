@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import sys
 import typing
 from collections.abc import Iterable, Mapping
@@ -51,14 +52,35 @@ NO_TARGET = "none"  # components.target_update for a run without a target networ
 log = logging.getLogger(__name__)
 
 
+# Seeds a run accepts: Python's random, torch.manual_seed and NumPy take them all, and the
+# per-rank and per-step seeds derived from them (seed * 7919 + rank + step) stay within 64 bits.
+SEED_RANGE = range(2**32)
+
+
+# Written as "not (value > 0)" so that a NaN, for which every comparison is false, is refused
+# too; _coerce already refuses NaN and infinities for every float setting read from a file or
+# --set, these also hold for settings built in Python.
 def _positive(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if value <= 0:
+    if not value > 0:
         raise ConfigError(f"{attribute.name} must be greater than 0, got {value!r}")
 
 
 def _non_negative(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if value < 0:
+    if not value >= 0:
         raise ConfigError(f"{attribute.name} must be 0 or more, got {value!r}")
+
+
+def _fraction(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not 0 <= value < 1:
+        raise ConfigError(f"{attribute.name} must be at least 0 and below 1, got {value!r}")
+
+
+def _seed(instance: Any, attribute: attrs.Attribute, value: int) -> None:
+    if value not in SEED_RANGE:
+        raise ConfigError(
+            f"{attribute.name} must be a whole number from 0 to {SEED_RANGE.stop - 1} "
+            f"(0 <= seed < 2**32), got {value!r}"
+        )
 
 
 @attrs.define
@@ -86,8 +108,9 @@ class DataSettings:
     """Where images come from.
 
     ``name`` is ``shapes`` (the embedded default), ``cifar10``, ``cifar100``, ``stl10``, or the
-    path of an image folder: class subfolders give labels, a flat folder is unlabelled, and
-    ``train/`` and ``test/`` subfolders are used as the splits when present.
+    path of an image folder: class subfolders give labels, a flat folder is unlabelled (images
+    beside class subfolders are an error), and ``train/`` and ``test/`` subfolders are used as
+    the splits when present.
     """
 
     name: str = "shapes"
@@ -97,7 +120,7 @@ class DataSettings:
     workers: int = attrs.field(default=2, validator=_non_negative)
     strict: bool = False
     cache_gb: float = attrs.field(default=4.0, validator=_non_negative)
-    test_fraction: float = 0.1
+    test_fraction: float = attrs.field(default=0.1, validator=_fraction)
 
 
 @attrs.define
@@ -133,7 +156,7 @@ class TrainSettings:
     batch_size: int = attrs.field(default=256, validator=_positive)
     device: str = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    seed: int = 0
+    seed: int = attrs.field(default=0, validator=_seed)
     out: str = ""
     log_every: int = attrs.field(default=20, validator=_positive)
     progress: bool = True
@@ -313,10 +336,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise bad
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], key) for v in value)
-        if len(value) != len(args):
+            args = (args[0],) * len(value)
+        elif len(value) != len(args):
             raise bad
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        try:
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} in {value!r}") from None
     if tp is bool:
         if not isinstance(value, bool):
             raise bad
@@ -328,7 +354,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        return float(value)
+        # NaN passes every "> 0" check and poisons what it touches; an int past 1.8e308 is inf
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise bad
@@ -356,11 +389,24 @@ def _build(cls: type, values: Mapping[str, Any], section: str) -> Any:
             raise _unknown(f"key in [{section}]", key, fields)
         kwargs[key] = _coerce(value, fields[key].type, f"{section}.{key}")
     try:
-        return cls(**kwargs)
+        settings = cls(**kwargs)
     except ConfigError as exc:
         raise ConfigError(f"[{section}] {exc}") from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"[{section}] invalid settings: {exc}") from None
+    # after the field's own validator, which can say more (the range of a seed)
+    for key, value in kwargs.items():
+        _fits_64_bits(value, f"{section}.{key}")
+    return settings
+
+
+def _fits_64_bits(value: Any, key: str) -> None:
+    """Refuse a whole number torch cannot take: it would fail deep inside, far from the cause."""
+    if isinstance(value, tuple):
+        for item in value:
+            _fits_64_bits(item, key)
+    elif isinstance(value, int) and not -(2**63) <= value < 2**63:
+        raise ConfigError(f"{key} must fit in 64 bits (at most {2**63 - 1}), got {value!r}")
 
 
 def parse_assignment(text: str) -> tuple[str, str, Any]:

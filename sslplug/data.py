@@ -12,14 +12,16 @@ Sources:
   colours, textures, positions, sizes and orientations that vary at random and carry no
   information about the class. No download; the same images on every machine.
 * ``cifar10``, ``cifar100``, ``stl10`` through torchvision, downloaded only when asked.
-* any image folder: class subfolders (labelled) or a flat folder (unlabelled), with optional
-  ``train/`` and ``test/`` subfolders.
+* any image folder: class subfolders (labelled) or a flat folder (unlabelled), not both, with
+  optional ``train/`` and ``test/`` subfolders. A folder that cannot be listed is an error
+  naming it; an unreadable image or a broken link is skipped and counted.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -279,48 +281,136 @@ def _collate(items: list[tuple[Tensor, int] | None]) -> tuple[Tensor, Tensor, li
     return images, torch.tensor([lab for _, lab in good], dtype=torch.int64), unreadable
 
 
-def _scan(folder: Path) -> tuple[list[Path], list[int], tuple[str, ...]]:
-    def images_in(d: Path) -> list[Path]:
-        return sorted(
-            p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
+@attrs.define
+class _Scan:
+    """What scanning one folder found: its images with labels, class names, and broken links."""
 
-    class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and images_in(d))
-    if class_dirs:
-        files, labels = [], []
-        for index, d in enumerate(class_dirs):
-            found = images_in(d)
-            files += found
-            labels += [index] * len(found)
-        return files, labels, tuple(d.name for d in class_dirs)
-    files = images_in(folder)
-    return files, [-1] * len(files), ()
+    files: list[Path]
+    labels: list[int]
+    classes: tuple[str, ...]
+    broken_links: list[Path]
+
+
+def _entries(folder: Path, data: Path) -> list[Path]:
+    """The entries of ``folder``, sorted; ``DataError`` naming it when it cannot be listed."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError as exc:
+        raise _unreadable_folder(folder, data, exc) from None
+
+
+def _unreadable_folder(folder: Path | str, data: Path, exc: OSError) -> DataError:
+    reason = exc.strerror or str(exc)
+    if Path(folder) == data:
+        where, other = "", ""
+    else:
+        where, other = f" in the data folder {str(data)!r}", ", or move it out of the data folder"
+    return DataError(
+        f"cannot read the folder {str(folder)!r}{where}: {reason}. Give the user running sslplug "
+        f"permission to list and open it (for instance chmod a+rx {str(folder)!r}){other}"
+    )
+
+
+def _is_broken_link(path: Path) -> bool:
+    """A symbolic link that leads nowhere: its target is missing, or it loops."""
+    return path.is_symlink() and not path.exists()
+
+
+def _kinds(folder: Path, data: Path, broken: list[Path]) -> tuple[list[Path], list[Path]]:
+    """The image files and the subfolders directly in ``folder``, sorted; its broken links are
+    added to ``broken``."""
+    images, folders = [], []
+    for path in _entries(folder, data):
+        try:
+            if path.is_file():
+                if path.suffix.lower() in IMAGE_EXTENSIONS:
+                    images.append(path)
+            elif path.is_dir():
+                folders.append(path)
+            elif _is_broken_link(path):
+                broken.append(path)
+        except OSError as exc:  # listed but not searchable: no one can open what is in it
+            raise _unreadable_folder(folder, data, exc) from None
+    return images, folders
+
+
+def _scan(folder: Path, data: Path) -> _Scan:
+    """Images in class subfolders (labelled) or directly in ``folder`` (unlabelled), not both.
+
+    A folder holding images beside class folders is refused: taking either part alone would drop
+    the other without a word, and which one the user meant cannot be told.
+    """
+    broken: list[Path] = []
+    loose, subfolders = _kinds(folder, data, broken)
+    class_images = {}
+    for sub in subfolders:
+        broken_in_sub: list[Path] = []
+        found, _ = _kinds(sub, data, broken_in_sub)
+        if found:  # a folder without images is no class, and its links are not data
+            class_images[sub.name] = found
+            broken += broken_in_sub
+    if class_images and loose:
+        names = sorted(class_images)
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise DataError(
+            f"{len(loose)} image(s) directly in {str(folder)!r} (such as {loose[0].name!r}) "
+            f"beside {len(names)} class folder(s) of images ({shown}): put the loose images in "
+            f"a class folder for labelled data, or use a folder of only images for unlabelled "
+            f"data"
+        )
+    if not class_images:
+        return _Scan(loose, [-1] * len(loose), (), broken)
+    files, labels = [], []
+    for index, found in enumerate(class_images.values()):
+        files += found
+        labels += [index] * len(found)
+    return _Scan(files, labels, tuple(class_images), broken)
 
 
 def _image_folder(settings: DataSettings, seed: int) -> DataSet:
     root = Path(settings.name).expanduser()
-    if (root / "train").is_dir():
-        parts = {"train": root / "train", "test": root / "test"}
-        if not parts["test"].is_dir():
+    try:
+        has_splits = (root / "train").is_dir()
+        parts = {"train": root / "train", "test": root / "test"} if has_splits else {"train": root}
+        if has_splits and not parts["test"].is_dir():
             del parts["test"]
-    else:
-        parts = {"train": root}
-    scanned = {name: _scan(folder) for name, folder in parts.items()}
-    files, labels, classes = scanned["train"]
+    except OSError as exc:
+        raise _unreadable_folder(root, root, exc) from None
+    scanned = {name: _scan(folder, root) for name, folder in parts.items()}
+    if has_splits:
+        loose = _kinds(root, root, [])[0]
+        if loose:
+            raise DataError(
+                f"{len(loose)} image(s) directly in {str(root)!r} (such as {loose[0].name!r}) "
+                f"beside its train/ folder, which alone is read: move them into train/ or "
+                f"test/, or out of {str(root)!r}"
+            )
+    train = scanned["train"]
+    files, labels, classes = train.files, train.labels, train.classes
     if not files:
         raise DataError(
             f"no images found in {str(parts['train'])!r}: expected class subfolders of images, "
             f"or image files ({', '.join(IMAGE_EXTENSIONS)}) directly in it"
         )
-    if "test" in scanned and scanned["test"][2] and scanned["test"][2] != classes:
+    if "test" in scanned and scanned["test"].classes and scanned["test"].classes != classes:
         raise DataError(
-            f"the class folders of {str(parts['test'])!r} {scanned['test'][2]} differ from those "
-            f"of {str(parts['train'])!r} {classes}"
+            f"the class folders of {str(parts['test'])!r} {scanned['test'].classes} differ from "
+            f"those of {str(parts['train'])!r} {classes}"
+        )
+    broken = [link for scan in scanned.values() for link in scan.broken_links]
+    if broken:
+        log.warning(
+            "skipped %d broken symbolic link(s) under %s (the target is missing, or the link "
+            "loops), such as %s -> %s",
+            len(broken),
+            root,
+            broken[0],
+            os.readlink(broken[0]),
         )
     size = settings.image_size or _first_size(files)
     lists = {"train": (files, labels)}
-    if "test" in scanned and scanned["test"][0]:
-        lists["test"] = scanned["test"][:2]
+    if "test" in scanned and scanned["test"].files:
+        lists["test"] = (scanned["test"].files, scanned["test"].labels)
     elif classes and settings.test_fraction > 0:
         order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
         n_test = max(1, int(len(files) * settings.test_fraction))
@@ -353,7 +443,7 @@ def _image_folder(settings: DataSettings, seed: int) -> DataSet:
         test=splits.get("test") if classes else None,
         image_size=size,
         classes=classes,
-        skipped=skipped,
+        skipped=skipped + len(broken),
     )
 
 
@@ -386,12 +476,19 @@ def load_data(settings: DataSettings, seed: int = 0) -> DataSet:
     if settings.name in ("cifar10", "cifar100", "stl10"):
         return _torchvision(settings.name, settings)
     path = Path(settings.name).expanduser()
-    if not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as exc:  # a folder above it cannot be searched
+        raise DataError(
+            f"cannot reach data {settings.name!r}: {exc.strerror or exc} (a folder on the way "
+            f"to it cannot be searched by the user running sslplug)"
+        ) from None
+    if not exists:
         raise DataError(
             f"data {settings.name!r} is neither a built-in data set ({', '.join(BUILTIN)}) "
             f"nor an existing folder"
         )
-    if not path.is_dir():
+    if not is_dir:
         raise DataError(f"data {settings.name!r} is a file; give a folder of images")
     return _image_folder(settings, seed)
 
