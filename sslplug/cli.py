@@ -215,7 +215,21 @@ def _add_downstream(sub: argparse._SubParsersAction) -> None:
     ft.add_argument(
         "--batch-size", type=int, default=defaults.batch_size, help=f"default {defaults.batch_size}"
     )
-    ft.add_argument("--lr", type=float, default=defaults.lr, help=f"AdamW, default {defaults.lr}")
+    ft.add_argument(
+        "--lr", type=float, default=defaults.lr, help=f"AdamW for the head, default {defaults.lr}"
+    )
+    ft.add_argument(
+        "--backbone-lr-scale",
+        type=float,
+        default=defaults.backbone_lr_scale,
+        help=f"the encoder's learning rate relative to the head's (default "
+        f"{defaults.backbone_lr_scale})",
+    )
+    ft.add_argument(
+        "--no-probe-first",
+        action="store_true",
+        help="start from a zero head instead of the linear probe of the frozen features",
+    )
 
     ex = sub.add_parser(
         "export",
@@ -469,6 +483,10 @@ def _open_run(args: argparse.Namespace, registry: PluginRegistry) -> tuple[Any, 
 def _budgets(args: argparse.Namespace, default: str) -> list[Any]:
     from sslplug.evaluate import parse_labels
 
+    if not 0 <= args.label_seed < 2**32:
+        raise ConfigError(
+            f"--label-seed {args.label_seed} must be a whole number from 0 to {2**32 - 1}"
+        )
     return [parse_labels(text) for text in (args.labels or [default])]
 
 
@@ -493,8 +511,8 @@ def _encoders(args: argparse.Namespace, registry: PluginRegistry, run: Any, data
 def _cmd_eval(args: argparse.Namespace, registry: PluginRegistry) -> int:
     from sslplug.downstream import format_table, frozen_evaluation
 
-    run, data, device = _open_run(args, registry)
     budgets = _budgets(args, "all")
+    run, data, device = _open_run(args, registry)  # after the cheap checks: it decodes the data
     rows = []
     for init, encoder in _encoders(args, registry, run, data, device):
         rows += frozen_evaluation(
@@ -522,13 +540,23 @@ def _cmd_finetune(args: argparse.Namespace, registry: PluginRegistry) -> int:
     for name in ("steps", "batch_size"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
-    if args.lr <= 0:
-        raise ConfigError(f"--lr {args.lr} must be positive")
+    if not args.lr > 0 or args.lr == float("inf"):
+        raise ConfigError(f"--lr {args.lr} must be a positive, finite number")
+    if not 0 < args.backbone_lr_scale <= 1:
+        raise ConfigError(
+            f"--backbone-lr-scale {args.backbone_lr_scale} must be in (0, 1]: the encoder "
+            f"learns at that share of the head's rate"
+        )
+    budgets = _budgets(args, "1%")
     run, data, device = _open_run(args, registry)  # after the cheap checks: it decodes the data
     settings = FinetuneSettings(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.label_seed
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.label_seed,
+        backbone_lr_scale=args.backbone_lr_scale,
+        probe_first=not args.no_probe_first,
     )
-    budgets = _budgets(args, "1%")
     rows = []
     for init, encoder in _encoders(args, registry, run, data, device):
         rows += finetune_evaluation(encoder, data, budgets, device, init, settings)

@@ -190,3 +190,16 @@ def test_eval_on_unlabelled_data_says_labels_are_needed(byol_run, tmp_path, caps
     write_images(images, labels, flat, classes=False)
     assert main(["eval", str(byol_run), "--data", str(flat)]) == 2
     assert "has no labelled train and test splits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lr", "nan"], "--lr nan must be a positive, finite number"),
+        (["--backbone-lr-scale", "nan"], "--backbone-lr-scale nan must be in (0, 1]"),
+        (["--label-seed", "-1"], "--label-seed -1 must be a whole number from 0 to 4294967295"),
+    ],
+)
+def test_finetune_refuses_bad_numbers_before_reading_the_run(tmp_path, capsys, args, message):
+    assert main(["finetune", str(tmp_path / "no-run"), *args]) == 2
+    assert message in capsys.readouterr().err
