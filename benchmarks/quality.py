@@ -242,7 +242,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--finetune-steps", type=int, default=300)
+    parser.add_argument("--finetune-steps", type=int, default=FinetuneSettings().steps)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--stage", choices=("all", "pretrain", "evaluate", "report"), default="all")
     args = parser.parse_args()

@@ -88,8 +88,8 @@ def finetune_evaluation(
     """Test top-1 (percent) after fine-tuning ``encoder`` on each label budget."""
     _check_labelled(data)
     settings = settings or FinetuneSettings()
-    if init != "pre-trained":  # from scratch there is nothing to preserve: one rate for all
-        settings = attrs.evolve(settings, backbone_lr_scale=1.0)
+    if init != "pre-trained":  # from scratch: nothing to start from or to preserve
+        settings = attrs.evolve(settings, backbone_lr_scale=1.0, probe_first=False)
     rows = []
     for budget in budgets:
         start = time.perf_counter()

@@ -9,7 +9,9 @@ its L2 penalty chosen on a held-out fifth), so fine-tuning starts from the froze
 answer instead of a random head whose first gradients disturb the pre-trained features; then
 the whole network trains with the encoder at a tenth of the head's learning rate
 (``backbone_lr_scale``), as the semi-supervised protocols of SimCLR and BYOL fine-tune the
-backbone gently. Training uses the light augmentation of the pretext tasks (random resized
+backbone gently. 1,000 steps, not the 300 of the first recipe: with 10% of CIFAR-10's labels
+300 steps left the fine-tuned network below the frozen probe it started from. Training uses the
+light augmentation of the pretext tasks (random resized
 crop with scale 0.35-1 and a horizontal flip, batched on the device), AdamW with a cosine
 schedule, and a fixed number of steps whatever the number of labels, so that 1% and 10% of the
 labels cost the same. Starting the same training from the random initialisation of the same
@@ -39,7 +41,7 @@ __all__ = ["FinetuneSettings", "finetune", "take"]
 class FinetuneSettings:
     """The fine-tuning recipe (the same for pre-trained and randomly initialised encoders)."""
 
-    steps: int = 300
+    steps: int = 1000
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 1e-4

@@ -105,6 +105,7 @@ def test_the_scratch_baseline_fine_tunes_the_encoder_at_the_head_rate(byol_run, 
     assert main(args) == 0
     rows = json.loads((byol_run / "summary.json").read_text())["evaluations"][-2:]
     assert [r["backbone_lr_scale"] for r in rows] == [0.1, 1.0]
+    assert [r["probe_first"] for r in rows] == [True, False]
     assert main([*args, "--backbone-lr-scale", "0"]) == 2
     assert "--backbone-lr-scale 0.0 must be in (0, 1]" in capsys.readouterr().err
 
