@@ -209,13 +209,15 @@ class RunConfig:
             return getattr(self, name)
         return self.plugins.get(name)
 
-    def used_plugin_sections(self) -> list[str]:
-        """The plugins that supply this run's components and have settings, sorted.
+    def used_plugin_sections(self, lifecycle: Iterable[str] = ()) -> list[str]:
+        """The plugins that supply this run's components, or take part in it through the
+        lifecycle hooks (``lifecycle``: a logger or monitor with settings of its own), and have
+        settings, sorted.
 
         A run's saved settings need these sections and no others: a section of a plugin the run
         does not use would make the run impossible to load once that plugin is uninstalled.
         """
-        used = set(self.components.resolved().values()) - {NO_TARGET}
+        used = (set(self.components.resolved().values()) | set(lifecycle)) - {NO_TARGET}
         return sorted(used & set(self.plugins))
 
     def to_dict(self, sections: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:

@@ -41,8 +41,9 @@ from sslplug.config import RunConfig, RunContext
 from sslplug.data import DataSet, Loader, load_data
 from sslplug.errors import CheckpointError, ConfigError, PluginError, SslplugError
 from sslplug.optim import Optimization
+from sslplug.outputs import write_atomically
 from sslplug.plugins import Components, Lifecycle, PluginRegistry
-from sslplug.rundir import RUN_FILES, RunFolder, RunFolderError, write_text
+from sslplug.rundir import RUN_FILES, RunFolder, RunFolderError
 from sslplug.runtime import (
     autocast_context,
     place,
@@ -121,7 +122,7 @@ class _Run:
             "step": self.step,
             "rng": rng_state(),
             "rng_per_rank": distributed.gather_objects(rng_state()),
-            "settings": _settings(self.config),
+            "settings": _settings(self.config, self.lifecycle),
             "components": dict(self.context.components),
             "history": self.history,
             "baseline": dict(baseline),
@@ -200,15 +201,18 @@ class _Run:
             )
 
 
-def _settings(config: RunConfig) -> dict[str, Any]:
-    """The settings a run saves: the core sections and those of the plugins it uses."""
-    return config.to_dict(config.used_plugin_sections())
+def _settings(config: RunConfig, lifecycle: Lifecycle) -> dict[str, Any]:
+    """The settings a run saves: the core sections and those of the plugins it uses, for its
+    components or through the lifecycle hooks."""
+    return config.to_dict(config.used_plugin_sections(lifecycle.plugins))
 
 
-def _write_settings(config: RunConfig, components: dict[str, str], out_dir: Path) -> None:
-    settings = _settings(config)
+def _write_settings(
+    config: RunConfig, lifecycle: Lifecycle, components: dict[str, str], out_dir: Path
+) -> None:
+    settings = _settings(config, lifecycle)
     settings["components"].update(components)
-    write_text(out_dir / "settings.toml", tomli_w.dumps(settings))
+    write_atomically({out_dir / "settings.toml": tomli_w.dumps(settings).encode()})
 
 
 class ComponentFailure(PluginError):
@@ -483,7 +487,7 @@ def _begin(run: _Run, checkpoint: dict[str, Any] | None, resume: str | Path | No
     run.context.progress.step, run.context.progress.epoch = run.step, run.epoch
     if not distributed.is_main():
         return
-    _write_settings(run.config, run.context.components, run.out_dir)
+    _write_settings(run.config, run.lifecycle, run.context.components, run.out_dir)
     if run.epoch == 0 and run.step == 0 and not run.context.baseline:
         run.context.baseline = run.lifecycle.evaluate(run.context, 0)
     run.lifecycle.run_start(run.context)
@@ -674,7 +678,8 @@ def train(
                     _end_epoch(run, epoch, _train_epoch(run, epoch, stop))
             summary = _summary(run)
             if main:
-                write_text(run.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+                text = json.dumps(summary, indent=2) + "\n"
+                write_atomically({run.out_dir / "summary.json": text.encode()})
             return summary
         except BaseException as exc:
             error = exc

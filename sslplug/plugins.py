@@ -28,7 +28,7 @@ from sslplug.components import (
     TargetUpdate,
     ViewGenerator,
 )
-from sslplug.config import COMPONENTS, RunConfig, RunContext
+from sslplug.config import COMPONENTS, NO_TARGET, RunConfig, RunContext
 from sslplug.errors import ComponentMismatchError, ConfigError, PluginError, SslplugError
 
 __all__ = [
@@ -42,10 +42,12 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "sslplug"
-NO_TARGET = "none"
 CORE = "sslplug"  # who registers the core's capabilities and lifecycle plugins
 
 _HOOK_OF = {name: f"sslplug_{name}" for name in COMPONENTS}
+_LIFECYCLE_HOOKS = frozenset(
+    f"sslplug_{hook}" for hook in ("run_start", "step_end", "evaluate", "epoch_end", "run_end")
+)
 
 _RETURN_TYPE: dict[str, type | tuple[type, ...]] = {
     "augmentation": (list, tuple),
@@ -399,7 +401,16 @@ class PluginRegistry:
                     f"--disable {name!r}: that plugin supplies a component of this run; choose "
                     f"another plugin for the component instead"
                 )
-        return Lifecycle(self.pm, [self.pm.get_plugin(name) for name in disabled])
+        taking_part = [
+            name
+            for name in self.names()
+            if name not in disabled
+            and any(
+                caller.name in _LIFECYCLE_HOOKS
+                for caller in self.pm.get_hookcallers(self.pm.get_plugin(name)) or []
+            )
+        ]
+        return Lifecycle(self.pm, [self.pm.get_plugin(name) for name in disabled], taking_part)
 
 
 class Lifecycle:
@@ -410,10 +421,14 @@ class Lifecycle:
     through unchanged.
     """
 
-    def __init__(self, pm: pluggy.PluginManager, disabled: Sequence[Any]) -> None:
+    def __init__(
+        self, pm: pluggy.PluginManager, disabled: Sequence[Any], plugins: Sequence[str] = ()
+    ) -> None:
+        # the installed plugins taking part, whose settings a run saves
+        self.plugins = tuple(plugins)
         self._callers = {
-            hook: pm.subset_hook_caller(f"sslplug_{hook}", remove_plugins=disabled)
-            for hook in ("run_start", "step_end", "evaluate", "epoch_end", "run_end")
+            hook.removeprefix("sslplug_"): pm.subset_hook_caller(hook, remove_plugins=disabled)
+            for hook in _LIFECYCLE_HOOKS
         }
 
     def _call(self, hook: str, **kwargs: Any) -> Any:

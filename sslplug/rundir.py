@@ -27,7 +27,7 @@ from sslplug.checkpoint import FILENAME, write_failure
 from sslplug.errors import SslplugError
 from sslplug.monitors.view_grid import FILENAME as VIEWS_FILE
 
-__all__ = ["LOCK_FILE", "MARKERS", "RUN_FILES", "RunFolder", "RunFolderError", "write_text"]
+__all__ = ["LOCK_FILE", "MARKERS", "RUN_FILES", "RunFolder", "RunFolderError"]
 
 MARKERS = ("settings.toml", FILENAME, "summary.json")  # a folder holding any of them holds a run
 RUN_FILES = (*MARKERS, VIEWS_FILE, "tensorboard")
@@ -39,18 +39,6 @@ _CHECKPOINT_TEMPORARIES = f".{FILENAME}.*.tmp"
 class RunFolderError(SslplugError):
     """The run folder cannot be used: it is a file, cannot be written, is in use by another
     run, or holds a run that the command would overwrite."""
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a small file of the run folder; a ``RunFolderError`` that says why when it fails
-    (a full disk, a file size limit, no permission)."""
-    try:
-        path.write_text(text)
-    except OSError as exc:
-        raise RunFolderError(
-            f"could not write {str(path)!r}: {write_failure(exc)}; make room (or make the folder "
-            f"writable) and run again"
-        ) from exc
 
 
 @attrs.define

@@ -371,3 +371,30 @@ def test_disable_adds_to_the_config_file(fast_args, tmp_path):
     assert main(args) == 0
     saved = read_toml(tmp_path / "run" / "settings.toml")["train"]["disable"]
     assert saved == ["knn", "tensorboard"]
+
+
+@attrs.define
+class _WatcherSettings:
+    every: int = 1
+
+
+class _Watcher:
+    """A lifecycle plugin with settings of its own: no component, yet part of the run."""
+
+    @sslplug.hookimpl
+    def sslplug_settings(self):
+        return _WatcherSettings
+
+    @sslplug.hookimpl
+    def sslplug_epoch_end(self, epoch):
+        pass
+
+
+def test_the_settings_of_a_lifecycle_plugin_are_saved_with_the_run(
+    registry, shapes_folder, tmp_path
+):
+    assert registry.register(_Watcher(), "watcher")
+    _train(registry, shapes_folder, tmp_path, "watcher.every=3", "eval.baseline=false")
+    assert read_toml(tmp_path / "settings.toml")["watcher"] == {"every": 3}
+    assert load_checkpoint(tmp_path)["settings"]["watcher"] == {"every": 3}
+    assert "simclr" not in read_toml(tmp_path / "settings.toml")  # plugins the run does not use
