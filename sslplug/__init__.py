@@ -15,6 +15,7 @@ from sslplug.augment import (
     byol_recipe,
     crop_flip_recipe,
     denormalize,
+    multicrop_recipe,
     normalize,
     simclr_recipe,
     to_float,
@@ -46,6 +47,7 @@ from sslplug.errors import (
 from sslplug.hookspecs import hookimpl
 from sslplug.nn import MLP, cosine_tau, ema_update
 from sslplug.optim import OptimRules, ParamGroup
+from sslplug.validate import non_negative, positive, scale_range, unit_interval
 
 __version__ = "0.1.0"
 
@@ -85,10 +87,15 @@ __all__ = [
     "ema_update",
     "gather",
     "hookimpl",
+    "multicrop_recipe",
+    "non_negative",
     "normalize",
+    "positive",
     "rank",
     "run_by_resolution",
+    "scale_range",
     "simclr_recipe",
     "to_float",
+    "unit_interval",
     "world_size",
 ]

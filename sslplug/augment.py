@@ -27,6 +27,7 @@ __all__ = [
     "byol_recipe",
     "crop_flip_recipe",
     "denormalize",
+    "multicrop_recipe",
     "normalize",
     "rotate_hue",
     "simclr_recipe",
@@ -290,6 +291,43 @@ def simclr_recipe(
     )
 
 
+def multicrop_recipe(
+    image_size: int,
+    local_crops: int = 6,
+    local_size: int = 0,
+    global_scale: tuple[float, float] = (0.4, 1.0),
+    local_scale: tuple[float, float] = (0.05, 0.4),
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+    jitter_prob: float = 0.8,
+    grayscale_prob: float = 0.2,
+    blur_prob: tuple[float, float, float] = (1.0, 0.1, 0.5),
+    solarize_prob: tuple[float, float, float] = (0.0, 0.2, 0.0),
+) -> Augmentations:
+    """Multi-crop (Caron et al. 2020, Section 3.2): two global crops of ``image_size`` and
+    ``local_crops`` small crops of ``local_size`` (0: 3/7 of the side, 96 of 224 px as in the
+    papers), each pipeline otherwise as ``byol_recipe``'s.
+
+    ``blur_prob`` and ``solarize_prob`` give the probabilities for the first global crop, the
+    second global crop and every local crop, in that order (DINO's defaults; SwAV uses the same
+    value for all). The result names its groups, ``("global", "global", "local", ...)``, which
+    ``MultiViewGenerator`` takes up.
+    """
+    if local_crops < 0:
+        raise ValueError(f"local_crops must be 0 or more, got {local_crops!r}")
+    small = local_size or max(1, round(image_size * 3 / 7))
+    sizes = [image_size, image_size] + [small] * local_crops
+    scales = [global_scale, global_scale] + [local_scale] * local_crops
+    which = [0, 1] + [2] * local_crops
+    return Augmentations(
+        (
+            _pipeline(size, scale, jitter, jitter_prob, grayscale_prob, blur_prob[i],
+                      solarize_prob[i])
+            for size, scale, i in zip(sizes, scales, which)
+        ),
+        groups=("global", "global") + ("local",) * local_crops,
+    )
+
+
 def crop_flip_recipe(image_size: int, crop_scale: tuple[float, float]) -> nn.Module:
     """The light augmentation of pretext tasks: random resized crop, horizontal flip, normalise."""
     return nn.Sequential(
@@ -305,7 +343,9 @@ class MultiViewGenerator(ViewGenerator):
     The uint8 batch becomes float once; each pipeline then draws its own per-sample
     parameters. With two or more pipelines the generator provides ``two_views``. ``groups``
     names the group of each view (multi-crop: ``("global", "global", "local", ...)``, with
-    pipelines that crop to different sizes); then it also provides ``view_groups``.
+    pipelines that crop to different sizes); then it also provides ``view_groups``. Without
+    ``groups``, those of ``augmentations`` are taken when it is an ``Augmentations`` that names
+    them (``multicrop_recipe``).
     """
 
     requires = frozenset({"normalized_views"})
@@ -320,9 +360,9 @@ class MultiViewGenerator(ViewGenerator):
                 f"group names; give one group per pipeline"
             )
         self.augmentations = nn.ModuleList(augmentations)
-        self.groups = tuple(groups)
+        self.groups = tuple(groups) or tuple(getattr(augmentations, "groups", ()))
         provides = {"two_views"} if len(augmentations) >= 2 else set()
-        self.provides = frozenset(provides | ({"view_groups"} if groups else set()))
+        self.provides = frozenset(provides | ({"view_groups"} if self.groups else set()))
 
     def forward(self, batch: Tensor) -> Views:
         images = to_float(batch)

@@ -110,21 +110,35 @@ class Augmentations(tuple):
 
     It is a tuple of modules, so a view generator indexes and iterates it as before;
     ``provides`` names the capabilities of the pipelines (``"normalized_views"`` for pipelines
-    that end in ``sslplug.Normalization``). A plain tuple or list is still accepted, taken to
+    that end in ``sslplug.Normalization``). ``groups`` optionally names the group of each
+    pipeline's view (multi-crop: ``("global", "global", "local", ...)``); a view generator that
+    is given no groups of its own takes these, so multi-crop views keep their groups when mixed
+    with another plugin's view generator. A plain tuple or list is still accepted, taken to
     provide ``normalized_views``, with a deprecation warning.
     """
 
     provides: frozenset[str]
+    groups: tuple[str, ...]
 
     def __new__(
-        cls, pipelines: Iterable[nn.Module], provides: Iterable[str] = ("normalized_views",)
+        cls,
+        pipelines: Iterable[nn.Module],
+        provides: Iterable[str] = ("normalized_views",),
+        groups: Sequence[str] = (),
     ) -> Augmentations:
         obj = super().__new__(cls, tuple(pipelines))
         obj.provides = frozenset(provides)
+        obj.groups = tuple(groups)
+        if obj.groups and len(obj.groups) != len(obj):
+            raise ValueError(
+                f"Augmentations got {len(obj)} pipelines but {len(obj.groups)} group names "
+                f"{obj.groups}; give one group per pipeline"
+            )
         return obj
 
     def __repr__(self) -> str:
-        return f"Augmentations({len(self)} pipelines, provides={sorted(self.provides)})"
+        groups = f", groups={self.groups}" if self.groups else ""
+        return f"Augmentations({len(self)} pipelines, provides={sorted(self.provides)}{groups})"
 
 
 @attrs.define

@@ -1,0 +1,1 @@
+"""moco_v2: being written (issue 14)."""

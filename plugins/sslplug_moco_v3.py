@@ -1,0 +1,1 @@
+"""moco_v3: being written (issue 14)."""

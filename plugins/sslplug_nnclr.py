@@ -1,0 +1,1 @@
+"""nnclr: being written (issue 14)."""
