@@ -43,7 +43,11 @@ from sslplug.finetune import FinetuneSettings
 from sslplug.plugins import PluginRegistry
 from sslplug.pretrained import build_encoder, load_run
 
-METHODS = ("rotnet", "jigsaw", "cpc", "simclr", "byol", "barlow_twins")
+METHODS = (
+    "rotnet", "jigsaw", "cpc", "simclr", "byol", "barlow_twins",
+    "moco_v2", "moco_v3", "swav", "dino", "vicreg", "nnclr", "simsiam",
+)  # fmt: skip
+PARTS = ("frozen", "finetune")
 FROZEN_BUDGETS = ("1%", "10%", "all")
 FINETUNE_BUDGETS = ("1%", "10%")
 INITS = ("pre-trained", "random init")
@@ -119,7 +123,7 @@ def evaluate(method: str, run_dir: Path, data: Any, registry: PluginRegistry, ar
             ),
         }
         for part, measure in parts.items():
-            if part in results:
+            if part in results or part.split("/")[0] not in args.parts:
                 continue
             encoder = build_encoder(
                 run, registry, data.image_size, data.num_classes, device, init == "pre-trained"
@@ -244,6 +248,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--finetune-steps", type=int, default=FinetuneSettings().steps)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=list(PARTS),
+        choices=PARTS,
+        help="what to evaluate: the frozen kNN and linear probes, fine-tuning, or both",
+    )
     parser.add_argument("--stage", choices=("all", "pretrain", "evaluate", "report"), default="all")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -255,9 +266,9 @@ def main() -> None:
         registry.load_entry_points()
         data = None
         for method in args.methods:
-            if (args.out / method / "quality.json").is_file() and len(
-                json.loads((args.out / method / "quality.json").read_text())
-            ) == 2 * len(INITS):
+            done = args.out / method / "quality.json"
+            wanted = {f"{part}/{init}" for part in args.parts for init in INITS}
+            if done.is_file() and wanted <= set(json.loads(done.read_text())):
                 continue
             if data is None:
                 run = load_run(args.out / method, registry)
