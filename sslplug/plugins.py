@@ -328,7 +328,13 @@ class PluginRegistry:
         kwargs["settings"] = config.plugins.get(name)
         try:
             result = self._call_one(_HOOK_OF[component], name, kwargs)
-        except (PluginError, ComponentMismatchError):
+        except ComponentMismatchError as exc:
+            chosen = ", ".join(f"{c.replace('_', ' ')} from {sources[c]!r}" for c in COMPONENTS)
+            raise ComponentMismatchError(
+                f"plugin {name!r} cannot build its {component} for the components chosen "
+                f"({chosen}): {exc}"
+            ) from exc
+        except PluginError:
             raise
         except Exception as exc:
             raise PluginError(f"plugin {name!r} failed to build its {component}: {exc!r}") from exc

@@ -142,3 +142,20 @@ def test_pretext_losses_need_their_own_labels(registry):
         ComponentMismatchError, match=r"loss from plugin 'jigsaw' requires permutation_labels"
     ):
         registry.build(config, RunContext(config=config, image_size=32), backbone, dim)
+
+
+def test_a_refusal_raised_inside_a_hook_names_the_other_plugins(registry):
+    from sslplug.config import RunContext
+    from sslplug.nn import build_backbone
+
+    config = load_config(
+        assignments=["components.plugin=cpc", "components.augmentation=byol"],
+        plugin_settings=registry.settings_classes(),
+    )
+    backbone, dim = build_backbone("small", 32)
+    with pytest.raises(ComponentMismatchError) as info:
+        registry.build(config, RunContext(config=config, image_size=32), backbone, dim)
+    message = str(info.value)
+    assert "plugin 'cpc' cannot build its views" in message
+    assert "augmentation from 'byol'" in message
+    assert "CPC's views need two augmentation modules" in message  # the plugin's own words
