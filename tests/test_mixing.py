@@ -148,8 +148,15 @@ def test_a_refusal_raised_inside_a_hook_names_the_other_plugins(registry):
     from sslplug.config import RunContext
     from sslplug.nn import build_backbone
 
+    @sslplug.hookimpl
+    def sslplug_augmentation():
+        return sslplug.Augmentations([sslplug.Normalization()] * 3)
+
+    plugin = types.ModuleType("three_views")
+    plugin.sslplug_augmentation = sslplug_augmentation
+    registry.register(plugin, "three_views")
     config = load_config(
-        assignments=["components.plugin=cpc", "components.augmentation=byol"],
+        assignments=["components.plugin=cpc", "components.augmentation=three_views"],
         plugin_settings=registry.settings_classes(),
     )
     backbone, dim = build_backbone("small", 32)
@@ -157,5 +164,5 @@ def test_a_refusal_raised_inside_a_hook_names_the_other_plugins(registry):
         registry.build(config, RunContext(config=config, image_size=32), backbone, dim)
     message = str(info.value)
     assert "plugin 'cpc' cannot build its views" in message
-    assert "augmentation from 'byol'" in message
+    assert "augmentation from 'three_views'" in message
     assert "CPC's views need two augmentation modules" in message  # the plugin's own words
