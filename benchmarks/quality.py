@@ -94,7 +94,9 @@ def _encoder_key(encoder: Any) -> str:
     return digest.hexdigest()
 
 
-def _measured_elsewhere(out: Path, method: str, part: str, key: str) -> tuple[str, Any] | None:
+def _measured_elsewhere(
+    out: Path, method: str, part: str, key: str, args: Any
+) -> tuple[str, Any] | None:
     """Rows already measured for an identical encoder (the same random initialisation of the
     same backbone, read the same way), by another method's run."""
     for other in METHODS:
@@ -102,9 +104,24 @@ def _measured_elsewhere(out: Path, method: str, part: str, key: str) -> tuple[st
         if other == method or not path.is_file():
             continue
         entry = json.loads(path.read_text()).get(part)
-        if entry is not None and entry.get("encoder_key") == key and "shared_with" not in entry:
+        if (
+            entry is not None
+            and entry.get("encoder_key") == key
+            and "shared_with" not in entry
+            and _done(entry, args)
+        ):
             return other, {"rows": entry["rows"], "seconds": entry["seconds"]}
     return None
+
+
+def _done(entry: dict[str, Any] | None, args: Any) -> bool:
+    """Whether a part's saved rows cover the label budgets asked for."""
+    if entry is None:
+        return False
+    if entry["rows"][0]["kind"] != "frozen":
+        return True
+    measured = {row["labels"] for row in entry["rows"]}
+    return all(b in measured for b in args.budgets)
 
 
 def evaluate(method: str, run_dir: Path, data: Any, registry: PluginRegistry, args: Any) -> None:
@@ -116,20 +133,20 @@ def evaluate(method: str, run_dir: Path, data: Any, registry: PluginRegistry, ar
     for init in INITS:
         parts = {
             f"frozen/{init}": lambda encoder, init=init: frozen_evaluation(
-                encoder, data, [parse_labels(b) for b in FROZEN_BUDGETS], device, init
+                encoder, data, [parse_labels(b) for b in args.budgets], device, init
             ),
             f"finetune/{init}": lambda encoder, init=init: finetune_evaluation(
                 encoder, data, [parse_labels(b) for b in FINETUNE_BUDGETS], device, init, settings
             ),
         }
         for part, measure in parts.items():
-            if part in results or part.split("/")[0] not in args.parts:
+            if part.split("/")[0] not in args.parts or _done(results.get(part), args):
                 continue
             encoder = build_encoder(
                 run, registry, data.image_size, data.num_classes, device, init == "pre-trained"
             )
             key = _encoder_key(encoder)
-            shared = _measured_elsewhere(args.out, method, part, key)
+            shared = _measured_elsewhere(args.out, method, part, key, args)
             if shared is not None:
                 _log(f"{method}: {part}: the same encoder as {shared[0]}'s, measured there")
                 results[part] = {**shared[1], "shared_with": shared[0]}
@@ -255,6 +272,13 @@ def main() -> None:
         choices=PARTS,
         help="what to evaluate: the frozen kNN and linear probes, fine-tuning, or both",
     )
+    parser.add_argument(
+        "--budgets",
+        nargs="+",
+        default=list(FROZEN_BUDGETS),
+        choices=FROZEN_BUDGETS,
+        help="label budgets of the frozen kNN and linear probe (default: all three)",
+    )
     parser.add_argument("--stage", choices=("all", "pretrain", "evaluate", "report"), default="all")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -267,9 +291,11 @@ def main() -> None:
         data = None
         for method in args.methods:
             done = args.out / method / "quality.json"
-            wanted = {f"{part}/{init}" for part in args.parts for init in INITS}
-            if done.is_file() and wanted <= set(json.loads(done.read_text())):
-                continue
+            if done.is_file():
+                saved = json.loads(done.read_text())
+                wanted = [f"{part}/{init}" for part in args.parts for init in INITS]
+                if all(_done(saved.get(w), args) for w in wanted):
+                    continue
             if data is None:
                 run = load_run(args.out / method, registry)
                 settings = attrs.evolve(run.config.data, name=str(args.data))
