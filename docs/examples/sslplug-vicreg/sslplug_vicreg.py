@@ -1,16 +1,22 @@
 """VICReg: variance-invariance-covariance regularisation (Bardes, Ponce & LeCun, ICLR 2022).
 
-A loss-only plugin: it needs two views and projections, so it mixes with any encoder that
-provides them::
+A loss-only plugin, registered as ``vicreg_loss`` (``vicreg`` is sslplug's built-in method,
+which also brings VICReg's expander and views): it needs two views and projections, so it mixes
+with any encoder that provides them::
 
-    sslplug run --plugin byol --loss vicreg --target-update none
-    sslplug run --plugin simclr --loss vicreg
+    sslplug run --plugin byol --loss vicreg_loss --target-update none
+    sslplug run --plugin simclr --loss vicreg_loss
 
 The loss (the paper's eq. 6) is ``lambda_ * s + mu * (v(z1) + v(z2)) + nu * (c(z1) + c(z2))``
 with ``s`` the mean squared distance between the two views' projections, ``v`` the hinge on
 the standard deviation of every dimension (``mean(relu(gamma - sqrt(var + eps)))``, gamma 1),
 and ``c`` the sum of the squared off-diagonal covariances divided by the dimension. The
 defaults are the paper's: lambda_ = mu = 25, nu = 1.
+
+Variance and covariance are statistics of the batch: under DDP the loss gathers every rank's
+projections first, with their gradient (``sslplug.gather``), as the official code does. Each
+rank then computes the loss of the whole batch, and DDP's average of the ranks' gradients is
+that loss's gradient; computed per rank, the statistics would be those of a smaller batch.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ def covariance(z: Tensor) -> Tensor:
 
 
 class VICRegLoss(sslplug.Loss):
-    """The VICReg loss on the first two views' projections, in float32."""
+    """The VICReg loss on the first two views' projections of the whole batch, in float32."""
 
     requires = frozenset({"two_views", "projection"})
 
@@ -59,7 +65,7 @@ class VICRegLoss(sslplug.Loss):
     ) -> sslplug.LossResult:
         s = self.settings
         with torch.autocast(outputs.projections[0].device.type, enabled=False):
-            z1, z2 = (z.float() for z in outputs.projections[:2])
+            z1, z2 = (sslplug.gather(z.float()) for z in outputs.projections[:2])
             invariance = F.mse_loss(z1, z2)
             var = variance(z1, s.gamma) + variance(z2, s.gamma)
             cov = covariance(z1) + covariance(z2)
