@@ -117,13 +117,13 @@ class SupportSet(nn.Module):
 
     @torch.no_grad()
     def nearest(self, z: Tensor) -> Tensor:
-        """The row of the support set with the largest dot product with each row of the
-        normalised ``z``; ``z`` itself (detached) while the support set is empty."""
-        filled = int(self.filled)
-        if filled == 0:
-            return z.detach().clone()
-        support = self.embeddings[:filled]
-        return support[(z @ support.T).argmax(dim=1)]
+        """The filled row of the support set with the largest dot product with each row of the
+        normalised ``z``; ``z`` itself (detached) while the support set is empty. Nothing is
+        read back to the host: unfilled rows are masked rather than sliced off."""
+        scores = z @ self.embeddings.T
+        unfilled = torch.arange(self.embeddings.shape[0], device=z.device) >= self.filled
+        neighbours = self.embeddings[scores.masked_fill(unfilled, -torch.inf).argmax(dim=1)]
+        return torch.where(self.filled > 0, neighbours, z.detach())
 
     @torch.no_grad()
     def push(self, z: Tensor) -> None:
