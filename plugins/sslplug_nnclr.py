@@ -157,6 +157,7 @@ class NNCLRLoss(sslplug.Loss):
     """The symmetrised NNCLR loss, and the support set it searches and fills.
 
     Given a ``predictor``, it applies it to the projections itself: for encoders that have none.
+    In training mode each call pushes the first view's projections into the support set.
     """
 
     requires = frozenset({"two_views", "projection", "prediction"})
@@ -188,7 +189,8 @@ class NNCLRLoss(sslplug.Loss):
             loss1 = nnclr_loss(nn1, p2.float(), self.temperature)
             loss2 = nnclr_loss(nn2, p1.float(), self.temperature)
             similarity = ((nn1 * z1).sum(1).mean() + (nn2 * z2).sum(1).mean()) / 2
-        self.support_set.push(z1)
+        if self.training:  # a loss measured in eval mode reads the support set, fills nothing
+            self.support_set.push(z1)
         return sslplug.LossResult((loss1 + loss2) / 2, {"neighbour_cosine": similarity})
 
 

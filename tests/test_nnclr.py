@@ -149,6 +149,17 @@ def test_loss_matches_reference_formula_and_fills_the_support_set_after():
     assert int(loss_fn.support_set.pointer) == 26 and int(loss_fn.support_set.filled) == 26
 
 
+def test_loss_in_eval_mode_leaves_the_support_set_alone():
+    loss_fn = nnclr.NNCLRLoss(temperature=0.1, support_set_size=32, dim=5)
+    loss_fn.support_set.push(torch.randn(12, 5))
+    before = {k: v.clone() for k, v in loss_fn.support_set.state_dict().items()}
+    loss_fn.eval()(_outputs(), _views(), None)
+    after = loss_fn.support_set.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    loss_fn.train()(_outputs(), _views(), None)
+    assert int(loss_fn.support_set.filled) == 18
+
+
 def test_loss_is_low_when_each_prediction_points_at_its_neighbour():
     g = torch.Generator().manual_seed(4)
     rows = _unit_rows(8, 16, g)
