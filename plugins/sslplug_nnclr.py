@@ -44,7 +44,7 @@ from sslplug import MLP, Encoder, Outputs, RunContext, Views
 
 @attrs.define
 class NNCLRSettings(sslplug.BYOLAugmentation):
-    """NNCLR's recipe (Dwibedi et al. 2021, Section 4.1 and Appendix A), its heads and
+    """NNCLR's recipe (Dwibedi et al. 2021, implementation details), its heads and
     augmentation as solo-learn's CIFAR config has them (``scripts/pretrain/cifar/nnclr.yaml``
     with ``augmentations/asymmetric.yaml``).
 
@@ -59,7 +59,8 @@ class NNCLRSettings(sslplug.BYOLAugmentation):
     images, about the paper's share of ImageNet (98304 of 1.28M, 24 batches of 4096), and 80%
     of the 5,000 images of the default data, so it fills within the first epoch and its rows are
     at most an epoch old. A support set larger than the data set holds stale copies of every
-    image, which then tend to be their own neighbours.
+    image, which then tend to be their own neighbours; 65536 rows would take 256 of the default
+    run's 285 steps to fill.
     """
 
     blur_prob: tuple[float, float] = (0.0, 0.0)
