@@ -15,7 +15,7 @@ from torch import nn
 import sslplug
 from sslplug import Outputs, Views
 from sslplug.checkpoint import load_checkpoint
-from sslplug.config import OptimSettings, RunContext, load_config
+from sslplug.config import OptimSettings, RunConfig, RunContext, load_config
 from sslplug.engine import train
 from sslplug.errors import ComponentMismatchError, ConfigError
 from sslplug.nn import SmallConvNet, build_backbone
@@ -226,3 +226,69 @@ def test_bad_settings_are_refused_naming_the_value(registry, setting, value, wor
             assignments=["components.plugin=simsiam", f"simsiam.{setting}={value}"],
             plugin_settings=registry.settings_classes(),
         )
+
+
+class StopAfterEpoch:
+    """A lifecycle plugin that interrupts the run once epoch ``epoch`` is saved, as Ctrl-C
+    would."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @sslplug.hookimpl
+    def sslplug_epoch_end(self, epoch: int) -> None:
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def _three_epochs(registry, out: Path) -> RunConfig:
+    return load_config(
+        assignments=[
+            "components.plugin=simsiam",
+            "simsiam.projection_dim=64",
+            "train.epochs=3",
+            "train.max_steps_per_epoch=3",
+            "train.batch_size=32",
+            "train.progress=false",
+            'train.disable=["knn", "view_grid", "tensorboard"]',
+            "eval.baseline=false",
+            "eval.every=0",
+            "data.workers=0",
+            f"train.out={out}",
+        ],
+        plugin_settings=registry.settings_classes(),
+    )
+
+
+@pytest.mark.slow  # three short runs on the default data
+def test_resume_is_bit_exact_with_the_predictor_group(tmp_path):
+    """3 epochs x 3 steps straight, against a run stopped after epoch 2 and resumed: the same
+    tensors, and the predictor's group still at its fixed learning rate."""
+    from sslplug.plugins import PluginRegistry
+
+    def fresh(*extra: object) -> PluginRegistry:
+        registry = PluginRegistry()
+        registry.load_entry_points()
+        for index, plugin in enumerate(extra):
+            assert registry.register(plugin, f"extra{index}"), registry.failures
+        return registry
+
+    torch.set_num_threads(1)  # runs compared bit for bit must reduce in the same order
+    registry = fresh()
+    train(_three_epochs(registry, tmp_path / "straight"), registry)
+    registry = fresh(StopAfterEpoch(2))
+    with pytest.raises(KeyboardInterrupt):
+        train(_three_epochs(registry, tmp_path / "resumed"), registry)
+    assert load_checkpoint(tmp_path / "resumed")["epoch"] == 2
+    registry = fresh()
+    config = _three_epochs(registry, tmp_path / "resumed")
+    train(config, registry, resume=tmp_path / "resumed")
+
+    straight, resumed = (load_checkpoint(tmp_path / name) for name in ("straight", "resumed"))
+    assert resumed["step"] == straight["step"] == 9
+    for component in ("views", "encoder", "loss"):
+        assert resumed[component].keys() == straight[component].keys(), component
+        for key, value in straight[component].items():
+            assert torch.equal(resumed[component][key], value), f"{component}.{key}"
+    lrs = {g["name"]: g["lr"] for g in resumed["optimizer"]["param_groups"]}
+    assert lrs["predictor"] == config.optim.lr
