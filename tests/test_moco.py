@@ -284,9 +284,8 @@ def _worker(rank: int, store: str, out: str) -> None:
         p1, p2, k1, k2 = (z[rows].clone().requires_grad_() for z in _v3_embeddings())
         v3_loss = _v3_loss(p1, p2, k1, k2)
         v3_loss.backward()
-        v2_loss, g1, g2 = _v2_step(*_v2_parts(), rows)
         encoder, target, images, queries = _v2_parts()
-        _v2_step(encoder, target, images, queries, rows)
+        v2_loss, g1, g2 = _v2_step(encoder, target, images, queries, rows)
         torch.save(
             {
                 "v3_loss": v3_loss.detach(),
