@@ -7,6 +7,8 @@ author changes a line; the author then replaces the bodies of the hooks.
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import keyword
 import re
 from pathlib import Path
@@ -159,6 +161,23 @@ Edit `{module}.py`: each hook returns one component; the settings class holds it
 """
 
 
+def _check_name_is_free(name: str, module: str) -> None:
+    """Refuse a plugin name that an installed plugin has, or a module name that an installed
+    module has: the new package's entry point or module would be shadowed by it (or shadow it)."""
+    taken = importlib.metadata.entry_points(group="sslplug").select(name=name)
+    for entry in taken:
+        owner = entry.dist.name if entry.dist is not None else "an unknown distribution"
+        raise ConfigError(
+            f"plugin name {name!r} is taken by the installed plugin from {owner} "
+            f"(sslplug list shows them all); choose another name, such as {name + '_loss'!r}"
+        )
+    if importlib.util.find_spec(module) is not None:
+        raise ConfigError(
+            f"plugin name {name!r} would make a module {module!r}, and an installed module has "
+            f"that name already; choose another plugin name"
+        )
+
+
 def write_plugin(name: str, components: list[str], parent: Path) -> Path:
     """Write the package of plugin ``name`` under ``parent``; return its folder."""
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or keyword.iskeyword(name):
@@ -171,6 +190,7 @@ def write_plugin(name: str, components: list[str], parent: Path) -> Path:
         raise ConfigError(f"unknown component {unknown[0]!r}; valid: {', '.join(COMPONENTS)}")
     components = [c for c in COMPONENTS if c in components] or list(COMPONENTS)
     dist, module = f"sslplug-{name.replace('_', '-')}", f"sslplug_{name}"
+    _check_name_is_free(name, module)
     folder = parent / dist
     if folder.exists():
         raise ConfigError(f"{str(folder)!r} exists already; choose another name or folder")

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow  # pip installs and a subprocess per command
 @pytest.fixture(scope="module")
 def examples(plugin_venv: ThrowawayVenv) -> Iterator[ThrowawayVenv]:
     """The throwaway environment with the VICReg and the broken examples installed."""
-    with plugin_venv.installed(EXAMPLES / "sslplug-vicreg", EXAMPLES / "sslplug-broken"):
+    with plugin_venv.installed(EXAMPLES / "sslplug-vicreg-loss", EXAMPLES / "sslplug-broken"):
         yield plugin_venv
 
 
@@ -32,11 +32,11 @@ def _fast_run(shapes_folder: Path, out: Path, *args: str) -> list[str]:
 
 
 def test_the_examples_are_seen_in_the_throwaway_environment_only(examples):
-    assert {("vicreg", "sslplug-vicreg"), ("broken_type", "sslplug-broken")} <= (
+    assert {("vicreg_loss", "sslplug-vicreg-loss"), ("broken_type", "sslplug-broken")} <= (
         examples.entry_points()
     )
     here = importlib.metadata.entry_points(group="sslplug")
-    assert "vicreg" not in here.names and "broken_type" not in here.names
+    assert "vicreg_loss" not in here.names and "broken_type" not in here.names
 
 
 def test_installed_vicreg_is_listed_and_mixes_with_builtin_encoders(
@@ -45,18 +45,17 @@ def test_installed_vicreg_is_listed_and_mixes_with_builtin_encoders(
     listing = examples.sslplug("list")
     assert listing.returncode == 0
     vicreg = next(
-        line.split() for line in listing.stdout.splitlines() if line.startswith("vicreg ")
+        line.split() for line in listing.stdout.splitlines() if line.startswith("vicreg_loss ")
     )
-    assert vicreg[1:3] == ["sslplug-vicreg", "0.1.0"]
+    assert vicreg[1:3] == ["sslplug-vicreg-loss", "0.1.0"]
     assert vicreg[3:8] == ["-", "-", "-", "x", "-"]  # only a loss
     done = examples.sslplug(
-        *_fast_run(shapes_folder, tmp_path / "run", "--plugin", "simclr", "--loss", "vicreg")
+        *_fast_run(shapes_folder, tmp_path / "run", "--plugin", "simclr", "--loss", "vicreg_loss")
     )
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert (
-        summary["components"]["loss"] == "vicreg" and summary["components"]["encoder"] == "simclr"
-    )
+    assert summary["components"]["loss"] == "vicreg_loss"
+    assert summary["components"]["encoder"] == "simclr"
 
 
 def test_broken_distributions_are_named_and_the_rest_keeps_working(

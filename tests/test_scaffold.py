@@ -36,6 +36,7 @@ def test_new_plugin_installs_lists_and_passes_its_own_test(
     [
         (["new-plugin", "My-Loss"], "plugin name 'My-Loss' must be lower case"),
         (["new-plugin", "class"], "plugin name 'class' must be lower case"),
+        (["new-plugin", "vicreg"], "name 'vicreg' is taken by the installed plugin from sslplug"),
     ],
 )
 def test_bad_plugin_names_are_refused(args, pattern, tmp_path, capsys):
@@ -47,3 +48,13 @@ def test_an_existing_folder_is_not_overwritten(tmp_path, capsys):
     (tmp_path / "sslplug-mine").mkdir()
     assert main(["new-plugin", "mine", "--dir", str(tmp_path)]) == 2
     assert "exists already" in capsys.readouterr().err
+
+
+def test_a_name_whose_module_exists_is_refused(tmp_path, monkeypatch, capsys):
+    (tmp_path / "sslplug_shadowed.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["new-plugin", "shadowed", "--dir", str(tmp_path)]) == 2
+    assert "would make a module 'sslplug_shadowed', and an installed module" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "sslplug-shadowed").exists()

@@ -23,7 +23,7 @@ from sslplug.engine import train
 from sslplug.errors import ComponentMismatchError, ConfigError
 from sslplug.nn import SmallConvNet, build_backbone
 
-EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "sslplug-vicreg"
+EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "sslplug-vicreg-loss"
 WORLD = 2
 ROWS, DIM = 8, 6  # per rank
 
@@ -32,7 +32,7 @@ def _load_example() -> types.ModuleType:
     """The example plugin of docs/examples, imported from its file under a name of its own."""
     name = "sslplug_vicreg_example"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, EXAMPLE / "sslplug_vicreg.py")
+        spec = importlib.util.spec_from_file_location(name, EXAMPLE / "sslplug_vicreg_loss.py")
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
