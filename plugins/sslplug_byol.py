@@ -25,8 +25,6 @@ Usage::
 
 from __future__ import annotations
 
-import copy
-
 import attrs
 import torch
 import torch.nn.functional as F
@@ -56,52 +54,25 @@ class BYOLSettings(sslplug.BYOLAugmentation):
     tau_base: float = attrs.field(default=0.996, validator=_unit_interval)
 
 
-class BYOLEncoder(sslplug.ProjectorEncoder):
+class BYOLEncoder(sslplug.PredictorEncoder):
     """Backbone, projector and predictor; all views pass through in one batched call."""
-
-    provides = frozenset({"projection", "prediction"})
 
     def __init__(self, backbone: nn.Module, feature_dim: int, settings: BYOLSettings) -> None:
         dim = settings.projection_dim
         projector = MLP(feature_dim, [settings.projector_hidden_dim], dim)
-        super().__init__(backbone, feature_dim, projector, dim)
-        self.predictor = MLP(dim, [settings.predictor_hidden_dim], dim)
-
-    def forward(self, views: Views) -> Outputs:
-        outputs = super().forward(views)
-        sizes = [z.shape[0] for z in outputs.projections]
-        outputs.predictions = self.predictor(torch.cat(outputs.projections)).split(sizes)
-        return outputs
+        predictor = MLP(dim, [settings.predictor_hidden_dim], dim)
+        super().__init__(backbone, feature_dim, projector, dim, predictor)
 
 
-class BYOLTarget(TargetUpdate):
-    """The target network: a copy of the online backbone and projector, moved by EMA."""
+class BYOLTarget(sslplug.MomentumTarget):
+    """The target network: a copy of the online backbone and projector, moved by EMA with
+    ``tau`` on a cosine from ``tau_base`` to 1."""
 
-    requires = frozenset({"projection"})
-    provides = frozenset({"target_projection"})
+    metric = "tau"
 
     def __init__(self, encoder: Encoder, tau_base: float) -> None:
-        super().__init__()
-        projector = getattr(encoder, "projector", None)
-        if not isinstance(projector, nn.Module):
-            raise sslplug.ComponentMismatchError(
-                f"the BYOL target update copies the encoder's backbone and projector, but the "
-                f"encoder {type(encoder).__name__} has no 'projector' module"
-            )
-        self.network = nn.Sequential(copy.deepcopy(encoder.backbone), copy.deepcopy(projector))
-        self.network.requires_grad_(False)
+        super().__init__(encoder, tau_base, name="the BYOL target update")
         self.tau_base = tau_base
-
-    def forward(self, views: Views) -> Outputs:
-        return Outputs(projections=sslplug.run_by_resolution(self.network, views.images))
-
-    @torch.no_grad()
-    def step(self, encoder: Encoder, step: int, total_steps: int) -> dict[str, float]:
-        tau = sslplug.cosine_tau(self.tau_base, step, total_steps)
-        projector = encoder.projector
-        assert isinstance(projector, nn.Module)  # checked in __init__
-        sslplug.ema_update(self.network, nn.Sequential(encoder.backbone, projector), tau)
-        return {"tau": tau}
 
 
 def regression_loss(prediction: Tensor, target: Tensor) -> Tensor:

@@ -33,7 +33,6 @@ Usage::
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import attrs
@@ -199,7 +198,7 @@ class DINOEncoder(sslplug.ProjectorEncoder):
         return sslplug.OptimRules(groups=groups, clip_grad_norm=s.clip_grad, weight_decay_end=end)
 
 
-class DINOTeacher(TargetUpdate):
+class DINOTeacher(sslplug.MomentumTarget):
     """The teacher: an EMA copy of the student's backbone and head, and the centre ``c``.
 
     ``forward`` (global crops only) returns the teacher's logits and, in
@@ -217,15 +216,7 @@ class DINOTeacher(TargetUpdate):
     provides = frozenset({"target_projection", TEACHER_DISTRIBUTION})
 
     def __init__(self, encoder: Encoder, settings: DINOSettings, run: RunContext) -> None:
-        super().__init__()
-        projector = getattr(encoder, "projector", None)
-        if not isinstance(projector, nn.Module) or not encoder.projection_dim:
-            raise sslplug.ComponentMismatchError(
-                f"the DINO teacher copies the encoder's backbone and projector, but the encoder "
-                f"{type(encoder).__name__} has no 'projector' module and projection_dim"
-            )
-        self.network = nn.Sequential(copy.deepcopy(encoder.backbone), copy.deepcopy(projector))
-        self.network.requires_grad_(False)
+        super().__init__(encoder, settings.momentum_teacher, name="the DINO teacher")
         self.register_buffer("center", torch.zeros(1, encoder.projection_dim))
         self.settings = settings
         self.run = run
@@ -262,10 +253,8 @@ class DINOTeacher(TargetUpdate):
 
     @torch.no_grad()
     def step(self, encoder: Encoder, step: int, total_steps: int) -> dict[str, float]:
-        tau = sslplug.cosine_tau(self.settings.momentum_teacher, step, total_steps)
-        projector = encoder.projector
-        assert isinstance(projector, nn.Module)  # checked in __init__
-        sslplug.ema_update(self.network, nn.Sequential(encoder.backbone, projector), tau)
+        tau = self.momentum(step, total_steps)
+        super().step(encoder, step, total_steps)
         self.update_center()
         return {"tau": tau, "teacher_temperature": self._temperature}
 

@@ -36,7 +36,6 @@ Usage::
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Literal
 
@@ -88,7 +87,7 @@ def moco_v2_encoder(backbone: nn.Module, feature_dim: int, settings: MoCoV2Setti
     return sslplug.ProjectorEncoder(backbone, feature_dim, head, settings.projection_dim)
 
 
-class KeyEncoder(TargetUpdate):
+class KeyEncoder(sslplug.MomentumTarget):
     """The key encoder (a momentum copy of the query encoder's backbone and head) and the queue.
 
     ``forward`` gives the L2-normalised keys of the first two views as ``projections`` and the
@@ -105,19 +104,10 @@ class KeyEncoder(TargetUpdate):
     def __init__(
         self, encoder: Encoder, queue_size: int, momentum: float, symmetric: bool = True
     ) -> None:
-        super().__init__()
-        projector = getattr(encoder, "projector", None)
-        if not isinstance(projector, nn.Module) or not encoder.projection_dim:
-            raise sslplug.ComponentMismatchError(
-                f"the MoCo v2 key encoder copies the encoder's backbone and projector, but the "
-                f"encoder {type(encoder).__name__} has no 'projector' module and projection_dim"
-            )
-        self.network = nn.Sequential(copy.deepcopy(encoder.backbone), copy.deepcopy(projector))
-        self.network.requires_grad_(False)
+        super().__init__(encoder, momentum, schedule="constant", name="the MoCo v2 key encoder")
         queue = F.normalize(torch.randn(queue_size, encoder.projection_dim), dim=1)
         self.register_buffer("queue", queue)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        self.momentum = momentum
         self.symmetric = symmetric
         self._pending: tuple[Tensor, ...] = ()
 
@@ -144,13 +134,11 @@ class KeyEncoder(TargetUpdate):
 
     @torch.no_grad()
     def step(self, encoder: Encoder, step: int, total_steps: int) -> dict[str, float]:
-        projector = encoder.projector
-        assert isinstance(projector, nn.Module)  # checked in __init__
-        sslplug.ema_update(self.network, nn.Sequential(encoder.backbone, projector), self.momentum)
+        super().step(encoder, step, total_steps)
         if self._pending:
             self.enqueue(*self._pending)
             self._pending = ()
-        return {"momentum": self.momentum}
+        return {"momentum": self.momentum_base}
 
 
 def info_nce(

@@ -31,8 +31,6 @@ Usage::
 
 from __future__ import annotations
 
-import copy
-
 import attrs
 import torch
 import torch.nn.functional as F
@@ -80,51 +78,24 @@ def predictor(dim: int, settings: MoCoV3Settings) -> MLP:
     return MLP(dim, [settings.predictor_hidden_dim], dim)
 
 
-class MoCoV3Encoder(sslplug.ProjectorEncoder):
+class MoCoV3Encoder(sslplug.PredictorEncoder):
     """Backbone, projector and predictor; all views of a size pass through in one call."""
-
-    provides = frozenset({"projection", "prediction"})
 
     def __init__(self, backbone: nn.Module, feature_dim: int, settings: MoCoV3Settings) -> None:
         head = projector(feature_dim, settings)
-        super().__init__(backbone, feature_dim, head, settings.projection_dim)
-        self.predictor = predictor(settings.projection_dim, settings)
-
-    def forward(self, views: Views) -> Outputs:
-        outputs = super().forward(views)
-        sizes = [z.shape[0] for z in outputs.projections]
-        outputs.predictions = self.predictor(torch.cat(outputs.projections)).split(sizes)
-        return outputs
+        dim = settings.projection_dim
+        super().__init__(backbone, feature_dim, head, dim, predictor(dim, settings))
 
 
-class MomentumEncoder(TargetUpdate):
-    """A copy of the query encoder's backbone and projector, moved by a cosine momentum."""
-
-    requires = frozenset({"projection"})
-    provides = frozenset({"target_projection"})
+class MomentumEncoder(sslplug.MomentumTarget):
+    """A copy of the query encoder's backbone and projector, moved by a cosine momentum; it
+    encodes the first two views, the ones the loss pairs."""
 
     def __init__(self, encoder: Encoder, momentum_base: float) -> None:
-        super().__init__()
-        head = getattr(encoder, "projector", None)
-        if not isinstance(head, nn.Module):
-            raise sslplug.ComponentMismatchError(
-                f"the MoCo v3 momentum encoder copies the encoder's backbone and projector, but "
-                f"the encoder {type(encoder).__name__} has no 'projector' module"
-            )
-        self.network = nn.Sequential(copy.deepcopy(encoder.backbone), copy.deepcopy(head))
-        self.network.requires_grad_(False)
-        self.momentum_base = momentum_base
+        super().__init__(encoder, momentum_base, name="the MoCo v3 momentum encoder")
 
     def forward(self, views: Views) -> Outputs:
         return Outputs(projections=sslplug.run_by_resolution(self.network, views.images[:2]))
-
-    @torch.no_grad()
-    def step(self, encoder: Encoder, step: int, total_steps: int) -> dict[str, float]:
-        momentum = sslplug.cosine_tau(self.momentum_base, step, total_steps)
-        head = encoder.projector
-        assert isinstance(head, nn.Module)  # checked in __init__
-        sslplug.ema_update(self.network, nn.Sequential(encoder.backbone, head), momentum)
-        return {"momentum": momentum}
 
 
 def contrastive_loss(query: Tensor, key: Tensor, temperature: float) -> tuple[Tensor, Tensor]:

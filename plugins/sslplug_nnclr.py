@@ -82,21 +82,13 @@ def nnclr_predictor(dim: int, settings: NNCLRSettings) -> MLP:
     return MLP(dim, [settings.predictor_hidden_dim], dim)
 
 
-class NNCLREncoder(sslplug.ProjectorEncoder):
+class NNCLREncoder(sslplug.PredictorEncoder):
     """Backbone, projector and predictor; provides projections and predictions of every view."""
-
-    provides = frozenset({"projection", "prediction"})
 
     def __init__(self, backbone: nn.Module, feature_dim: int, settings: NNCLRSettings) -> None:
         projector = nnclr_projector(feature_dim, settings)
-        super().__init__(backbone, feature_dim, projector, settings.projection_dim)
-        self.predictor = nnclr_predictor(settings.projection_dim, settings)
-
-    def forward(self, views: Views) -> Outputs:
-        outputs = super().forward(views)
-        sizes = [z.shape[0] for z in outputs.projections]
-        outputs.predictions = self.predictor(torch.cat(outputs.projections)).split(sizes)
-        return outputs
+        dim = settings.projection_dim
+        super().__init__(backbone, feature_dim, projector, dim, nnclr_predictor(dim, settings))
 
 
 class SupportSet(nn.Module):

@@ -27,7 +27,6 @@ from __future__ import annotations
 from typing import Literal
 
 import attrs
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -72,25 +71,17 @@ class SimSiamSettings:
     blur: Literal["auto", "on", "off"] = "auto"
 
 
-class SimSiamEncoder(sslplug.ProjectorEncoder):
+class SimSiamEncoder(sslplug.PredictorEncoder):
     """Backbone, projection MLP (BN on every layer, the output's without affine parameters) and
     the bottleneck prediction MLP, whose learning rate the optimiser holds fixed."""
-
-    provides = frozenset({"projection", "prediction"})
 
     def __init__(self, backbone: nn.Module, feature_dim: int, settings: SimSiamSettings) -> None:
         dim = settings.projection_dim or 4 * feature_dim
         hidden = [dim] * (settings.projector_layers - 1)
         projector = MLP(feature_dim, hidden, dim, last_batch_norm=True)
-        super().__init__(backbone, feature_dim, projector, dim)
-        self.predictor = MLP(dim, [settings.predictor_hidden_dim or dim // 4], dim)
+        predictor = MLP(dim, [settings.predictor_hidden_dim or dim // 4], dim)
+        super().__init__(backbone, feature_dim, projector, dim, predictor)
         self.fix_predictor_lr = settings.fix_predictor_lr
-
-    def forward(self, views: Views) -> Outputs:
-        outputs = super().forward(views)
-        sizes = [z.shape[0] for z in outputs.projections]
-        outputs.predictions = self.predictor(torch.cat(outputs.projections)).split(sizes)
-        return outputs
 
     def optim_rules(self) -> sslplug.OptimRules | None:
         if not self.fix_predictor_lr:

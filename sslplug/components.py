@@ -62,6 +62,7 @@ What every component may rely on:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,9 @@ import attrs
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from sslplug.errors import ComponentMismatchError
+from sslplug.nn import cosine_tau, ema_update
 
 if TYPE_CHECKING:
     from sslplug.optim import OptimRules
@@ -79,7 +83,9 @@ __all__ = [
     "Encoder",
     "Loss",
     "LossResult",
+    "MomentumTarget",
     "Outputs",
+    "PredictorEncoder",
     "PretextCrossEntropy",
     "ProjectorEncoder",
     "TargetUpdate",
@@ -327,6 +333,34 @@ class ProjectorEncoder(Encoder):
         return Outputs(features=features, projections=projections)
 
 
+class PredictorEncoder(ProjectorEncoder):
+    """A backbone, a projector and a predictor on top of the projector (BYOL, SimSiam, MoCo v3,
+    NNCLR); provides ``projection`` and ``prediction``.
+
+    The predictor maps every view's projection in one batched call. Build the projector before
+    the predictor, so that their initial weights are drawn in that order.
+    """
+
+    provides = frozenset({"projection", "prediction"})
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        projector: nn.Module,
+        projection_dim: int,
+        predictor: nn.Module,
+    ) -> None:
+        super().__init__(backbone, feature_dim, projector, projection_dim)
+        self.predictor = predictor
+
+    def forward(self, views: Views) -> Outputs:
+        outputs = super().forward(views)
+        sizes = [z.shape[0] for z in outputs.projections]
+        outputs.predictions = self.predictor(torch.cat(outputs.projections)).split(sizes)
+        return outputs
+
+
 class Loss(_Component):
     """Base class of losses: ``forward(outputs, views, target)`` returns a ``LossResult``.
 
@@ -382,3 +416,62 @@ class TargetUpdate(_Component):
         self, encoder: Encoder, step: int, total_steps: int
     ) -> dict[str, Any] | None:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+class MomentumTarget(TargetUpdate):
+    """A momentum copy of the encoder's backbone and projector (BYOL's target network, MoCo's
+    key encoder, DINO's teacher), moved after every optimizer step by
+    ``theta_target <- m * theta_target + (1 - m) * theta_online``.
+
+    ``m`` follows a cosine from ``momentum_base`` at the first step to 1 at the last (BYOL,
+    Grill et al. 2020, Section 3.2), or stays at ``momentum_base`` with ``schedule="constant"``
+    (MoCo v2). ``forward`` gives the projections of every view it reads, one batched call per
+    resolution; ``step`` logs the momentum under ``metric``. ``network`` is the copy, without
+    gradients; methods with more state (a queue, a centre) subclass this and add buffers.
+
+    Args:
+        encoder: the online encoder; it must have a ``projector`` module and a
+            ``projection_dim``, as ``ProjectorEncoder`` has.
+        name: how errors call this target network ("the BYOL target network").
+    """
+
+    requires = frozenset({"projection"})
+    provides = frozenset({"target_projection"})
+    metric = "momentum"
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        momentum_base: float,
+        schedule: str = "cosine",
+        name: str = "the target network",
+    ) -> None:
+        super().__init__()
+        projector = getattr(encoder, "projector", None)
+        if not isinstance(projector, nn.Module) or not getattr(encoder, "projection_dim", 0):
+            raise ComponentMismatchError(
+                f"{name} copies the encoder's backbone and projector, but the encoder "
+                f"{type(encoder).__name__} has no 'projector' module and projection_dim"
+            )
+        if schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+        self.network = nn.Sequential(copy.deepcopy(encoder.backbone), copy.deepcopy(projector))
+        self.network.requires_grad_(False)
+        self.momentum_base = momentum_base
+        self.schedule = schedule
+
+    def momentum(self, step: int, total_steps: int) -> float:
+        """``m`` after optimizer step ``step`` of ``total_steps``."""
+        if self.schedule == "constant":
+            return self.momentum_base
+        return cosine_tau(self.momentum_base, step, total_steps)
+
+    def forward(self, views: Views) -> Outputs:
+        return Outputs(projections=run_by_resolution(self.network, views.images))
+
+    @torch.no_grad()
+    def step(self, encoder: Encoder, step: int, total_steps: int) -> dict[str, Any] | None:
+        momentum = self.momentum(step, total_steps)
+        online = nn.Sequential(encoder.backbone, encoder.projector)  # type: ignore[arg-type]
+        ema_update(self.network, online, momentum)
+        return {self.metric: momentum}
