@@ -51,6 +51,22 @@ def test_builtin_byol_is_loaded_from_the_entry_point_group(registry):
     assert registry.failures == []
 
 
+WITH_TARGET = {"byol", "moco_v2", "moco_v3", "dino"}
+WITHOUT_TARGET = {
+    "simclr", "barlow_twins", "rotnet", "jigsaw", "cpc", "swav", "vicreg", "nnclr", "simsiam",
+}  # fmt: skip
+
+
+def test_every_built_in_method_is_listed_with_its_components(registry):
+    everything = ("augmentation", "views", "encoder", "loss", "target_update")
+    info = {i.name: i for i in registry.info() if i.distribution == "sslplug"}
+    assert set(info) == WITH_TARGET | WITHOUT_TARGET
+    for name, entry in info.items():
+        expected = everything if name in WITH_TARGET else everything[:-1]
+        assert entry.components == expected, name
+        assert entry.has_settings, name
+
+
 def test_plugin_that_fails_to_import_is_reported_and_left_out(tmp_path, monkeypatch):
     broken = {"broken": "import missing_dependency  # not installed\n"}
     monkeypatch.syspath_prepend(_distribution(tmp_path, "broken-dist", broken))
