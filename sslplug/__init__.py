@@ -49,7 +49,9 @@ from sslplug.errors import (
 from sslplug.hookspecs import hookimpl
 from sslplug.nn import MLP, cosine_tau, ema_update
 from sslplug.optim import OptimRules, ParamGroup
+from sslplug.masking import random_patch_mask
 from sslplug.validate import non_negative, positive, scale_range, unit_interval
+from sslplug.vit import ViTBackbone, token_backbone
 
 __version__ = "0.1.0"
 
@@ -80,6 +82,7 @@ __all__ = [
     "RunContext",
     "SslplugError",
     "TargetUpdate",
+    "ViTBackbone",
     "ViewGenerator",
     "Views",
     "__version__",
@@ -95,11 +98,13 @@ __all__ = [
     "non_negative",
     "normalize",
     "positive",
+    "random_patch_mask",
     "rank",
     "run_by_resolution",
     "scale_range",
     "simclr_recipe",
     "to_float",
+    "token_backbone",
     "unit_interval",
     "world_size",
 ]

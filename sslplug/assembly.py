@@ -78,7 +78,14 @@ def assemble(
         set_rng_state(init_rng)
     state = rng_state()
     model = config.model
-    backbone, feature_dim = build_backbone(model.backbone, image_size, model.cifar_stem)
+    backbone, feature_dim = build_backbone(
+        model.backbone,
+        image_size,
+        model.cifar_stem,
+        patch_size=model.patch_size,
+        drop_path_rate=model.drop_path_rate,
+        pool=model.pool,
+    )
     parts = registry.build(config, context, backbone, feature_dim)
     place(parts, device, config.train.channels_last)
     assembly = Assembly(context, parts, state)

@@ -40,6 +40,12 @@ capability              provided by     meaning
                                         ``extras["patches"]``: ``(B, gh, gw, D)`` patch vectors
 ``target_projection``   target update   its ``Outputs.projections`` holds one tensor per view it
                                         reads
+``patch_tokens``        backbone        the backbone is an ``sslplug.ViTBackbone``: its
+                                        ``tokens(images, keep)`` gives the class and patch
+                                        tokens (``--backbone vit_tiny``, ``timm:NAME``)
+``patch_mask``          view generator  ``Views.targets["keep"]`` ``(B, K)`` and ``["masked"]``
+                                        ``(B, N-K)``: visible and hidden patch indices of
+                                        ``Views.images[0]``, row-major (``sslplug.masking``)
 ======================  ==============  =========================================================
 
 What every component may rely on:
@@ -106,6 +112,8 @@ CAPABILITIES: dict[str, str] = {
     "prediction": "predictor outputs, one tensor per view",
     "logits": "pretext-task logits",
     "target_projection": "target-network projections, one tensor per view it reads",
+    "patch_tokens": "a backbone with patch tokens (sslplug.ViTBackbone: tokens(images, keep))",
+    "patch_mask": "Views.targets['keep'] / ['masked']: visible / hidden patch indices (MAE)",
 }
 
 DEFAULT_GROUP = "global"

@@ -123,12 +123,35 @@ class DataSettings:
     test_fraction: float = attrs.field(default=0.1, validator=_fraction)
 
 
+def _backbone_name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    from sslplug.nn import BACKBONES
+    from sslplug.vit import TIMM_PREFIX, VIT_PRESETS
+
+    if value in BACKBONES or value in VIT_PRESETS or value.startswith(TIMM_PREFIX):
+        return
+    valid = ", ".join([*BACKBONES, *VIT_PRESETS, "timm:NAME"])
+    raise ConfigError(f"model.backbone {value!r} is not valid; valid: {valid}")
+
+
 @attrs.define
 class ModelSettings:
-    """The backbone. ``cifar_stem``: 3x3 stride-1 first conv and no max-pool, for small images."""
+    """The backbone.
 
-    backbone: Literal["small", "resnet18", "resnet34", "resnet50"] = "small"
+    ``backbone``: ``small``, ``resnet18``, ``resnet34``, ``resnet50`` (torchvision), a Vision
+    Transformer preset (``vit_tiny``, ``vit_small``, ``vit_micro``) or ``timm:NAME`` for any
+    timm model (``sslplug.vit``). ``cifar_stem``: 3x3 stride-1 first conv and no max-pool, for
+    small images (ResNets). For ViTs: ``patch_size`` (0: an eighth of the image side up to 16
+    px for presets, the timm model's own for ``timm:``), ``drop_path_rate`` (stochastic depth),
+    and ``pool``, the features that evaluation reads: the class token (``token``), the mean
+    patch token (``avg``), or ``auto`` (the class token, or the mean where the method says so:
+    I-JEPA, whose class token is never trained).
+    """
+
+    backbone: str = attrs.field(default="small", validator=_backbone_name)
     cifar_stem: Literal["auto", "on", "off"] = "auto"
+    patch_size: int = attrs.field(default=0, validator=_non_negative)
+    drop_path_rate: float = attrs.field(default=0.0, validator=_non_negative)
+    pool: Literal["auto", "token", "avg"] = "auto"
 
 
 @attrs.define
@@ -278,6 +301,8 @@ class RunContext:
         parts: the built components (``sslplug.plugins.Components``), once they are built.
         data: the run's data set (``sslplug.data.DataSet``), when training.
         baseline: what ``sslplug_evaluate`` measured on the random initialisation.
+        backbone: the run's backbone, once built (before the components): a view generator
+            that draws masks over patches reads its grid (``sslplug.token_backbone``).
     """
 
     config: RunConfig
@@ -293,6 +318,7 @@ class RunContext:
     parts: Any = None
     data: Any = None
     baseline: dict[str, float] = attrs.Factory(dict)
+    backbone: Any = None
 
     def __attrs_post_init__(self) -> None:
         self.progress.steps_per_epoch = max(1, self.steps_per_epoch)

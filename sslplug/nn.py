@@ -139,8 +139,24 @@ def uses_cifar_stem(cifar_stem: str, image_size: int) -> bool:
     return cifar_stem == "on"
 
 
-def build_backbone(name: str, image_size: int, cifar_stem: str = "auto") -> tuple[nn.Module, int]:
-    """The backbone ``name`` and the width of its pooled output, randomly initialised."""
+def build_backbone(
+    name: str,
+    image_size: int,
+    cifar_stem: str = "auto",
+    *,
+    patch_size: int = 0,
+    drop_path_rate: float = 0.0,
+    pool: str = "auto",
+) -> tuple[nn.Module, int]:
+    """The backbone ``name`` and the width of its pooled output, randomly initialised.
+
+    ``name`` is ``small``, a torchvision ResNet, a ViT preset or ``timm:NAME``
+    (``sslplug.vit.build_timm_backbone``, which takes the last three arguments).
+    """
+    from sslplug.vit import TIMM_PREFIX, VIT_PRESETS, build_timm_backbone
+
+    if name in VIT_PRESETS or name.startswith(TIMM_PREFIX):
+        return build_timm_backbone(name, image_size, patch_size, drop_path_rate, pool)
     if name == "small":
         net = SmallConvNet()
         return net, net.out_dim

@@ -369,6 +369,7 @@ class PluginRegistry:
         """
         sources = self._resolve(config)
         run.components = sources
+        run.backbone = backbone
 
         def make(component: str, **kwargs: Any) -> Any:
             return self._make(component, config, sources, run=run, **kwargs)
@@ -383,7 +384,7 @@ class PluginRegistry:
             sources["target_update"] = NO_TARGET
         loss = make("loss", encoder=encoder)
         parts = Components(augmentations, views, encoder, loss, target_update, sources)
-        check_compatible(parts, self.capabilities)
+        check_compatible(parts, self.capabilities, backbone=f"--backbone {config.model.backbone}")
         run.parts = parts
         return parts
 
@@ -492,12 +493,15 @@ def _check_settings(settings: Any) -> type | None:
     return settings
 
 
-def check_compatible(parts: Components, capabilities: dict[str, Capability]) -> None:
+def check_compatible(
+    parts: Components, capabilities: dict[str, Capability], backbone: str = "the backbone"
+) -> None:
     """Check every component's ``requires`` against what the components before it provide,
     and that every name is a registered capability.
 
-    Order of the data flow: augmentation, views, encoder, target update, loss. A component may
-    require what any component before it provides.
+    Order of the data flow: the backbone (``patch_tokens`` for a ViT, under the name
+    ``backbone``), augmentation, views, encoder, target update, loss. A component may require
+    what any component before it provides.
     """
     sources = parts.sources
     chain: Sequence[tuple[str, Any]] = [
@@ -507,7 +511,9 @@ def check_compatible(parts: Components, capabilities: dict[str, Capability]) -> 
         ("target_update", parts.target_update),
         ("loss", parts.loss),
     ]
-    available: dict[str, str] = {}
+    available: dict[str, str] = {
+        cap: backbone for cap in getattr(getattr(parts.encoder, "backbone", None), "provides", ())
+    }
     for component, obj in chain:
         if obj is None:
             continue
@@ -526,7 +532,7 @@ def check_compatible(parts: Components, capabilities: dict[str, Capability]) -> 
             raise ComponentMismatchError(
                 f"the {component} from plugin {sources[component]!r} requires "
                 f"{', '.join(missing)}, which no component before it provides "
-                f"(augmentation from {sources['augmentation']!r}, views from "
+                f"({backbone}, augmentation from {sources['augmentation']!r}, views from "
                 f"{sources['views']!r}, encoder from {sources['encoder']!r}, target update from "
                 f"{sources['target_update']!r}). Available: {have or '(nothing)'}"
             )
