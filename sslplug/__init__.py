@@ -47,9 +47,9 @@ from sslplug.errors import (
     SslplugError,
 )
 from sslplug.hookspecs import hookimpl
+from sslplug.masking import random_patch_mask
 from sslplug.nn import MLP, cosine_tau, ema_update
 from sslplug.optim import OptimRules, ParamGroup
-from sslplug.masking import random_patch_mask
 from sslplug.validate import non_negative, positive, scale_range, unit_interval
 from sslplug.vit import ViTBackbone, token_backbone
 
