@@ -45,7 +45,7 @@ from sslplug.pretrained import build_encoder, load_run
 
 METHODS = (
     "rotnet", "jigsaw", "cpc", "simclr", "byol", "barlow_twins",
-    "moco_v2", "moco_v3", "swav", "dino", "vicreg", "nnclr", "simsiam",
+    "moco_v2", "moco_v3", "swav", "dino", "vicreg", "nnclr", "simsiam", "mae", "ijepa",
 )  # fmt: skip
 PARTS = ("frozen", "finetune")
 FROZEN_BUDGETS = ("1%", "10%", "all")
@@ -72,6 +72,10 @@ def pretrain(method: str, args: argparse.Namespace) -> Path:
             "--plugin", method, "--data", str(args.data), "--epochs", str(args.epochs),
             "--seed", str(args.seed), "--out", str(run_dir),
         ]  # fmt: skip
+        if args.backbone:
+            command += ["--backbone", args.backbone]
+        for assignment in args.set:
+            command += ["--set", assignment]
         _log(f"{method}: pre-training: {' '.join(command[2:])}")
     subprocess.run(command, check=True)
     return run_dir
@@ -129,7 +133,7 @@ def evaluate(method: str, run_dir: Path, data: Any, registry: PluginRegistry, ar
     results = json.loads(path.read_text()) if path.is_file() else {}
     device = resolve_device(args.device)
     run = load_run(run_dir, registry)
-    settings = FinetuneSettings(steps=args.finetune_steps)
+    settings = FinetuneSettings(steps=args.finetune_steps, layer_decay=args.layer_decay)
     for init in INITS:
         parts = {
             f"frozen/{init}": lambda encoder, init=init: frozen_evaluation(
@@ -263,7 +267,21 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backbone", help="the backbone to pre-train (default: sslplug's)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a setting passed to every pre-training run (repeatable)",
+    )
     parser.add_argument("--finetune-steps", type=int, default=FinetuneSettings().steps)
+    parser.add_argument(
+        "--layer-decay",
+        type=float,
+        default=FinetuneSettings().layer_decay,
+        help="layer-wise learning-rate decay when fine-tuning (0.75 for ViTs; default off)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument(
         "--parts",

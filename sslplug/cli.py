@@ -96,7 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--data", help="shapes (default), cifar10, cifar100, stl10, or an image folder"
     )
-    common.add_argument("--backbone", help="small (default), resnet18, resnet34, resnet50")
+    common.add_argument(
+        "--backbone",
+        help="small (default), resnet18, resnet34, resnet50, vit_micro, vit_tiny, vit_small, "
+        "or timm:NAME for any timm model",
+    )
     common.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     common.add_argument("--seed", type=int, help="random seed (default 0)")
     common.add_argument("--out", help="run folder (default runs/PLUGIN-TIME)")
@@ -224,6 +228,13 @@ def _add_downstream(sub: argparse._SubParsersAction) -> None:
         default=defaults.backbone_lr_scale,
         help=f"the encoder's learning rate relative to the head's (default "
         f"{defaults.backbone_lr_scale})",
+    )
+    ft.add_argument(
+        "--layer-decay",
+        type=float,
+        default=defaults.layer_decay,
+        help="layer-wise learning-rate decay: each backbone layer learns at this times the rate "
+        f"of the layer above (0.75 is MAE's for ViT-B; default {defaults.layer_decay}: off)",
     )
     ft.add_argument(
         "--no-probe-first",
@@ -547,6 +558,11 @@ def _cmd_finetune(args: argparse.Namespace, registry: PluginRegistry) -> int:
             f"--backbone-lr-scale {args.backbone_lr_scale} must be in (0, 1]: the encoder "
             f"learns at that share of the head's rate"
         )
+    if not 0 < args.layer_decay <= 1:
+        raise ConfigError(
+            f"--layer-decay {args.layer_decay} must be in (0, 1]: each layer learns at that "
+            f"share of the rate of the layer above (1: no decay)"
+        )
     budgets = _budgets(args, "1%")
     run, data, device = _open_run(args, registry)  # after the cheap checks: it decodes the data
     settings = FinetuneSettings(
@@ -556,6 +572,7 @@ def _cmd_finetune(args: argparse.Namespace, registry: PluginRegistry) -> int:
         seed=args.label_seed,
         backbone_lr_scale=args.backbone_lr_scale,
         probe_first=not args.no_probe_first,
+        layer_decay=args.layer_decay,
     )
     rows = []
     for init, encoder in _encoders(args, registry, run, data, device):

@@ -89,7 +89,7 @@ def finetune_evaluation(
     _check_labelled(data)
     settings = settings or FinetuneSettings()
     if init != "pre-trained":  # from scratch: nothing to start from or to preserve
-        settings = attrs.evolve(settings, backbone_lr_scale=1.0, probe_first=False)
+        settings = attrs.evolve(settings, backbone_lr_scale=1.0, probe_first=False, layer_decay=1.0)
     rows = []
     for budget in budgets:
         start = time.perf_counter()
@@ -108,6 +108,7 @@ def finetune_evaluation(
                 "batch_size": settings.batch_size,
                 "lr": settings.lr,
                 "backbone_lr_scale": settings.backbone_lr_scale,
+                "layer_decay": settings.layer_decay,
                 "probe_first": settings.probe_first,
                 "seconds": time.perf_counter() - start,
             }

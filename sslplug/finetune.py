@@ -17,12 +17,21 @@ schedule, and a fixed number of steps whatever the number of labels, so that 1% 
 labels cost the same. Starting the same training from the random initialisation of the same
 run gives supervised training from scratch on the same labels: the baseline that shows what
 pre-training is worth.
+
+Layer-wise learning-rate decay (``layer_decay``, Clark et al. 2020 for ELECTRA, the standard
+for fine-tuning ViTs since BEiT, Bao et al. 2022, and MAE, He et al. 2022, Appendix A.1: 0.75
+for ViT-B): the backbone's layers, from the output back to the input, learn at ``layer_decay``
+times the rate of the layer above, so the first layers, which pre-training made most general,
+move least. ``backbone_layers`` says what a layer is: the embeddings and each transformer block
+of a ViT, the stem and each stage of a ResNet, each convolution of the small backbone. 1.0 (the
+default) turns it off; ResNets may use it too.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import attrs
 import torch
@@ -33,8 +42,9 @@ from sslplug.augment import crop_flip_recipe, normalize, to_float
 from sslplug.components import Encoder
 from sslplug.data import DataSet, Loader, Split
 from sslplug.evaluate import fit_probe
+from sslplug.nn import SmallConvNet
 
-__all__ = ["FinetuneSettings", "finetune", "take"]
+__all__ = ["FinetuneSettings", "backbone_layers", "finetune", "layer_decay_groups", "take"]
 
 
 @attrs.frozen
@@ -49,6 +59,7 @@ class FinetuneSettings:
     seed: int = 0
     backbone_lr_scale: float = 0.1
     probe_first: bool = True
+    layer_decay: float = 1.0
 
 
 class _Classifier(nn.Module):
@@ -67,6 +78,56 @@ class _Classifier(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head((self.encoder.features(images).float() - self.mean) / self.std)
+
+
+def backbone_layers(backbone: nn.Module) -> list[list[nn.Parameter]]:
+    """The backbone's parameters in layers, from the input on, for layer-wise decay.
+
+    ViT (``sslplug.ViTBackbone``): the patch and position embeddings and class token, then one
+    layer per block; its final norm counts with the head, as in MAE's fine-tuning code. ResNet:
+    the stem (first convolution and its norm), then each of the four stages. The small
+    backbone: each convolution with its norm. Any other backbone: one layer of all its
+    parameters (no decay inside it).
+    """
+    from sslplug.vit import ViTBackbone
+
+    if isinstance(backbone, ViTBackbone):
+        vit: Any = backbone.vit
+        blocks = [list(block.parameters()) for block in vit.blocks]
+        in_blocks = {id(p) for layer in blocks for p in layer}
+        after = {id(p) for name in ("norm", "fc_norm", "head") for p in _params(vit, name)}
+        embeddings = [p for p in vit.parameters() if id(p) not in in_blocks and id(p) not in after]
+        return [embeddings, *blocks]
+    if all(hasattr(backbone, f"layer{i}") for i in range(1, 5)):
+        stem = [*_params(backbone, "conv1"), *_params(backbone, "bn1")]
+        return [stem, *(list(getattr(backbone, f"layer{i}").parameters()) for i in range(1, 5))]
+    if isinstance(backbone, SmallConvNet):
+        convs = [m for m in backbone.features if isinstance(m, nn.Conv2d)]
+        norms = [m for m in backbone.features if isinstance(m, nn.BatchNorm2d)]
+        return [[*c.parameters(), *n.parameters()] for c, n in zip(convs, norms)]
+    return [list(backbone.parameters())]
+
+
+def _params(module: nn.Module, name: str) -> list[nn.Parameter]:
+    child = getattr(module, name, None)
+    return list(child.parameters()) if isinstance(child, nn.Module) else []
+
+
+def layer_decay_groups(encoder: Encoder, lr: float, decay: float) -> list[dict[str, Any]]:
+    """Optimiser groups for ``encoder``: layer ``i`` of ``L`` backbone layers at
+    ``lr * decay ** (L - i)``, every other parameter (final norm, heads) at ``lr``."""
+    layers = backbone_layers(encoder.backbone)
+    groups: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for i, params in enumerate(layers):
+        params = [p for p in params if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        if params:
+            groups.append({"params": params, "lr": lr * decay ** (len(layers) - i)})
+    rest = [p for p in encoder.parameters() if id(p) not in seen]
+    if rest:
+        groups.append({"params": rest, "lr": lr})
+    return groups
 
 
 def take(split: Split, index: Tensor) -> Split:
@@ -129,7 +190,9 @@ def finetune(
     batch = min(settings.batch_size, len(train))
     optimizer = torch.optim.AdamW(
         [
-            {"params": model.encoder.parameters(), "lr": settings.lr * settings.backbone_lr_scale},
+            *layer_decay_groups(
+                model.encoder, settings.lr * settings.backbone_lr_scale, settings.layer_decay
+            ),
             {"params": model.head.parameters(), "lr": settings.lr},
         ],
         weight_decay=settings.weight_decay,

@@ -14,6 +14,10 @@ for images of 64 px or less, the CIFAR stem is put in::
     net = torchvision.models.resnet18()
     net.conv1, net.maxpool, net.fc = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity(), nn.Identity()
     net.load_state_dict(torch.load("backbone.pt", weights_only=True))
+
+A timm backbone (a ViT preset or ``timm:NAME``) writes the timm model's own state dict, which
+loads with ``strict=True`` into ``timm.create_model(NAME, num_classes=0, **ARGS)``, NAME and
+ARGS (image and patch size, and a preset's width and depth) being in the note beside it.
 """  # noqa: E501
 
 from __future__ import annotations
@@ -152,13 +156,35 @@ def export_backbone(
     check_new_file(out, force, keep=run_files)
     note_path = out.with_suffix(".json")
     check_new_file(note_path, force, keep=run_files)
-    state = {k: v.detach().cpu().clone() for k, v in encoder.backbone.state_dict().items()}
+    net = encoder.backbone
+    exported = getattr(net, "exported_state_dict", net.state_dict)()
+    state = {k: v.detach().cpu().clone() for k, v in exported.items()}
     backbone_file = io.BytesIO()  # in memory first, so that a failed write is an OSError
     torch.save(state, backbone_file)
     config = run.config
     backbone = config.model.backbone
-    cifar_stem = backbone != "small" and uses_cifar_stem(config.model.cifar_stem, image_size)
-    if backbone == "small":
+    timm_name = getattr(net, "timm_name", None)
+    cifar_stem = (
+        timm_name is None
+        and backbone != "small"
+        and uses_cifar_stem(config.model.cifar_stem, image_size)
+    )
+    extra: dict[str, Any] = {}
+    if timm_name is not None:
+        args = dict(net.timm_args)
+        load = [
+            "import timm",
+            f"net = timm.create_model({timm_name!r}, num_classes=0, **{args!r})",
+        ]
+        extra = {"timm_name": timm_name, "timm_args": args}
+        pool = getattr(net, "pool", None)
+        if pool == "token":
+            extra["features"] = "the class token: net.forward_features(x)[:, 0]"
+        elif pool == "avg":
+            extra["features"] = (
+                "the mean patch token: net.forward_features(x)[:, net.num_prefix_tokens:].mean(1)"
+            )
+    elif backbone == "small":
         load = ["from sslplug.nn import SmallConvNet", "net = SmallConvNet()"]
     else:
         load = [f"net = torchvision.models.{backbone}()"]
@@ -171,6 +197,7 @@ def export_backbone(
     note = {
         "format": "sslplug-backbone",
         "backbone": backbone,
+        **extra,
         "cifar_stem": cifar_stem,
         "image_size": image_size,
         "feature_dim": encoder.feature_dim,
