@@ -50,3 +50,20 @@ def test_byol_on_two_ranks_keeps_one_target_network(shapes_folder, tmp_path):
     done = _torchrun(shapes_folder, tmp_path / "byol", "--plugin", "byol")
     assert done.returncode == 0, done.stderr[-3000:]
     assert load_checkpoint(tmp_path / "byol")["target_update"] is not None
+
+
+@pytest.mark.parametrize("plugin", ["dino"])
+def test_vit_methods_train_on_two_ranks(shapes_folder, tmp_path, plugin):
+    done = _torchrun(
+        shapes_folder,
+        tmp_path / plugin,
+        "--plugin",
+        plugin,
+        "--backbone",
+        "vit_micro",
+        "--set",
+        "eval.baseline=false",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / plugin / "summary.json").read_text())
+    assert summary["backbone"] == "vit_micro" and summary["steps"] == 4
