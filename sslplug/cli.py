@@ -234,7 +234,7 @@ def _add_downstream(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=defaults.layer_decay,
         help="layer-wise learning-rate decay: each backbone layer learns at this times the rate "
-        f"of the layer above (0.75 is MAE's for ViT-B; default {defaults.layer_decay}: off)",
+        f"of the layer above (MAE fine-tunes ViT-B with 0.65; default {defaults.layer_decay}: off)",
     )
     ft.add_argument(
         "--no-probe-first",

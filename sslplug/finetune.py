@@ -19,12 +19,12 @@ run gives supervised training from scratch on the same labels: the baseline that
 pre-training is worth.
 
 Layer-wise learning-rate decay (``layer_decay``, Clark et al. 2020 for ELECTRA, the standard
-for fine-tuning ViTs since BEiT, Bao et al. 2022, and MAE, He et al. 2022, Appendix A.1: 0.75
-for ViT-B): the backbone's layers, from the output back to the input, learn at ``layer_decay``
-times the rate of the layer above, so the first layers, which pre-training made most general,
-move least. ``backbone_layers`` says what a layer is: the embeddings and each transformer block
-of a ViT, the stem and each stage of a ResNet, each convolution of the small backbone. 1.0 (the
-default) turns it off; ResNets may use it too.
+for fine-tuning ViTs since BEiT, Bao et al. 2022, and MAE, He et al. 2022, whose official
+commands use 0.65 for ViT-B): the backbone's layers, from the output back to the input, learn
+at ``layer_decay`` times the rate of the layer above, so the first layers, which pre-training
+made most general, move least. ``backbone_layers`` says what a layer is: the embeddings and
+each transformer block of a ViT, the stem and each stage of a ResNet, each convolution of the
+small backbone. 1.0 (the default) turns it off; ResNets may use it too.
 """
 
 from __future__ import annotations
