@@ -51,3 +51,15 @@ def test_per_image_recipe_follows_the_settings(registry):
 def test_bad_bench_input_is_a_message(capsys):
     assert main(["bench", "--batch-size", "0"]) == 2
     assert "--batch-size 0 must be positive" in capsys.readouterr().err
+
+
+def test_bench_runs_a_vit_in_bf16(tmp_path, capsys):
+    out = tmp_path / "vit.json"
+    args = ["bench", "--plugin", "dino", "--backbone", "vit_micro", "--batch-size", "8"]
+    args += ["--steps", "1", "--repeats", "1", "--warmup", "0", "--no-baseline"]
+    args += ["--precision", "bf16", "--set", "dino.out_dim=64", "--out", str(out)]
+    assert main(args) == 0
+    assert "dino, vit_micro backbone" in capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert results["sslplug_step"]["images_per_second"] > 0
+    assert results["settings"]["precision"] == "bf16"
