@@ -171,7 +171,7 @@ def export_backbone(
     )
     extra: dict[str, Any] = {}
     if timm_name is not None:
-        args = dict(net.timm_args)
+        args: dict[str, Any] = dict(getattr(net, "timm_args", {}))
         load = [
             "import timm",
             f"net = timm.create_model({timm_name!r}, num_classes=0, **{args!r})",

@@ -84,10 +84,10 @@ class ViTBackbone(nn.Module):
         self.vit = vit
         self.timm_name = timm_name
         self.timm_args = dict(timm_args)
-        self.embed_dim = int(vit.embed_dim)  # type: ignore[arg-type]
-        patch = vit.patch_embed.patch_size  # type: ignore[union-attr]
-        self.patch_size = int(patch[0])
-        self.num_prefix_tokens = int(vit.num_prefix_tokens)  # type: ignore[arg-type]
+        timm_vit: Any = vit  # timm's attributes, untyped
+        self.embed_dim = int(timm_vit.embed_dim)
+        self.patch_size = int(timm_vit.patch_embed.patch_size[0])
+        self.num_prefix_tokens = int(timm_vit.num_prefix_tokens)
         self.pool = "token"
         self.set_pool(pool)
 
@@ -198,7 +198,7 @@ def build_timm_backbone(
     vit_args: dict[str, Any] = {"img_size": image_size}
     if patch_size or name in VIT_PRESETS:
         vit_args["patch_size"] = patch_size or default_patch_size(image_size)
-    common = {"num_classes": 0, "drop_path_rate": drop_path_rate}
+    common: dict[str, Any] = {"num_classes": 0, "drop_path_rate": drop_path_rate}
     try:
         net = timm.create_model(
             timm_name,
@@ -215,13 +215,18 @@ def build_timm_backbone(
                 f"model.patch_size={patch_size}: timm's {timm_name} has no patches; leave it 0"
             ) from None
         net = timm.create_model(timm_name, pretrained=False, **common, **args)
-        return TimmBackbone(net, timm_name, {**args}), int(net.num_features)
+        return TimmBackbone(net, timm_name, {**args}), _width(net)
     if not isinstance(net, VisionTransformer):
-        return TimmBackbone(net, timm_name, {**args, **vit_args}), int(net.num_features)
+        return TimmBackbone(net, timm_name, {**args, **vit_args}), _width(net)
     has_token = getattr(net, "has_class_token", True)
     chosen = pool if pool != "auto" else ("token" if has_token else "avg")
     backbone = ViTBackbone(net, timm_name, {**args, **vit_args}, chosen)
     return backbone, backbone.embed_dim
+
+
+def _width(net: nn.Module) -> int:
+    """The width of a timm model's pooled features (``num_features``, timm's convention)."""
+    return int(getattr(net, "num_features"))  # noqa: B009 - an attribute typed Tensor | Module
 
 
 def token_backbone(backbone: nn.Module, who: str) -> ViTBackbone:
