@@ -47,7 +47,7 @@ from sslplug.errors import (
     SslplugError,
 )
 from sslplug.hookspecs import hookimpl
-from sslplug.masking import random_patch_mask
+from sslplug.masking import random_patch_mask, sample_block_masks
 from sslplug.nn import MLP, cosine_tau, ema_update
 from sslplug.optim import OptimRules, ParamGroup
 from sslplug.validate import non_negative, positive, scale_range, unit_interval
@@ -101,6 +101,7 @@ __all__ = [
     "random_patch_mask",
     "rank",
     "run_by_resolution",
+    "sample_block_masks",
     "scale_range",
     "simclr_recipe",
     "to_float",

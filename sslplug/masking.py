@@ -7,14 +7,21 @@ method that reads the same capability can reuse them:
 
 - ``patch_mask`` (MAE, He et al. 2022): ``targets["keep"]`` ``(B, K)`` the visible patches and
   ``targets["masked"]`` ``(B, N - K)`` the hidden ones, drawn by ``random_patch_mask``.
+- ``block_masks`` (I-JEPA, Assran et al. 2023): ``targets["context"]`` ``(B, K)`` the patches
+  the context encoder sees and ``targets["target_blocks"]`` ``(B, M, T)`` the patches of ``M``
+  rectangular target blocks whose representations are predicted, drawn by
+  ``sample_block_masks``. The context is one large block with every target patch removed.
+  The built-in ``ijepa`` plugin registers this capability.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["random_patch_mask"]
+__all__ = ["block_size", "random_patch_mask", "sample_block_masks"]
 
 
 def random_patch_mask(
@@ -39,3 +46,139 @@ def random_patch_mask(
     keep = order[:, : num_patches - hidden].sort(dim=1).values
     masked = order[:, num_patches - hidden :].sort(dim=1).values
     return keep, masked
+
+
+def block_size(grid: tuple[int, int], scale: float, aspect_ratio: float) -> tuple[int, int]:
+    """Rows and columns of a block covering about ``scale`` of the grid, ``aspect_ratio`` being
+    its height over its width.
+
+    As I-JEPA's official collator (``src/masks/multiblock.py``): the area is
+    ``floor(scale * H * W)`` patches, and each side is the exact side rounded to whole patches,
+    so each is within half a patch of ``sqrt(area * aspect_ratio)`` and
+    ``sqrt(area / aspect_ratio)``; then kept between 1 and the grid's side.
+    """
+    rows, cols = grid
+    area = math.floor(scale * rows * cols)
+    height = round(math.sqrt(area * aspect_ratio))
+    width = round(math.sqrt(area / aspect_ratio))
+    return min(max(height, 1), rows), min(max(width, 1), cols)
+
+
+def _block_masks(grid: tuple[int, int], size: tuple[int, int], top: Tensor, left: Tensor) -> Tensor:
+    """Boolean masks ``(*top.shape, H * W)`` of the ``size`` blocks at ``(top, left)``."""
+    rows, cols = grid
+    row = torch.arange(rows, device=top.device)
+    col = torch.arange(cols, device=top.device)
+    in_rows = (row >= top.unsqueeze(-1)) & (row < (top + size[0]).unsqueeze(-1))
+    in_cols = (col >= left.unsqueeze(-1)) & (col < (left + size[1]).unsqueeze(-1))
+    return (in_rows.unsqueeze(-1) & in_cols.unsqueeze(-2)).flatten(-2)
+
+
+def _corners(
+    shape: tuple[int, ...],
+    grid: tuple[int, int],
+    size: tuple[int, int],
+    device: torch.device | str,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """Top rows and left columns ``shape`` of ``size`` blocks placed uniformly inside the grid."""
+    spans = torch.tensor(
+        [grid[0] - size[0] + 1, grid[1] - size[1] + 1], device=device, dtype=torch.float32
+    )
+    corner = (torch.rand(*shape, 2, device=device, generator=generator) * spans).long()
+    corner = torch.minimum(corner, spans.long() - 1)  # rand may round up to 1.0 in float32
+    return corner[..., 0], corner[..., 1]
+
+
+def sample_block_masks(
+    batch: int,
+    grid: tuple[int, int],
+    num_targets: int = 4,
+    target_scale: tuple[float, float] = (0.15, 0.2),
+    target_aspect_ratio: tuple[float, float] = (0.75, 1.5),
+    context_scale: tuple[float, float] = (0.85, 1.0),
+    min_keep: int = 10,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+    tries: int = 20,
+) -> tuple[Tensor, Tensor]:
+    """I-JEPA's multi-block masks (Assran et al. 2023, Section 3 and Figure 4), for a batch, on
+    ``device``.
+
+    ``num_targets`` target blocks of scale ``target_scale`` and aspect ratio (height over
+    width) ``target_aspect_ratio``, possibly overlapping, and one context block of scale
+    ``context_scale`` and aspect ratio 1 from which every target patch is removed, so the
+    context never shows what is to be predicted. As in the official collator
+    (``src/masks/multiblock.py``), the sizes of the blocks (``block_size``) are drawn once for
+    the batch and their positions for every image, uniformly inside the grid; the context lists
+    are then cut to the shortest in the batch, keeping the first patches in row-major order, so
+    that they stack.
+
+    A context must keep at least ``min_keep`` patches. Each image gets ``tries`` candidate
+    positions of its context block, and takes the first that keeps enough; where none does, the
+    targets are let into the context from the last one back until one does, as the official
+    collator relaxes its constraint after every 20 failed draws.
+
+    Returns ``(context, targets)``: ``(B, K)`` and ``(B, M, T)`` int64 patch indices, row-major
+    over ``grid`` (``ViTBackbone.grid``), each row sorted; ``T`` is the area of the target
+    blocks. Everything is drawn from ``generator`` (the device's global generator when
+    ``None``), in tensors over the whole batch.
+
+    Where this differs from the official collator: scale and aspect ratio are drawn
+    independently (the collator uses one uniform number for both, so larger target blocks were
+    always taller); a block may span the whole side of the grid and touch its last row and
+    column (the collator keeps every side shorter than the grid's and its corner off the last
+    free row and column); the ``tries`` candidates are drawn at once and reused at every
+    relaxation.
+    """
+    for name, (low, high) in (("target_scale", target_scale), ("context_scale", context_scale)):
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"{name} must be a range with 0 < low <= high <= 1, got {(low, high)}")
+    low, high = target_aspect_ratio
+    if not 0.0 < low <= high:
+        raise ValueError(
+            f"target_aspect_ratio must be a range with 0 < low <= high, got {(low, high)}"
+        )
+    if num_targets < 0 or tries < 1 or min_keep < 1:
+        raise ValueError(
+            f"num_targets must be 0 or more, tries and min_keep 1 or more; got {num_targets}, "
+            f"{tries}, {min_keep}"
+        )
+    smallest = block_size(grid, context_scale[0], 1.0)
+    if smallest[0] * smallest[1] < min_keep:
+        raise ValueError(
+            f"a context block of scale {context_scale[0]} on a {grid[0]}x{grid[1]} patch grid "
+            f"holds {smallest[0] * smallest[1]} patches, fewer than min_keep={min_keep}; "
+            f"lower min_keep, or use smaller patches"
+        )
+    u = torch.rand(3, device=device, generator=generator).tolist()
+    scale = target_scale[0] + u[0] * (target_scale[1] - target_scale[0])
+    aspect = target_aspect_ratio[0] + u[1] * (target_aspect_ratio[1] - target_aspect_ratio[0])
+    target_size = block_size(grid, scale, aspect)
+    context_size = block_size(
+        grid, context_scale[0] + u[2] * (context_scale[1] - context_scale[0]), 1.0
+    )
+
+    top, left = _corners((batch, num_targets), grid, target_size, device, generator)
+    rows = top.unsqueeze(-1) + torch.arange(target_size[0], device=device)
+    cols = left.unsqueeze(-1) + torch.arange(target_size[1], device=device)
+    targets = (rows.unsqueeze(-1) * grid[1] + cols.unsqueeze(-2)).flatten(-2)
+
+    # covered[:, k]: the patches of the first k targets, k = 0..M: (B, M + 1, N)
+    covered = _block_masks(grid, target_size, top, left).cumsum(dim=1) > 0
+    none = torch.zeros(batch, 1, grid[0] * grid[1], dtype=torch.bool, device=device)
+    covered = torch.cat([none, covered], dim=1)
+    top, left = _corners((batch, tries), grid, context_size, device, generator)
+    candidates = _block_masks(grid, context_size, top, left)  # (B, tries, N)
+    # context of candidate r with the first k targets removed: (B, tries, M + 1, N)
+    allowed = candidates.unsqueeze(2) & ~covered.unsqueeze(1)
+    enough = allowed.sum(dim=-1) >= min_keep
+    # the most targets removed that some candidate allows, then the first such candidate
+    removed = num_targets - enough.any(dim=1).flip(-1).int().argmax(dim=-1)
+    image = torch.arange(batch, device=device)
+    chosen = enough[image, :, removed].int().argmax(dim=-1)
+    context_mask = allowed[image, chosen, removed]
+    keep = int(context_mask.sum(dim=-1).min())
+    # patches of the context first, each group in row-major order
+    order = torch.sort((~context_mask).to(torch.uint8), dim=-1, stable=True).indices
+    return order[:, :keep], targets
