@@ -52,7 +52,7 @@ def test_byol_on_two_ranks_keeps_one_target_network(shapes_folder, tmp_path):
     assert load_checkpoint(tmp_path / "byol")["target_update"] is not None
 
 
-@pytest.mark.parametrize("plugin", ["dino"])
+@pytest.mark.parametrize("plugin", ["dino", "mae", "ijepa"])
 def test_vit_methods_train_on_two_ranks(shapes_folder, tmp_path, plugin):
     done = _torchrun(
         shapes_folder,
