@@ -8,6 +8,10 @@ default data's image size, and ``✗`` when it is refused before the first step 
 ``ComponentMismatchError`` that names both plugins. Anything else, an exception during the
 step or a refusal that names only one side, fails the test.
 
+Each row runs on the small backbone, or on ``vit_micro`` when the row's method refuses the small
+backbone on its own (MAE and I-JEPA need patch tokens): a cell then shows whether the mix works
+where the row's method can run at all.
+
 Print the tables as the docs show them with ``python tests/test_mixing_matrix.py``.
 """
 
@@ -37,10 +41,28 @@ def methods(registry: PluginRegistry) -> list[str]:
     return [name for name in registry.names() if needed <= set(registry.provides(name))]
 
 
+def backbone(registry: PluginRegistry, plugin: str) -> str:
+    """``small``, or ``vit_micro`` for a method that needs the tokens of a ViT."""
+    config = load_config(
+        assignments=[f"components.plugin={plugin}"], plugin_settings=registry.settings_classes()
+    )
+    try:
+        assemble(config, registry, image_size=SIZE, device=torch.device("cpu"), train=False)
+    except ComponentMismatchError as error:
+        if "patch_tokens" in str(error) or "patch tokens" in str(error):
+            return "vit_micro"
+        raise
+    return "small"
+
+
 def cell(registry: PluginRegistry, plugin: str, component: str, other: str) -> str:
     """``✓`` when ``--plugin plugin --<component> other`` trains a step, ``✗`` when refused."""
     config = load_config(
-        assignments=[f"components.plugin={plugin}", f"components.{component}={other}"],
+        assignments=[
+            f"components.plugin={plugin}",
+            f"components.{component}={other}",
+            f"model.backbone={backbone(registry, plugin)}",
+        ],
         plugin_settings=registry.settings_classes(),
     )
     torch.manual_seed(0)
