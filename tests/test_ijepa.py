@@ -339,6 +339,8 @@ def test_weight_decay_follows_the_official_cosine_from_0_04_to_0_4(
     (group,) = rules.groups
     assert group.weight_decay == 0.04 and group.params is parts.encoder
     assert rules.weight_decay_end == pytest.approx(1e-3)  # 0.4 / 0.04 times optim.weight_decay
+    assert group.lr_scale == 0.25  # a quarter of optim.lr: 5e-4 at the core's 2e-3
+    assert _build(registry, "ijepa.lr_scale=1.0").optim_rules()[0].groups[0].lr_scale == 1.0
 
 
 @pytest.mark.parametrize(("pool", "token"), [("auto", False), ("token", True), ("avg", False)])
