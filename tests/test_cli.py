@@ -30,7 +30,7 @@ def test_list_shows_byol_with_distribution_and_components(capsys):
         ),
         (["run", "--set", "byol.tau=0.9"], "unknown key in \\[byol\\] 'tau'"),
         (["run", "--set", "train.batch_size=big"], "train.batch_size must be int, got 'big'"),
-        (["run", "--backbone", "vgg"], "model.backbone must be one of 'small', 'resnet18'"),
+        (["run", "--backbone", "vgg"], "model.backbone 'vgg' is not valid; valid: small, resnet18"),
         (["run", "--device", "tpu"], "train.device 'tpu' is not a device"),
         (["run", "--data", "/does/not/exist"], "neither a built-in data set"),
         (["run", "--config", "/does/not/exist.toml"], "does not exist"),
