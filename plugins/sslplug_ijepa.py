@@ -44,7 +44,6 @@ import attrs
 import kornia.augmentation as K
 import torch
 import torch.nn.functional as F
-from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
@@ -243,7 +242,7 @@ class IJEPAPredictor(nn.Module):
         ``(B, M, T, D)`` at the patches ``targets`` ``(B, M, T)`` of ``grid``."""
         b, m = targets.shape[:2]
         k = context.shape[1]
-        position = build_sincos2d_pos_embed(list(grid), self.width, device=context.device)
+        position = sslplug.sincos_position_embedding(*grid, self.width, context.device)
         x = self.embed(context_tokens) + position[context]
         queries = self.mask_token + position[targets]  # (B, M, T, width)
         x = torch.cat([x.unsqueeze(1).expand(b, m, k, self.width), queries], dim=2)

@@ -37,7 +37,7 @@ from math import isqrt, lcm
 import attrs
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm, build_sincos2d_pos_embed
+from timm.layers import LayerNorm
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
@@ -167,8 +167,9 @@ class MAEDecoder(nn.Module):
     """The light decoder (Section 3, "MAE decoder"): a linear map from the encoder's width to
     its own, the mask token at every hidden patch, fixed 2-D sin-cos position embeddings (none
     on the class token), transformer blocks, a norm and a linear map to each patch's pixels.
-    The position embedding is timm's ``build_sincos2d_pos_embed`` for the view's grid: the
-    frequencies of the official ``get_2d_sincos_pos_embed``, its four quarters in another order.
+    The position embedding is ``sslplug.sincos_position_embedding`` (timm's) for the view's
+    grid: the frequencies of the official ``get_2d_sincos_pos_embed``, its four quarters in
+    another order.
 
     Blocks as the official ``models_mae.py``'s: timm's ``Block`` with MLP ratio 4, biases on
     query, key and value, and layer norms of eps 1e-6 (timm's ``LayerNorm``). Initialised as
@@ -207,7 +208,7 @@ class MAEDecoder(nn.Module):
         tokens = self.mask_token.to(x.dtype).expand(x.shape[0], rows * cols, width)
         index = keep.unsqueeze(-1).expand(-1, -1, width)
         tokens = tokens.scatter(1, index, x[:, n_prefix:])
-        position = build_sincos2d_pos_embed([rows, cols], width, device=x.device)
+        position = sslplug.sincos_position_embedding(rows, cols, width, x.device)
         x = torch.cat([x[:, :n_prefix], tokens + position.to(x.dtype)], dim=1)
         x = self.norm(self.blocks(x))
         return self.pred(x[:, n_prefix:])

@@ -51,7 +51,7 @@ from sslplug.masking import random_patch_mask, sample_block_masks
 from sslplug.nn import MLP, cosine_tau, ema_update
 from sslplug.optim import OptimRules, ParamGroup
 from sslplug.validate import non_negative, positive, scale_range, unit_interval
-from sslplug.vit import ViTBackbone, token_backbone
+from sslplug.vit import ViTBackbone, sincos_position_embedding, token_backbone
 
 __version__ = "0.1.0"
 
@@ -104,6 +104,7 @@ __all__ = [
     "sample_block_masks",
     "scale_range",
     "simclr_recipe",
+    "sincos_position_embedding",
     "to_float",
     "token_backbone",
     "unit_interval",

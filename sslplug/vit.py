@@ -24,6 +24,7 @@ requires it, and the core refuses ``--backbone small`` or a ResNet for it before
 from __future__ import annotations
 
 import difflib
+import functools
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ __all__ = [
     "ViTBackbone",
     "build_timm_backbone",
     "default_patch_size",
+    "sincos_position_embedding",
     "token_backbone",
 ]
 
@@ -222,6 +224,19 @@ def build_timm_backbone(
     chosen = pool if pool != "auto" else ("token" if has_token else "avg")
     backbone = ViTBackbone(net, timm_name, {**args, **vit_args}, chosen)
     return backbone, backbone.embed_dim
+
+
+@functools.lru_cache(maxsize=32)
+def sincos_position_embedding(
+    rows: int, cols: int, width: int, device: torch.device | str = "cpu"
+) -> Tensor:
+    """The fixed 2-D sin-cos position embedding ``(rows * cols, width)`` of a patch grid,
+    row-major (timm's ``build_sincos2d_pos_embed``), made once per grid, width and device:
+    MAE's decoder and I-JEPA's predictor read it every step. Shared: do not modify it."""
+    from timm.layers import build_sincos2d_pos_embed
+
+    with torch.inference_mode(False), torch.no_grad():
+        return build_sincos2d_pos_embed([rows, cols], width, device=torch.device(device))
 
 
 def _width(net: nn.Module) -> int:
