@@ -150,7 +150,7 @@ class ModelSettings:
     backbone: str = attrs.field(default="small", validator=_backbone_name)
     cifar_stem: Literal["auto", "on", "off"] = "auto"
     patch_size: int = attrs.field(default=0, validator=_non_negative)
-    drop_path_rate: float = attrs.field(default=0.0, validator=_non_negative)
+    drop_path_rate: float = attrs.field(default=0.0, validator=_fraction)
     pool: Literal["auto", "token", "avg"] = "auto"
 
 

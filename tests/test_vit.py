@@ -74,6 +74,8 @@ def test_timm_names_and_settings_are_checked_with_a_clear_message():
         build_backbone("vit_micro", 32, drop_path_rate=1.5)
     with pytest.raises(ConfigError, match=r"model.backbone 'vit_huge' is not valid; valid: small"):
         load_config(None, ["model.backbone=vit_huge"])
+    with pytest.raises(ConfigError, match=r"drop_path_rate must be at least 0 and below 1"):
+        load_config(None, ["model.drop_path_rate=1.5"])  # with the settings, whatever the backbone
     with pytest.raises(ConfigError, match=r"model.pool 'mean' is not valid"):
         build_backbone("vit_micro", 32)[0].set_pool("mean")
 
