@@ -41,7 +41,6 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-import kornia.augmentation as K
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
@@ -183,8 +182,8 @@ class IJEPAViews(sslplug.MultiViewGenerator):
         self.requires = frozenset({"normalized_views", "patch_tokens"})
         self.provides = self.provides | {BLOCK_MASKS}
 
-    def forward(self, batch: Tensor) -> Views:
-        views = super().forward(batch)
+    def forward(self, batch: Tensor, extents: Tensor | None = None) -> Views:
+        views = super().forward(batch, extents)
         backbone = sslplug.token_backbone(self.run.backbone, "I-JEPA's block masks")
         grid = backbone.grid(*views.images[0].shape[-2:])
         context, targets = self.settings.masks(views.batch_size, grid, device=batch.device)
@@ -415,7 +414,7 @@ def sslplug_capabilities(register: Callable[[str, str], None]) -> None:
 @sslplug.hookimpl
 def sslplug_augmentation(settings: IJEPASettings, run: RunContext) -> sslplug.Augmentations:
     size = run.image_size
-    crop = K.RandomResizedCrop((size, size), scale=settings.crop_scale, cropping_mode="resample")
+    crop = sslplug.RandomResizedCrop(size, scale=settings.crop_scale)
     return sslplug.Augmentations([nn.Sequential(crop, sslplug.Normalization())])
 
 

@@ -150,8 +150,8 @@ class MaskedViewGenerator(sslplug.MultiViewGenerator):
         self.mask_ratio = mask_ratio
         self.run = run
 
-    def forward(self, batch: Tensor) -> Views:
-        views = super().forward(batch)
+    def forward(self, batch: Tensor, extents: Tensor | None = None) -> Views:
+        views = super().forward(batch, extents)
         images = views.images[0]
         backbone = sslplug.token_backbone(self.run.backbone, "MAE's masking")
         rows, cols = backbone.grid(images.shape[-2], images.shape[-1])

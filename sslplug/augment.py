@@ -7,6 +7,7 @@ gets the same BYOL pipeline as the built-in one by calling ``byol_recipe``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import attrs
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from sslplug.components import Augmentations, ViewGenerator, Views
+from sslplug.crops import RandomResizedCrop
 
 __all__ = [
     "MEAN",
@@ -23,6 +25,7 @@ __all__ = [
     "ColorJitter",
     "MultiViewGenerator",
     "Normalization",
+    "RandomResizedCrop",
     "blur_kernel_size",
     "byol_recipe",
     "crop_flip_recipe",
@@ -245,7 +248,7 @@ def _pipeline(
     solarize_prob: float,
 ) -> nn.Module:
     steps: list[nn.Module] = [
-        K.RandomResizedCrop((image_size, image_size), scale=crop_scale, cropping_mode="resample"),
+        RandomResizedCrop(image_size, scale=crop_scale),
         K.RandomHorizontalFlip(p=0.5),
         ColorJitter(*jitter, p=jitter_prob),
         K.RandomGrayscale(p=grayscale_prob),
@@ -331,7 +334,7 @@ def multicrop_recipe(
 def crop_flip_recipe(image_size: int, crop_scale: tuple[float, float]) -> nn.Module:
     """The light augmentation of pretext tasks: random resized crop, horizontal flip, normalise."""
     return nn.Sequential(
-        K.RandomResizedCrop((image_size, image_size), scale=crop_scale, cropping_mode="resample"),
+        RandomResizedCrop(image_size, scale=crop_scale),
         K.RandomHorizontalFlip(p=0.5),
         Normalization(),
     )
@@ -346,6 +349,11 @@ class MultiViewGenerator(ViewGenerator):
     pipelines that crop to different sizes); then it also provides ``view_groups``. Without
     ``groups``, those of ``augmentations`` are taken when it is an ``Augmentations`` that names
     them (``multicrop_recipe``).
+
+    Images of their own sizes (folders, prepared data, shards) arrive as a padded canvas with
+    their ``extents``; every pipeline that starts with ``sslplug.RandomResizedCrop`` crops each
+    image inside its own extent (``full_resolution``). A pipeline that starts otherwise gets
+    the square batch the loader gives to every other view generator.
     """
 
     requires = frozenset({"normalized_views"})
@@ -364,6 +372,32 @@ class MultiViewGenerator(ViewGenerator):
         provides = {"two_views"} if len(augmentations) >= 2 else set()
         self.provides = frozenset(provides | ({"view_groups"} if self.groups else set()))
 
-    def forward(self, batch: Tensor) -> Views:
+    @property
+    def full_resolution(self) -> bool:  # type: ignore[override]
+        """Whether ``forward`` takes images at their stored resolution with their extents:
+        every pipeline starts with ``RandomResizedCrop`` and ``forward`` (this class's, or a
+        subclass's) has an ``extents`` parameter."""
+        takes_extents = "extents" in inspect.signature(type(self).forward).parameters
+        return takes_extents and all(_starts_with_crop(aug) for aug in self.augmentations)
+
+    def forward(self, batch: Tensor, extents: Tensor | None = None) -> Views:
         images = to_float(batch)
-        return Views(images=tuple(aug(images) for aug in self.augmentations), groups=self.groups)
+        return Views(
+            images=tuple(_augment(aug, images, extents) for aug in self.augmentations),
+            groups=self.groups,
+        )
+
+
+def _starts_with_crop(pipeline: nn.Module) -> bool:
+    return isinstance(pipeline, nn.Sequential) and isinstance(pipeline[0], RandomResizedCrop)
+
+
+def _augment(pipeline: nn.Module, images: Tensor, extents: Tensor | None) -> Tensor:
+    """``pipeline(images)``, its leading crop given the extents of images of their own sizes."""
+    if extents is None:
+        return pipeline(images)
+    assert isinstance(pipeline, nn.Sequential)  # full_resolution checked that it starts so
+    images = pipeline[0](images, extents)
+    for step in pipeline[1:]:
+        images = step(images)
+    return images

@@ -261,6 +261,31 @@ def _add_downstream(sub: argparse._SubParsersAction) -> None:
         help="replace OUT.pt and OUT.json if they exist (never a checkpoint or a file of the run)",
     )
 
+    prep = sub.add_parser(
+        "prepare",
+        help="write a folder of images (or shards) once in a form that streams fast",
+        description=(
+            "Decode the images of DATA (an image folder, WebDataset shards, or a built-in data "
+            "set) once, upright, each at its own resolution with the shorter side at most "
+            "store-scale x image-size, and write them to the new folder OUT as shard files "
+            "(raw pixels, or JPEG bytes with --encoding jpeg: about 6x smaller, decoded with "
+            "TorchCodec when installed). Train on it with --data OUT: it is held in memory "
+            "when it fits in data.cache_gb, otherwise read a batch at a time. The train and "
+            "test splits are those a run on DATA would use."
+        ),
+    )
+    prep.add_argument("data", metavar="DATA")
+    prep.add_argument("out", type=Path, metavar="OUT", help="a new (or empty) folder")
+    prep.add_argument(
+        "--image-size", type=int, default=0,
+        help="the crop size the data is for (default: the data set's own, as data.image_size)",
+    )
+    prep.add_argument("--store-scale", type=float, default=1.15,
+                      help="stored shorter side at most this times the image size (1.15)")
+    prep.add_argument("--encoding", choices=("raw", "jpeg"), default="raw")
+    prep.add_argument("--workers", type=int, default=2, help="decoding processes (2)")
+    prep.add_argument("--seed", type=int, default=0, help="of the held-out test split (0)")
+
     bench = sub.add_parser(
         "bench",
         help="images per second of view generation and of the training step, against the "
@@ -614,6 +639,35 @@ def _cmd_export(args: argparse.Namespace, registry: PluginRegistry) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    import time
+
+    from sslplug.config import DataSettings
+    from sslplug.data import prepare
+
+    if args.workers < 0:
+        raise ConfigError(f"--workers {args.workers} must be 0 or more")
+    try:
+        settings = DataSettings(
+            name=args.data, image_size=args.image_size, store_scale=args.store_scale,
+            workers=args.workers,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc).replace("image_size", "--image-size")) from None
+    start = time.perf_counter()
+    marker = prepare(settings, args.out, encoding=args.encoding, seed=args.seed)
+    counts = ", ".join(
+        f"{name} {v['images']} images ({v['bytes'] / 2**20:.1f} MiB)"
+        for name, v in marker["splits"].items()
+    )
+    print(
+        f"prepared {args.data} for {marker['image_size']} px crops (shorter sides up to "
+        f"{marker['short_side']} px, {marker['encoding']}) in {args.out}: {counts}; "
+        f"{marker['skipped']} unreadable skipped; {time.perf_counter() - start:.0f} s"
+    )
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace, registry: PluginRegistry) -> int:
     import json
 
@@ -693,6 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "finetune": lambda: _cmd_finetune(args, registry),
             "export": lambda: _cmd_export(args, registry),
             "bench": lambda: _cmd_bench(args, registry),
+            "prepare": lambda: _cmd_prepare(args),
         }
         return commands[args.command]()
     except SslplugError as exc:

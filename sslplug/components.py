@@ -284,7 +284,17 @@ class ViewGenerator(_Component):
 
     Subclasses implement ``forward``. It is an ``nn.Module`` so that augmentation modules it
     holds move with ``.to(device)``, and its ``state_dict`` is checkpointed.
+
+    ``forward(batch)`` receives square images at ``data.image_size``. A generator whose
+    ``full_resolution`` is true instead receives, for data whose images keep their own sizes
+    (folders, prepared data, shards), ``forward(batch, extents)``: a zero-padded canvas at the
+    stored resolution and the ``(B, 2)`` height and width of each image in its top-left corner
+    (``None`` when the images all fill the batch), so that its crops read the stored pixels
+    (``sslplug.RandomResizedCrop``). False by default: a generator written for square batches
+    keeps getting them.
     """
+
+    full_resolution: bool = False
 
     def forward(self, batch: Tensor) -> Views:  # pragma: no cover - interface
         raise NotImplementedError

@@ -75,6 +75,19 @@ def _fraction(instance: Any, attribute: attrs.Attribute, value: float) -> None:
         raise ConfigError(f"{attribute.name} must be at least 0 and below 1, got {value!r}")
 
 
+def _image_size(instance: Any, attribute: attrs.Attribute, value: int) -> None:
+    if value != 0 and not 8 <= value <= 1024:
+        raise ConfigError(
+            f"image_size must be 0 (the data set's default) or between 8 and 1024 pixels, "
+            f"got {value!r}"
+        )
+
+
+def _at_least_one(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not value >= 1.0 or value > 8.0:
+        raise ConfigError(f"{attribute.name} must be between 1 and 8, got {value!r}")
+
+
 def _seed(instance: Any, attribute: attrs.Attribute, value: int) -> None:
     if value not in SEED_RANGE:
         raise ConfigError(
@@ -107,16 +120,24 @@ class ComponentSettings:
 class DataSettings:
     """Where images come from.
 
-    ``name`` is ``shapes`` (the embedded default), ``cifar10``, ``cifar100``, ``stl10``, or the
-    path of an image folder: class subfolders give labels, a flat folder is unlabelled (images
-    beside class subfolders are an error), and ``train/`` and ``test/`` subfolders are used as
-    the splits when present.
+    ``name`` is ``shapes`` (the embedded default), ``cifar10``, ``cifar100``, ``stl10``, the
+    path of an image folder (class subfolders give labels, a flat folder is unlabelled, images
+    beside class subfolders are an error, ``train/`` and ``test/`` subfolders are used as the
+    splits when present), of a folder that ``sslplug prepare`` wrote, or of WebDataset shards
+    (a ``.tar`` file, or a folder of them).
+
+    ``image_size`` is the side of the crops the views are made at (0: the data set's default:
+    32 for shapes and CIFAR, 96 for STL-10, 64 for image folders and shards; 8 to 1024).
+    Images of a folder keep their own resolution up to ``store_scale`` times that side (the
+    shorter side is resized to at most ``ceil(store_scale * image_size)``), and crops are taken
+    from there, batched on the device (``docs/data.md``).
     """
 
     name: str = "shapes"
     root: str = ""
     download: bool = False
-    image_size: int = attrs.field(default=0, validator=_non_negative)
+    image_size: int = attrs.field(default=0, validator=_image_size)
+    store_scale: float = attrs.field(default=1.15, validator=_at_least_one)
     workers: int = attrs.field(default=2, validator=_non_negative)
     strict: bool = False
     cache_gb: float = attrs.field(default=4.0, validator=_non_negative)
@@ -187,6 +208,8 @@ class TrainSettings:
     max_steps_per_epoch: int = attrs.field(default=0, validator=_non_negative)
     sync_batchnorm: bool = False
     disable: tuple[str, ...] = ()
+    compile: bool = False
+    max_minutes: float = attrs.field(default=0.0, validator=_non_negative)
 
 
 @attrs.define

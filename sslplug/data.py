@@ -1,10 +1,14 @@
-"""Data sets as fixed-size uint8 images, and the loader that moves them to the device.
+"""Data sets as uint8 images, and the loader that moves them to the device.
 
 Every data set is a ``DataSet`` with a train split (pre-training, and the kNN memory bank) and,
-when labelled, a test split (kNN queries). A split that fits in memory is one uint8 tensor
-``(N, C, H, W)``, decoded once; batches are slices of it. A larger image folder streams: images
-are decoded and resized in DataLoader workers every epoch. Either way the loader yields uint8
-batches on the device, where augmentation happens.
+when labelled, a test split (kNN queries). Built-in data sets are one uint8 tensor
+``(N, C, S, S)`` per split. Images of a folder, of prepared data or of shards keep a resolution
+of their own (``sslplug.store``): in memory when they fit in ``data.cache_gb``, otherwise read
+a batch at a time in DataLoader workers (prepared data: raw pixels or JPEG bytes from shard
+files; a folder: decoded from its files every epoch). The loader yields uint8 batches on the
+device, where augmentation happens: square batches at ``data.image_size`` for every consumer,
+or, for a view generator that crops at the stored resolution, a padded canvas and the extents
+of its images (``sslplug.crops``).
 
 Sources:
 
@@ -15,6 +19,10 @@ Sources:
 * any image folder: class subfolders (labelled) or a flat folder (unlabelled), not both, with
   optional ``train/`` and ``test/`` subfolders. A folder that cannot be listed is an error
   naming it; an unreadable image or a broken link is skipped and counted.
+* a folder written by ``sslplug prepare`` (``sslplug.store``).
+* WebDataset shards: a ``.tar`` file, or a folder of them (``train/`` and ``test/`` subfolders
+  of shards give the splits), read by index with ``wids``; an image under any of the usual
+  extensions and an optional integer label ``.cls`` per sample.
 """
 
 from __future__ import annotations
@@ -35,7 +43,18 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from sslplug.config import DataSettings
+from sslplug.crops import fit_batch
 from sslplug.errors import DataError
+from sslplug.store import (
+    STORE_MARKER,
+    Encoding,
+    ImageStore,
+    decode_image,
+    pad_batch,
+    read_store,
+    stored_side,
+    write_store,
+)
 
 __all__ = [
     "BUILTIN",
@@ -46,6 +65,7 @@ __all__ = [
     "Split",
     "load_data",
     "make_shapes",
+    "prepare",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,14 +80,51 @@ SHAPE_CLASSES = (
 
 @attrs.define
 class Split:
-    """One split: in memory (``images``) or streamed from disk (``source``)."""
+    """One split: equal-size images in memory (``images``), images of their own sizes in a
+    store (``store``, in memory or on disk), or decoded from files every epoch (``source``).
+
+    ``image_size`` is the side of the squares the loader makes of the images of a store or a
+    source for consumers that read fixed-size images (0: ``images`` are those squares).
+    """
 
     labels: Tensor
     images: Tensor | None = None
     source: Dataset | None = None
+    store: ImageStore | None = None
+    image_size: int = 0
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def subset(self, index: Tensor) -> Split:
+        """The images ``index`` of this split, held the same way."""
+        index = index.cpu()
+        labels = self.labels[index]
+        if self.images is not None:
+            return Split(labels, images=self.images[index], image_size=self.image_size)
+        if self.store is not None:
+            store = self.store
+            picked = ImageStore(
+                store.shapes[index], store.offsets[index], store.lengths[index],
+                store.shard[index], store.shards, store.encoding,
+            )
+            return Split(labels, store=picked, image_size=self.image_size)
+        assert self.source is not None
+        source = torch.utils.data.Subset(self.source, index.tolist())
+        return Split(labels, source=source, image_size=self.image_size)
+
+    def squares(self, index: Tensor | None = None) -> Split:
+        """The images ``index`` (all by default) as an in-memory split of uint8 squares at
+        ``image_size`` (images of their own sizes are fitted: shorter side, centre square)."""
+        part = self if index is None else self.subset(index)
+        if part.images is not None and not self.image_size:
+            return part
+        batches = Loader(part, 256, torch.device("cpu"), shuffle=False, drop_last=False,
+                         workers=0)
+        chunks = list(batches.epoch(0))
+        images = torch.cat([c[0] for c in chunks]) if chunks else torch.empty(0, dtype=torch.uint8)
+        labels = torch.cat([c[1] for c in chunks]) if chunks else part.labels[:0]
+        return Split(labels, images=images)
 
     @property
     def labelled(self) -> bool:
@@ -220,33 +277,15 @@ def _resize(images: Tensor, size: int) -> Tensor:
 # image folders
 
 
-def _decode(path: Path) -> Tensor:
-    """Read an image file as uint8 RGB ``(3, H, W)``: grayscale, palette, RGBA and 16-bit too."""
-    with Image.open(path) as pil:
-        pil.load()
-        if pil.mode in ("I;16", "I;16B", "I;16L", "I"):
-            pil = pil.point(lambda v: v / 256).convert("L")
-        elif pil.mode == "F":
-            pil = pil.convert("L")
-        rgb = pil.convert("RGB")
-        array = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-        return array.view(rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
-
-
-def _fit(image: Tensor, size: int) -> Tensor:
-    """Resize the shorter side to ``size`` and crop the centre square."""
-    from torchvision.transforms.v2 import functional as F
-
-    image = F.resize(image, size, antialias=True)
-    return F.center_crop(image, [size, size])
-
-
 class ImageFolder(Dataset):
-    """Image files with labels; ``__getitem__`` gives ``(uint8 (3, size, size), label)``, or
-    ``None`` for a file that cannot be decoded (left out of the batch, and counted)."""
+    """Image files with labels; ``__getitem__`` gives ``(uint8 (3, h, w), label)`` at the
+    stored resolution (``sslplug.store.decode_image``: upright, shorter side at most
+    ``short_side``), or ``None`` for a file that cannot be decoded (left out, and counted)."""
 
-    def __init__(self, files: list[Path], labels: list[int], size: int, strict: bool) -> None:
-        self.files, self.labels, self.size, self.strict = files, labels, size, strict
+    def __init__(
+        self, files: list[Path], labels: list[int], short_side: int, strict: bool
+    ) -> None:
+        self.files, self.labels, self.short_side, self.strict = files, labels, short_side, strict
 
     def __len__(self) -> int:
         return len(self.files)
@@ -254,7 +293,7 @@ class ImageFolder(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
         path = self.files[index]
         try:
-            image = _decode(path)
+            image = decode_image(path, self.short_side)
         except Exception as exc:
             if self.strict:
                 raise DataError(
@@ -263,22 +302,43 @@ class ImageFolder(Dataset):
                 ) from None
             log.warning("skipping unreadable image %s: %s", path, exc)
             return None
-        return _fit(image, self.size), self.labels[index]
+        return image, self.labels[index]
 
 
-def _collate(items: list[tuple[Tensor, int] | None]) -> tuple[Tensor, Tensor, list[int]]:
-    """The readable items as ``(images, labels)``, and the positions in ``items`` of the
+def _collate(
+    items: list[tuple[Tensor, int] | None],
+) -> tuple[Tensor, Tensor, Tensor | None, list[int]]:
+    """The readable items as a padded batch ``(images, labels, extents)`` (``pad_batch``;
+    extents ``None`` when the images fill the batch), and the positions in ``items`` of the
     unreadable ones."""
     good = [item for item in items if item is not None]
     unreadable = [position for position, item in enumerate(items) if item is None]
     if not good:
-        return (
-            torch.empty(0, 3, 0, 0, dtype=torch.uint8),
-            torch.empty(0, dtype=torch.int64),
-            unreadable,
-        )
-    images = torch.stack([img for img, _ in good])
-    return images, torch.tensor([lab for _, lab in good], dtype=torch.int64), unreadable
+        empty = torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+        return empty, torch.empty(0, dtype=torch.int64), None, unreadable
+    images, extents = pad_batch([img for img, _ in good])
+    labels = torch.tensor([lab for _, lab in good], dtype=torch.int64)
+    return images, labels, _unless_full(images, extents), unreadable
+
+
+def _unless_full(images: Tensor, extents: Tensor) -> Tensor | None:
+    """``extents``, or ``None`` when every image fills the canvas (no padding to avoid)."""
+    full = torch.tensor(images.shape[-2:], dtype=extents.dtype)
+    return None if bool((extents == full).all()) else extents
+
+
+class _StoreBatches(Dataset):
+    """A store read a batch at a time: ``dataset[indices]`` is ``_collate``'s batch."""
+
+    def __init__(self, store: ImageStore, labels: Tensor) -> None:
+        self.store, self.labels = store, labels
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, indices: list[int]) -> tuple[Tensor, Tensor, Tensor | None, list[int]]:
+        images, extents = self.store.read(indices)
+        return images, self.labels[indices], _unless_full(images, extents), []
 
 
 @attrs.define
@@ -407,36 +467,18 @@ def _image_folder(settings: DataSettings, seed: int) -> DataSet:
             broken[0],
             os.readlink(broken[0]),
         )
-    size = settings.image_size or _first_size(files)
+    size = settings.image_size or _default_size(files, root)
     lists = {"train": (files, labels)}
     if "test" in scanned and scanned["test"].files:
         lists["test"] = (scanned["test"].files, scanned["test"].labels)
     elif classes and settings.test_fraction > 0:
-        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
-        n_test = max(1, int(len(files) * settings.test_fraction))
-        held = set(order[:n_test])
-        lists["test"] = ([files[i] for i in sorted(held)], [labels[i] for i in sorted(held)])
-        lists["train"] = (
-            [f for i, f in enumerate(files) if i not in held],
-            [lab for i, lab in enumerate(labels) if i not in held],
-        )
-
+        lists = _hold_out(files, labels, settings.test_fraction, seed)
+    short = stored_side(size, settings.store_scale)
+    sources = {
+        name: ImageFolder(f, lab, short, settings.strict) for name, (f, lab) in lists.items()
+    }
     total = sum(len(f) for f, _ in lists.values())
-    in_memory = total * 3 * size * size <= settings.cache_gb * 2**30
-    splits: dict[str, Split] = {}
-    skipped = 0
-    for name, (f, lab) in lists.items():
-        source = ImageFolder(f, lab, size, settings.strict)
-        if in_memory:
-            images, labels_t, n_bad = _decode_all(source, settings.workers)
-            skipped += n_bad
-            if not len(images):
-                raise DataError(f"none of the {len(f)} images under {str(root)!r} could be read")
-            splits[name] = Split(images=images, labels=labels_t)
-        else:
-            splits[name] = Split(labels=torch.tensor(lab, dtype=torch.int64), source=source)
-    if skipped:
-        log.warning("skipped %d unreadable image(s) under %s", skipped, root)
+    splits, skipped = _hold(sources, total * 3 * short * short * 4 / 3, size, settings, root)
     return DataSet(
         name=str(root),
         train=splits["train"],
@@ -447,26 +489,101 @@ def _image_folder(settings: DataSettings, seed: int) -> DataSet:
     )
 
 
-def _first_size(files: list[Path]) -> int:
-    for path in files[:50]:
+def _hold_out(
+    files: list[Any], labels: list[int], fraction: float, seed: int
+) -> dict[str, tuple[list[Any], list[int]]]:
+    """A seeded random ``fraction`` of a labelled list held out as the test split."""
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[: max(1, int(len(files) * fraction))])
+    return {
+        "train": (
+            [f for i, f in enumerate(files) if i not in held],
+            [lab for i, lab in enumerate(labels) if i not in held],
+        ),
+        "test": ([files[i] for i in sorted(held)], [labels[i] for i in sorted(held)]),
+    }
+
+
+def _hold(
+    sources: dict[str, Dataset], estimated_bytes: float, size: int, settings: DataSettings,
+    where: Path,
+) -> tuple[dict[str, Split], int]:
+    """Decode every split into memory when ``estimated_bytes`` fits in ``data.cache_gb``,
+    otherwise leave each split to be decoded in workers every epoch. Returns the splits and
+    the number of unreadable images met while decoding."""
+    in_memory = estimated_bytes <= settings.cache_gb * 2**30
+    splits: dict[str, Split] = {}
+    skipped = 0
+    for name, source in sources.items():
+        labels = torch.tensor(getattr(source, "labels", []), dtype=torch.int64)
+        if not in_memory:
+            splits[name] = Split(labels=labels, source=source, image_size=size)
+            continue
+        images, labels_t, n_bad = _decode_all(source, settings.workers)
+        skipped += n_bad
+        if not images:
+            raise DataError(f"none of the {len(source)} images under {str(where)!r} could be read")
+        splits[name] = _in_memory(images, labels_t, size)
+    if not in_memory:
+        log.info(
+            "%s does not fit in data.cache_gb=%s: its images are decoded every epoch; "
+            "sslplug prepare %s OUT writes them once in a form that streams faster",
+            where, settings.cache_gb, where,
+        )
+    if skipped:
+        log.warning("skipped %d unreadable image(s) under %s", skipped, where)
+    return splits, skipped
+
+
+def _in_memory(images: list[Tensor], labels: Tensor, size: int) -> Split:
+    """Images of one shape become one tensor (the path of equal-size data such as CIFAR);
+    images of their own sizes, an in-memory store."""
+    if all(image.shape == images[0].shape for image in images):
+        return Split(labels=labels, images=torch.stack(images), image_size=size)
+    return Split(labels=labels, store=ImageStore.from_images(images), image_size=size)
+
+
+def _default_size(files: list[Path], root: Path) -> int:
+    """The median shorter side of up to 100 images spread over the listing (read from their
+    headers), at most 224: a folder's own default crop size, never the size of one file."""
+    step = max(1, len(files) // 100)
+    sides = []
+    for path in files[::step][:100]:
         try:
-            return min(_decode(path).shape[-2:])
+            with Image.open(path) as pil:
+                sides.append(min(pil.size))
         except Exception:
             continue
-    raise DataError(f"none of the first images in {str(files[0].parent)!r} could be read")
+    if not sides:
+        raise DataError(f"none of the sampled images under {str(root)!r} could be read")
+    size = min(224, int(torch.tensor(sides).median()))
+    if size < 8:
+        raise DataError(
+            f"the images under {str(root)!r} are tiny (median shorter side {size} px); crops "
+            f"need at least 8 px: set data.image_size (8 to 1024) to the size to train at"
+        )
+    return size
 
 
-def _decode_all(source: ImageFolder, workers: int) -> tuple[Tensor, Tensor, int]:
-    loader = DataLoader(source, batch_size=256, num_workers=workers, collate_fn=_collate)
-    images, labels, skipped = [], [], 0
-    for batch, lab, bad in loader:
-        if len(batch):
-            images.append(batch)
-            labels.append(lab)
-        skipped += len(bad)
-    if not images:
-        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), skipped
-    return torch.cat(images), torch.cat(labels), skipped
+def _as_list(items: list[Any]) -> list[Any]:
+    return items
+
+
+def _decode_all(source: Dataset, workers: int) -> tuple[list[Tensor], Tensor, int]:
+    """Every image of ``source`` (decoded in ``workers`` processes), their labels, and how
+    many could not be read."""
+    loader = DataLoader(source, batch_size=64, num_workers=workers, collate_fn=_as_list)
+    images: list[Tensor] = []
+    labels: list[int] = []
+    skipped = 0
+    for items in loader:
+        for item in items:
+            if item is None:
+                skipped += 1
+            else:
+                images.append(item[0])
+                labels.append(item[1])
+    return images, torch.tensor(labels, dtype=torch.int64), skipped
 
 
 def load_data(settings: DataSettings, seed: int = 0) -> DataSet:
@@ -488,9 +605,225 @@ def load_data(settings: DataSettings, seed: int = 0) -> DataSet:
             f"data {settings.name!r} is neither a built-in data set ({', '.join(BUILTIN)}) "
             f"nor an existing folder"
         )
+    try:
+        prepared = is_dir and (path / STORE_MARKER).is_file()
+        shards = _shard_files(path) if path.suffix == ".tar" or is_dir else None
+    except OSError as exc:
+        raise _unreadable_folder(path, path, exc) from None
+    if prepared:
+        return _prepared(path, settings)
+    if shards:
+        return _webdataset(path, shards, settings, seed)
     if not is_dir:
-        raise DataError(f"data {settings.name!r} is a file; give a folder of images")
+        raise DataError(
+            f"data {settings.name!r} is a file; give a folder of images, a folder written by "
+            f"sslplug prepare, or WebDataset shards (.tar)"
+        )
     return _image_folder(settings, seed)
+
+
+# ------------------------------------------------------------------------------------------
+# prepared data and WebDataset shards
+
+
+def prepare(
+    settings: DataSettings, out: Path, encoding: Encoding = "raw", seed: int = 0
+) -> dict[str, Any]:
+    """Write the data ``settings`` names (a folder, shards, or a built-in data set) to ``out``
+    in the prepared form (``sslplug.store.write_store``), decoding in ``data.workers``
+    processes; returns what the marker file records, with ``skipped`` images added.
+
+    The splits are the ones a run would use (a labelled folder without ``test/`` holds out
+    ``data.test_fraction`` with ``seed``), so a run on ``out`` sees the same train and test
+    images as one on the source.
+    """
+    data = load_data(attrs.evolve(settings, cache_gb=0.0), seed)
+    if isinstance(data.train.store, ImageStore):
+        raise DataError(f"{settings.name!r} is prepared data already; give its source")
+    skipped: list[int] = []
+
+    def items(split: Split) -> Iterator[tuple[Tensor, int]]:
+        if split.images is not None:
+            yield from zip(split.images, split.labels.tolist())
+            return
+        loader = DataLoader(
+            split.source, batch_size=64, num_workers=settings.workers, collate_fn=_as_list
+        )
+        for batch in loader:
+            skipped.append(sum(item is None for item in batch))
+            yield from (item for item in batch if item is not None)
+
+    splits = {"train": data.train} | ({"test": data.test} if data.test is not None else {})
+    marker = write_store(
+        out,
+        {name: items(split) for name, split in splits.items()},
+        image_size=data.image_size,
+        store_scale=settings.store_scale,
+        classes=data.classes,
+        encoding=encoding,
+        source=settings.name,
+    )
+    return marker | {"skipped": sum(skipped) + data.skipped}
+
+
+def _prepared(folder: Path, settings: DataSettings) -> DataSet:
+    """A folder written by ``sslplug prepare``: in memory when it fits in ``data.cache_gb``,
+    otherwise read from its shard files a batch at a time."""
+    marker, stores = read_store(folder)
+    size = settings.image_size or int(marker["image_size"])
+    if stored_side(size, 1.0) > int(marker["short_side"]):
+        log.warning(
+            "%s was prepared for crops of %s px (images stored with shorter sides up to %s "
+            "px); crops of %s px will be upsampled: prepare it again with --image-size %s",
+            folder, marker["image_size"], marker["short_side"], size, size,
+        )
+    total = sum(store.nbytes for store, _ in stores.values())
+    in_memory = total <= settings.cache_gb * 2**30
+    splits = {
+        name: Split(
+            labels=labels,
+            store=store.in_memory() if in_memory else store,
+            image_size=size,
+        )
+        for name, (store, labels) in stores.items()
+    }
+    classes = tuple(marker["classes"])
+    return DataSet(
+        name=str(folder),
+        train=splits["train"],
+        test=splits.get("test") if classes else None,
+        image_size=size,
+        classes=classes,
+    )
+
+
+def _shard_files(path: Path) -> dict[str, list[Path]] | None:
+    """The WebDataset shards at ``path`` by split: a ``.tar`` file, a folder of them, or
+    ``train/`` and ``test/`` folders of them; ``None`` when there are none."""
+    if path.is_file():
+        return {"train": [path]}
+    if (path / "train").is_dir():
+        found = {name: sorted((path / name).glob("*.tar")) for name in ("train", "test")
+                 if (path / name).is_dir()}
+    else:
+        found = {"train": sorted(path.glob("*.tar"))}
+    found = {name: files for name, files in found.items() if files}
+    return found if "train" in found else None
+
+
+class ShardSamples(Dataset):
+    """The samples of WebDataset shards by index (``wids``): ``(uint8 (3, h, w), label)`` at the
+    stored resolution, or ``None`` for a sample without a readable image."""
+
+    def __init__(self, shards: list[Path], short_side: int, strict: bool) -> None:
+        import wids
+
+        self.counts, self.labels = [], []
+        for shard in shards:
+            count, labels = _scan_shard(shard)
+            self.counts.append(count)
+            self.labels += labels
+        self.dataset = wids.ShardListDataset(
+            [{"url": str(s), "nsamples": n} for s, n in zip(shards, self.counts)],
+            transformations=[],
+        )
+        self.short_side, self.strict, self.shards = short_side, strict, shards
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
+        sample = self.dataset[index]
+        key = next((k for k in sample if k.lower().lstrip(".") in _IMAGE_KEYS), None)
+        try:
+            if key is None:
+                raise ValueError(f"no image among its files {sorted(sample)}")
+            data = sample[key]
+            image = decode_image(data.read() if hasattr(data, "read") else bytes(data),
+                                 self.short_side)
+        except Exception as exc:
+            where = f"sample {sample.get('__key__', index)!r} of {sample.get('__shard__')}"
+            if self.strict:
+                raise DataError(
+                    f"cannot read the image of {where}: {exc}. Set data.strict=false to skip "
+                    f"unreadable samples"
+                ) from None
+            log.warning("skipping %s: %s", where, exc)
+            return None
+        return image, self.labels[index]
+
+
+_IMAGE_KEYS = {ext.lstrip(".") for ext in IMAGE_EXTENSIONS} | {"image", "img"}
+
+
+def _scan_shard(shard: Path) -> tuple[int, list[int]]:
+    """The number of samples of a tar shard and their labels (``.cls``; -1 without)."""
+    import tarfile
+
+    keys: dict[str, int] = {}
+    try:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                label = keys.setdefault(key, -1)
+                if ext.lower() == "cls":
+                    handle = tar.extractfile(member)
+                    assert handle is not None
+                    text = handle.read().decode().strip()
+                    try:
+                        label = int(text)
+                    except ValueError:
+                        raise DataError(
+                            f"the label {text!r} of sample {key!r} in {str(shard)!r} is not an "
+                            f"integer class index"
+                        ) from None
+                    keys[key] = label
+    except (OSError, tarfile.TarError) as exc:
+        raise DataError(f"cannot read the WebDataset shard {str(shard)!r}: {exc}") from None
+    return len(keys), list(keys.values())
+
+
+def _webdataset(
+    path: Path, shards: dict[str, list[Path]], settings: DataSettings, seed: int
+) -> DataSet:
+    size = settings.image_size or 64
+    short = stored_side(size, settings.store_scale)
+    sources = {name: ShardSamples(files, short, settings.strict) for name, files in shards.items()}
+    labels = sources["train"].labels
+    labelled = bool(labels) and min(labels) >= 0
+    classes = tuple(str(c) for c in range(max(labels) + 1)) if labelled else ()
+    if labelled and "test" not in sources and settings.test_fraction > 0:
+        held = _hold_out(list(range(len(labels))), labels, settings.test_fraction, seed)
+        whole = sources["train"]
+        sources = {
+            name: _Relabelled(torch.utils.data.Subset(whole, idx), lab)
+            for name, (idx, lab) in held.items()
+        }
+    total = sum(len(s) for s in sources.values())
+    splits, skipped = _hold(sources, total * 3 * short * short * 4 / 3, size, settings, path)
+    return DataSet(
+        name=str(path),
+        train=splits["train"],
+        test=splits.get("test") if classes else None,
+        image_size=size,
+        classes=classes,
+        skipped=skipped,
+    )
+
+
+class _Relabelled(Dataset):
+    """A subset that carries its labels, as ``_hold`` expects of a source."""
+
+    def __init__(self, subset: Dataset, labels: list[int]) -> None:
+        self.subset, self.labels = subset, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.subset[index]
 
 
 # ------------------------------------------------------------------------------------------
@@ -498,7 +831,13 @@ def load_data(settings: DataSettings, seed: int = 0) -> DataSet:
 
 
 class Loader:
-    """Yields ``(uint8 images, labels)`` batches on ``device``, and measures waiting for them.
+    """Yields batches on ``device``, and measures waiting for them.
+
+    By default a batch is ``(uint8 images (B, C, S, S), labels)``, images of their own sizes
+    fitted to the split's ``image_size`` on the device (``fit_batch``). With
+    ``full_resolution`` it is ``(images, labels, extents)``: the stored pixels as a padded
+    canvas with each image's height and width (``None`` when all fill the canvas), for view
+    generators that crop at the stored resolution.
 
     ``max_batches`` (0: no limit) cuts every epoch short, for smoke tests and quick looks.
 
@@ -523,11 +862,13 @@ class Loader:
         max_batches: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        full_resolution: bool = False,
     ) -> None:
         self.split, self.batch_size, self.device = split, batch_size, device
         self.max_batches = max_batches
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.drop_last, self.seed, self.workers = shuffle, drop_last, seed, workers
+        self.full_resolution = full_resolution
         self.wait_seconds = 0.0
         self._unreadable: set[int] = set()  # indices into the split's source
         self._pin = device.type == "cuda"
@@ -542,7 +883,7 @@ class Loader:
         batches = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
         return min(batches, self.max_batches) if self.max_batches else batches
 
-    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def epoch(self, epoch: int) -> Iterator[Any]:
         """The batches of one epoch; the order depends only on the seed and ``epoch``.
 
         With ``world_size`` > 1 (distributed training) ``batch_size`` is the batch of all ranks
@@ -550,17 +891,31 @@ class Loader:
         batch, so the ranks together see exactly the batches of one process.
         """
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        if self.split.images is not None:
-            yield from self._from_memory(generator)
+        split = self.split
+        if split.images is not None:
+            batches = self._from_memory(generator)
+        elif split.store is not None and not split.store.on_disk:
+            batches = self._from_store(generator)
         else:
-            yield from self._from_workers(generator)
+            batches = self._from_workers(generator)
+        for images, labels, extents in batches:
+            if self.full_resolution:
+                yield images, labels, extents
+            elif split.image_size and (extents is not None or images.shape[-1] != split.image_size
+                                       or images.shape[-2] != split.image_size):
+                yield fit_batch(images, extents, split.image_size), labels
+            else:
+                yield images, labels
 
-    def _to_device(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def _to_device(
+        self, images: Tensor, labels: Tensor, extents: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         if self._pin:
             images, labels = images.pin_memory(), labels.pin_memory()
         return (
             images.to(self.device, non_blocking=True),
             labels.to(self.device, non_blocking=True),
+            None if extents is None else extents.to(self.device, non_blocking=True),
         )
 
     def _index_batches(self, generator: torch.Generator) -> list[Tensor]:
@@ -573,35 +928,51 @@ class Loader:
         share = self.batch_size // self.world_size
         return [batch[self.rank * share : (self.rank + 1) * share] for batch in batches]
 
-    def _from_memory(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+    def _from_memory(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor, None]]:
         images = self.split.images
         assert images is not None
         for index in self._index_batches(generator):
             start = time.perf_counter()
             batch = self._to_device(images[index], self.split.labels[index])
             self.wait_seconds += time.perf_counter() - start
+            yield batch[0], batch[1], None
+
+    def _from_store(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor, Any]]:
+        batches = _StoreBatches(self.split.store, self.split.labels)  # type: ignore[arg-type]
+        for index in self._index_batches(generator):
+            start = time.perf_counter()
+            images, labels, extents, _ = batches[index.tolist()]
+            batch = self._to_device(images, labels, extents)
+            self.wait_seconds += time.perf_counter() - start
             yield batch
 
-    def _from_workers(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+    def _from_workers(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor, Any]]:
         batches = [index.tolist() for index in self._index_batches(generator)]
-        assert self.split.source is not None  # a split without images is streamed
-        loader = DataLoader(
-            self.split.source,
-            batch_sampler=batches,
-            num_workers=self.workers,
-            collate_fn=_collate,
-            pin_memory=self._pin,
-        )
+        store = self.split.store
+        if store is not None:  # on disk: each worker reads whole batches
+            loader: DataLoader = DataLoader(
+                _StoreBatches(store, self.split.labels),
+                sampler=batches,
+                batch_size=None,
+                num_workers=self.workers,
+                pin_memory=self._pin,
+            )
+        else:
+            assert self.split.source is not None
+            loader = DataLoader(
+                self.split.source,
+                batch_sampler=batches,
+                num_workers=self.workers,
+                collate_fn=_collate,
+                pin_memory=self._pin,
+            )
         iterator: Any = iter(loader)
         for indices in batches:  # the DataLoader yields the batches in this order
             start = time.perf_counter()
-            images, labels, unreadable = next(iterator)
+            images, labels, extents, unreadable = next(iterator)
             self._unreadable.update(indices[position] for position in unreadable)
             if not len(images):
                 continue
-            batch = (
-                images.to(self.device, non_blocking=True),
-                labels.to(self.device, non_blocking=True),
-            )
+            batch = self._to_device(images, labels, extents)
             self.wait_seconds += time.perf_counter() - start
             yield batch

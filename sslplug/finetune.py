@@ -131,17 +131,9 @@ def layer_decay_groups(encoder: Encoder, lr: float, decay: float) -> list[dict[s
 
 
 def take(split: Split, index: Tensor) -> Split:
-    """The images ``index`` of ``split`` as an in-memory split (decoding them if streamed)."""
-    index = index.cpu()
-    if split.images is not None:
-        return Split(labels=split.labels[index], images=split.images[index])
-    source = split.source
-    assert source is not None  # a split without images is streamed
-    kept = [x for x in (source[i] for i in index.tolist()) if x is not None]
-    return Split(
-        labels=torch.tensor([lab for _, lab in kept], dtype=torch.long),
-        images=torch.stack([img for img, _ in kept]),
-    )
+    """The images ``index`` of ``split`` as an in-memory split of squares (decoding them if
+    streamed)."""
+    return split.squares(index)
 
 
 @torch.no_grad()

@@ -17,7 +17,8 @@ N = 4096
 def _sampled(pipeline: torch.nn.Module) -> dict[type, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     pipeline(torch.rand(N, 3, 32, 32))
-    return {type(m): m._params for m in pipeline if getattr(m, "_params", None) is not None}
+    steps = [getattr(m, "uniform", m) for m in pipeline]  # sslplug's crop wraps kornia's
+    return {type(m): m._params for m in steps if getattr(m, "_params", None) is not None}
 
 
 def _rate(params: dict[str, torch.Tensor]) -> float:

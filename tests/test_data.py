@@ -49,9 +49,13 @@ def test_image_folder_with_splits_and_classes(shapes_folder):
     assert len(data.test) == 20 and data.test.labelled
 
 
-def test_image_folder_is_resized_to_a_fixed_size(shapes_folder):
+def test_image_folder_is_stored_near_the_crop_size_and_loaded_as_squares(shapes_folder):
     data = load_data(DataSettings(name=str(shapes_folder), image_size=24, workers=0))
-    assert data.image_size == 24 and data.train.images.shape[-2:] == (24, 24)
+    # stored with the shorter side at ceil(1.15 * 24) = 28 px, not squashed to the crop size
+    assert data.image_size == 24 and data.train.images.shape[-2:] == (28, 28)
+    loader = Loader(data.train, 16, torch.device("cpu"), shuffle=False, drop_last=False)
+    images, _ = next(iter(loader.epoch(0)))
+    assert images.shape == (16, 3, 24, 24) and images.dtype == torch.uint8
 
 
 def test_flat_folder_is_unlabelled(tmp_path):
@@ -101,7 +105,10 @@ def test_unreadable_images_are_skipped_and_counted_and_modes_converted(tmp_path)
     _mixed_folder(tmp_path)
     data = load_data(DataSettings(name=str(tmp_path), image_size=16, workers=0, test_fraction=0))
     assert data.skipped == 2  # the broken and the truncated file
-    assert data.train.images.shape == (5, 3, 16, 16)
+    # images of their own sizes (20x30 and one pixel), each at most 19 px on its shorter side
+    assert data.train.store is not None and len(data.train) == 5
+    assert sorted(data.train.store.shapes.tolist()) == [[1, 1]] + [[19, 28]] * 4
+    assert data.train.squares().images.shape == (5, 3, 16, 16)
 
 
 def test_strict_mode_names_the_unreadable_file(tmp_path):

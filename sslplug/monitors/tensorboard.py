@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from sslplug.config import RunContext
-from sslplug.data import Split
 from sslplug.evaluate import extract_features
 from sslplug.hookspecs import hookimpl
 from sslplug.monitors.view_grid import FILENAME as VIEWS_FILE
@@ -79,13 +78,7 @@ class TensorBoardLogger:
             return
         test = data.test
         index = torch.linspace(0, len(test) - 1, min(count, len(test))).long().unique()
-        sample = Split(
-            labels=test.labels[index],
-            images=test.images[index] if test.images is not None else None,
-            source=torch.utils.data.Subset(test.source, index.tolist())
-            if test.images is None
-            else None,
-        )
+        sample = test.squares(index)
         features, labels = extract_features(
             run.parts.encoder, sample, torch.device(run.device), workers=0
         )

@@ -14,25 +14,26 @@ from torch import Tensor
 
 from sslplug.augment import denormalize
 from sslplug.config import RunContext
+from sslplug.data import Loader
 from sslplug.hookspecs import hookimpl
 
 FILENAME = "views.png"
 
 
-def _first_images(run: RunContext, count: int) -> Tensor | None:
+def _first_images(run: RunContext, count: int) -> tuple[Tensor, Tensor | None] | None:
+    """The first ``count`` readable training images, as the view generator takes them: square,
+    or at the stored resolution with their extents (``ViewGenerator.full_resolution``)."""
     train = run.data.train if run.data is not None else None
-    if train is None:
+    if train is None or run.parts is None:
         return None
-    if train.images is not None:
-        return train.images[:count]
-    found = []
-    for index in range(min(len(train.source), 4 * count)):
-        item = train.source[index]
-        if item is not None:
-            found.append(item[0])
-        if len(found) == count:
-            break
-    return torch.stack(found) if found else None
+    full = bool(getattr(run.parts.views, "full_resolution", False))
+    first = train.subset(torch.arange(min(len(train), 4 * count)))
+    loader = Loader(first, len(first), torch.device("cpu"), shuffle=False, drop_last=False,
+                    workers=0, full_resolution=full)
+    for images, _, *extents in loader.epoch(0):
+        kept = extents[0][:count] if extents and extents[0] is not None else None
+        return images[:count], kept
+    return None
 
 
 def view_grid(views: tuple[Tensor, ...], count: int = 8) -> Tensor | None:
@@ -56,12 +57,17 @@ class ViewGrid:
     def sslplug_run_start(self, run: RunContext) -> None:
         if run.progress.step != 0 or run.parts is None:
             return
-        images = _first_images(run, 8)
-        if images is None:
+        first = _first_images(run, 8)
+        if first is None:
             return
+        images, extents = first[0].to(run.device), first[1]
         devices = [run.device] if torch.device(run.device).type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():
-            views = run.parts.views(images.to(run.device))
+            views = (
+                run.parts.views(images)
+                if extents is None
+                else run.parts.views(images, extents.to(run.device))
+            )
         grid = view_grid(views.images)
         if grid is not None:
             torchvision.utils.save_image(grid, run.out_dir / FILENAME)
