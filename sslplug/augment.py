@@ -381,7 +381,9 @@ class MultiViewGenerator(ViewGenerator):
         return takes_extents and all(_starts_with_crop(aug) for aug in self.augmentations)
 
     def forward(self, batch: Tensor, extents: Tensor | None = None) -> Views:
-        images = to_float(batch)
+        # a padded canvas is large: convert it in one pass (to_float takes two, and is kept for
+        # equal-size batches so that their views stay bit for bit what they were)
+        images = to_float(batch) if extents is None else batch.mul(1.0 / 255.0)
         return Views(
             images=tuple(_augment(aug, images, extents) for aug in self.augmentations),
             groups=self.groups,

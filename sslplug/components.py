@@ -287,11 +287,12 @@ class ViewGenerator(_Component):
 
     ``forward(batch)`` receives square images at ``data.image_size``. A generator whose
     ``full_resolution`` is true instead receives, for data whose images keep their own sizes
-    (folders, prepared data, shards), ``forward(batch, extents)``: a zero-padded canvas at the
-    stored resolution and the ``(B, 2)`` height and width of each image in its top-left corner
-    (``None`` when the images all fill the batch), so that its crops read the stored pixels
-    (``sslplug.RandomResizedCrop``). False by default: a generator written for square batches
-    keeps getting them.
+    (folders, prepared data, shards), ``forward(batch, extents)``: a canvas at the stored
+    resolution, each image in its top-left corner, and ``extents`` ``(B, 3)``: each image's
+    height and width there, and 1 where a portrait image lies on its side (``None`` when the
+    images all fill the batch upright), so that its crops read the stored pixels
+    (``sslplug.RandomResizedCrop`` handles all of it; ``docs/data.md``). False by default: a
+    generator written for square batches keeps getting them.
     """
 
     full_resolution: bool = False

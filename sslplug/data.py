@@ -322,8 +322,9 @@ def _collate(
 
 
 def _unless_full(images: Tensor, extents: Tensor) -> Tensor | None:
-    """``extents``, or ``None`` when every image fills the canvas (no padding to avoid)."""
-    full = torch.tensor(images.shape[-2:], dtype=extents.dtype)
+    """``extents``, or ``None`` when every image fills the canvas upright (nothing to avoid
+    or to turn back)."""
+    full = torch.tensor([*images.shape[-2:], 0], dtype=extents.dtype)
     return None if bool((extents == full).all()) else extents
 
 

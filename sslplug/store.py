@@ -101,14 +101,21 @@ def decode_image(source: Path | str | bytes, short_side: int = 0) -> Tensor:
 def pad_batch(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """Images of their own sizes as one uint8 canvas ``(B, 3, H, W)`` and their extents.
 
-    Each image sits in the top-left corner; the rest of its row and column is filled with its
-    last column and row (edge replication), so that a crop touching its border never blends in
-    pixels of the padding.
+    Portrait images are laid on their side (transposed), so that a batch of portrait and
+    landscape photos needs a canvas of about the longer side by the shorter, not a square of
+    the longer side. Each image sits in the top-left corner; the rest of its row and column is
+    filled with its last column and row (edge replication), so that a crop touching its border
+    never blends in pixels of the padding. ``extents`` ``(B, 3)``: each image's height and width
+    on the canvas, and 1 where it was transposed (``sslplug.crops`` turns its crops back).
     """
-    extents = torch.tensor([image.shape[-2:] for image in images], dtype=torch.int64)
-    height, width = (int(v) for v in extents.max(dim=0).values)
+    turned = [image.shape[-2] > image.shape[-1] for image in images]
+    laid = [image.transpose(-1, -2) if t else image for image, t in zip(images, turned)]
+    extents = torch.tensor(
+        [[*image.shape[-2:], int(t)] for image, t in zip(laid, turned)], dtype=torch.int64
+    ).view(-1, 3)
+    height, width = (int(v) for v in extents[:, :2].max(dim=0).values)
     canvas = torch.empty(len(images), 3, height, width, dtype=torch.uint8)
-    for slot, image in zip(canvas, images):
+    for slot, image in zip(canvas, laid):
         h, w = image.shape[-2:]
         slot[:, :h, :w] = image
         if w < width:

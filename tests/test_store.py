@@ -89,10 +89,25 @@ def test_padding_repeats_the_edges_so_crops_at_the_border_see_no_black():
     a = torch.full((3, 10, 7), 200, dtype=torch.uint8)
     b = torch.full((3, 4, 12), 100, dtype=torch.uint8)
     canvas, extents = pad_batch([a, b])
-    assert canvas.shape == (2, 3, 10, 12) and extents.tolist() == [[10, 7], [4, 12]]
+    # the portrait image lies on its side: a 7x12 canvas, not 10x12
+    assert canvas.shape == (2, 3, 7, 12) and extents.tolist() == [[7, 10, 1], [4, 12, 0]]
     assert (canvas[0] == 200).all() and (canvas[1] == 100).all()
     fitted = fit_batch(canvas, extents, 5)
     assert (fitted[0] == 200).all() and (fitted[1] == 100).all()
+
+
+def test_portrait_images_are_cropped_upright_with_their_own_aspect_ratios():
+    portrait = torch.zeros(3, 60, 20, dtype=torch.uint8)
+    portrait[:, :30] = 255  # top half white: an upright crop of the middle is white above
+    canvas, extents = pad_batch([portrait, torch.zeros(3, 20, 50, dtype=torch.uint8)])
+    assert extents[0].tolist() == [20, 60, 1]
+    fitted = fit_batch(canvas, extents, 10)
+    assert fitted[0, :, :4].float().mean() > 250 and fitted[0, :, 6:].float().mean() < 5
+    # aspect ratios (upright width / height) stay inside (1/2, 1) for the turned image too
+    many = extents[:1].expand(2000, 3)
+    boxes = sample_boxes(many, (0.1, 0.3), (1 / 2, 1.0), generator=torch.Generator())
+    upright_aspect = (boxes[:, 3] - boxes[:, 1]) / (boxes[:, 2] - boxes[:, 0])  # turned back
+    assert upright_aspect.min() >= 0.5 - 1e-4 and upright_aspect.max() <= 1.0 + 1e-4
 
 
 def test_fitting_matches_resize_and_centre_crop():
@@ -176,8 +191,8 @@ def test_a_folder_of_mixed_sizes_keeps_each_image_at_its_own_resolution(tmp_path
     loader = Loader(data.train, 6, CPU, shuffle=True, drop_last=True, workers=0,
                     full_resolution=True)
     images, _, extents = next(iter(loader.epoch(0)))
-    assert images.dtype == torch.uint8 and extents.shape == (6, 2)
-    assert (extents <= torch.tensor(images.shape[-2:])).all()
+    assert images.dtype == torch.uint8 and extents.shape == (6, 3)
+    assert (extents[:, :2] <= torch.tensor(images.shape[-2:])).all()
     views = sslplug.MultiViewGenerator(sslplug.byol_recipe(32))
     assert views.full_resolution
     out = views(images, extents)
@@ -338,5 +353,6 @@ def test_a_run_on_prepared_photos_crops_at_the_stored_resolution(tmp_path, monke
         "--set", "eval.embedding_samples=0",
     ])
     assert code == 0
-    assert seen[0] == (8, 2)  # the view grid of the first eight
-    assert len(seen) > 1 and all(shape == (4, 2) for shape in seen[1:])
+    # the view grid of the first eight, then the steps; the health monitor's views of its
+    # fixed sample are made from square images (None)
+    assert (8, 3) in seen and seen.count((4, 3)) == len(seen) - 1 - seen.count(None)
