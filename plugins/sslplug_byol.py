@@ -46,12 +46,17 @@ class BYOLSettings(sslplug.BYOLAugmentation):
     Projector and predictor: Linear(4096)-BN-ReLU-Linear(256). EMA rate from 0.996 to 1.
     Augmentation (Table 6): crop scale 0.08-1, colour jitter 0.4/0.4/0.2/0.1 with p=0.8,
     grayscale p=0.2, blur p=1.0 and 0.1, solarisation p=0.0 and 0.2 for the two views.
+
+    ``predictor = false`` replaces the predictor by the identity: the ablation of Table 5(b),
+    which collapses without a target network (0.3% top-1 there); it is how the collapse
+    warning is tested (``docs/health.md``), not a recipe.
     """
 
     projector_hidden_dim: int = 4096
     projection_dim: int = 256
     predictor_hidden_dim: int = 4096
     tau_base: float = attrs.field(default=0.996, validator=_unit_interval)
+    predictor: bool = True
 
 
 class BYOLEncoder(sslplug.PredictorEncoder):
@@ -60,7 +65,9 @@ class BYOLEncoder(sslplug.PredictorEncoder):
     def __init__(self, backbone: nn.Module, feature_dim: int, settings: BYOLSettings) -> None:
         dim = settings.projection_dim
         projector = MLP(feature_dim, [settings.projector_hidden_dim], dim)
-        predictor = MLP(dim, [settings.predictor_hidden_dim], dim)
+        predictor = (
+            MLP(dim, [settings.predictor_hidden_dim], dim) if settings.predictor else nn.Identity()
+        )
         super().__init__(backbone, feature_dim, projector, dim, predictor)
 
 

@@ -14,6 +14,11 @@ Beside them, the model alone (the step on views made once) and the FLOPs of one 
 and backward passes (``torch.utils.flop_counter``), as TFLOP/s and, given the device's peak
 (``peak_tflops``), the share of it achieved.
 
+With ``compile`` (or ``train.compile=true`` among the ``assignments``), the encoder and the
+target update are compiled as ``train.compile`` does (``runtime.compile_components``); one
+step on fixed views, before anything is timed, compiles them, and its seconds are reported as
+``compile_seconds``.
+
 sslplug's own path keeps the uint8 images in memory and augments whole batches on the device
 with kornia. Every figure is the median over ``repeats`` groups of ``steps`` batches, each
 group after ``warmup`` batches that are not timed; the measurements take turns group by group,
@@ -43,7 +48,13 @@ from sslplug.data import Loader, Split
 from sslplug.engine import train_step
 from sslplug.optim import Optimization
 from sslplug.plugins import Components, PluginRegistry
-from sslplug.runtime import autocast_context, resolve_device
+from sslplug.runtime import (
+    autocast_context,
+    compile_components,
+    compile_failures,
+    resolve_device,
+    resolve_precision,
+)
 
 __all__ = ["BenchSettings", "format_bench", "per_image_recipe", "run_bench"]
 
@@ -62,6 +73,7 @@ class BenchSettings:
     repeats: int = 5
     baseline: bool = True
     peak_tflops: float = 0.0
+    compile: bool = False
     assignments: tuple[str, ...] = ()
 
 
@@ -173,6 +185,7 @@ def _build(settings: BenchSettings, registry: PluginRegistry, device: torch.devi
         f"model.backbone={settings.backbone}",
         f"train.batch_size={settings.batch_size}",
         f"train.precision={settings.precision}",
+        f"train.compile={str(settings.compile).lower()}",
         *settings.assignments,
     ]
     config = load_config(None, assignments, registry.settings_classes())
@@ -202,11 +215,22 @@ def _stepper(
 
 def run_bench(settings: BenchSettings, registry: PluginRegistry) -> dict[str, Any]:
     """Measure sslplug's path and, where the method has one, the per-image baseline."""
-    from sslplug.components import Views
-
     device = resolve_device(settings.device)
     torch.manual_seed(0)
     config, components, optimizer = _build(settings, registry, device)
+    with compile_failures(device, config.train.compile):
+        return _run_bench(settings, config, components, optimizer, device)
+
+
+def _run_bench(
+    settings: BenchSettings,
+    config: Any,
+    components: Components,
+    optimizer: Optimization,
+    device: torch.device,
+) -> dict[str, Any]:
+    from sslplug.components import Views
+
     autocast = autocast_context(config.train.precision, device)
     batch = settings.batch_size
     count = batch * (settings.warmup + settings.repeats * settings.steps)
@@ -224,6 +248,18 @@ def run_bench(settings: BenchSettings, registry: PluginRegistry) -> dict[str, An
     step = _stepper(components, optimizer, autocast)
     with torch.no_grad():
         fixed = components.views(next(own_batches()))
+    results: dict[str, Any] = {
+        "settings": attrs.asdict(settings),
+        "device": str(device),
+        "precision": resolve_precision(config.train.precision, device).name,
+        "compile": config.train.compile,
+    }
+    if config.train.compile:
+        compile_components(components)
+        start = time.perf_counter()
+        step(fixed)
+        _sync(device)
+        results["compile_seconds"] = time.perf_counter() - start
 
     def views_only(uint8: Tensor) -> None:
         with torch.no_grad():
@@ -259,7 +295,6 @@ def run_bench(settings: BenchSettings, registry: PluginRegistry) -> dict[str, An
         tasks["baseline_views"] = (baseline, lambda views: None)
         tasks["baseline_step"] = (baseline, step)
 
-    results: dict[str, Any] = {"settings": attrs.asdict(settings), "device": str(device)}
     results.update(_measure(tasks, batch, settings, device))
     with FlopCounterMode(display=False) as counter:
         step(fixed)
@@ -280,10 +315,11 @@ def run_bench(settings: BenchSettings, registry: PluginRegistry) -> dict[str, An
 
 def format_bench(results: dict[str, Any]) -> str:
     s = results["settings"]
+    compiled = f", compiled in {results['compile_seconds']:.0f} s" if results["compile"] else ""
     lines = [
         f"{s['plugin']}, {s['backbone']} backbone, batch {s['batch_size']}, "
-        f"{s['image_size']}px, {results['device']}; median of {s['repeats']} x {s['steps']} "
-        f"batches, each after {s['warmup']} warm-up",
+        f"{s['image_size']}px, {results['device']}, {results['precision']}{compiled}; "
+        f"median of {s['repeats']} x {s['steps']} batches, each after {s['warmup']} warm-up",
         f"{'':<34}{'img/s':>10}{'data wait':>12}",
     ]
     names = {
@@ -307,6 +343,6 @@ def format_bench(results: dict[str, Any]) -> str:
     for part in ("views", "step"):
         if f"ratio_{part}" in results:
             lines.append(f"ratio sslplug / baseline, {part}: {results[f'ratio_{part}']:.2f}x")
-    if "ratio_views" not in results:
+    if s["baseline"] and "ratio_views" not in results:
         lines.append("no per-image baseline for this method's views")
     return "\n".join(lines)

@@ -323,6 +323,12 @@ def _add_downstream(sub: argparse._SubParsersAction) -> None:
         metavar="SECTION.KEY=VALUE",
         help="any run setting, e.g. --set byol.projection_dim=128",
     )
+    bench.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the encoder and target update, as train.compile does; the compile "
+        "time is reported apart",
+    )
     bench.add_argument("--out", type=Path, help="write the results as JSON here")
 
 
@@ -680,6 +686,7 @@ def _cmd_bench(args: argparse.Namespace, registry: PluginRegistry) -> int:
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name} {getattr(args, name)} must be 0 or more")
     settings = BenchSettings(
+        compile=args.compile,
         plugin=args.plugin,
         backbone=args.backbone,
         batch_size=args.batch_size,

@@ -188,12 +188,17 @@ class OptimSettings:
 
 @attrs.define
 class TrainSettings:
-    """The loop. ``device = "auto"`` takes CUDA when present; ``precision = "auto"`` is bf16 there.
+    """The loop. ``device = "auto"`` takes CUDA when present; ``precision = "auto"`` is bf16 on
+    CUDA and on CPUs with native bf16 (AMX or AVX512-BF16), fp32 on other CPUs.
 
     ``channels_last`` stores convolution weights NHWC, which is faster on CPUs (about 1.6x for
     the small backbone here) and on tensor cores. ``disable`` names lifecycle plugins to switch
-    off for this run (the core's ``tensorboard``, ``progress``, ``knn``, ``view_grid``, or an
-    installed one); ``sslplug run --disable NAME`` adds to it.
+    off for this run (the core's ``tensorboard``, ``progress``, ``knn``, ``health``,
+    ``view_grid``, or an installed one); ``sslplug run --disable NAME`` adds to it.
+    ``compile`` runs ``torch.compile`` on the encoder and the target update. ``max_minutes``
+    (0: no limit) ends a session after the epoch in which that many minutes of it passed.
+    ``stop_on_collapse`` ends a run whose embeddings collapsed (the health monitor's rule),
+    keeping the checkpoint of the last good epoch.
     """
 
     epochs: int = attrs.field(default=15, validator=_positive)
@@ -210,6 +215,7 @@ class TrainSettings:
     disable: tuple[str, ...] = ()
     compile: bool = False
     max_minutes: float = attrs.field(default=0.0, validator=_non_negative)
+    stop_on_collapse: bool = False
 
 
 @attrs.define
@@ -218,7 +224,9 @@ class EvalSettings:
 
     Runs before training (the randomly initialised encoder, ``baseline``), every ``every``
     epochs (0: only at the end) and at the end. At the end, the features of
-    ``embedding_samples`` test images (0: none) go to TensorBoard's embedding projector.
+    ``embedding_samples`` test images (0: none) go to TensorBoard's embedding projector. The
+    health monitor measures the label-free health of the features (effective rank, spread,
+    alignment, uniformity) on ``health_samples`` training images (0: off) at the same epochs.
     """
 
     knn_k: int = attrs.field(default=200, validator=_positive)
@@ -226,6 +234,7 @@ class EvalSettings:
     every: int = attrs.field(default=5, validator=_non_negative)
     baseline: bool = True
     embedding_samples: int = attrs.field(default=1000, validator=_non_negative)
+    health_samples: int = attrs.field(default=1024, validator=_non_negative)
 
 
 CORE_SECTIONS: dict[str, type] = {
@@ -326,6 +335,8 @@ class RunContext:
         baseline: what ``sslplug_evaluate`` measured on the random initialisation.
         backbone: the run's backbone, once built (before the components): a view generator
             that draws masks over patches reads its grid (``sslplug.token_backbone``).
+        stop_reason: set by ``request_stop``: the run ends after the current epoch, saying why.
+        stop_saves: whether that epoch's checkpoint is still written.
     """
 
     config: RunConfig
@@ -342,6 +353,16 @@ class RunContext:
     data: Any = None
     baseline: dict[str, float] = attrs.Factory(dict)
     backbone: Any = None
+    stop_reason: str = ""
+    stop_saves: bool = True
+
+    def request_stop(self, reason: str, save: bool = True) -> None:
+        """Ask the loop to end the run after the current epoch, for ``reason`` (shown, and kept
+        in ``summary.json``). A lifecycle plugin calls it, typically from
+        ``sslplug_evaluate``; with ``save=False`` that epoch's checkpoint is not written, so
+        the run folder keeps the previous one (the health monitor does so on collapse)."""
+        self.stop_reason = reason
+        self.stop_saves = self.stop_saves and save
 
     def __attrs_post_init__(self) -> None:
         self.progress.steps_per_epoch = max(1, self.steps_per_epoch)

@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -506,7 +506,7 @@ def _hold_out(
 
 
 def _hold(
-    sources: dict[str, Dataset], estimated_bytes: float, size: int, settings: DataSettings,
+    sources: Mapping[str, Any], estimated_bytes: float, size: int, settings: DataSettings,
     where: Path,
 ) -> tuple[dict[str, Split], int]:
     """Decode every split into memory when ``estimated_bytes`` fits in ``data.cache_gb``,
@@ -647,6 +647,7 @@ def prepare(
         if split.images is not None:
             yield from zip(split.images, split.labels.tolist())
             return
+        assert split.source is not None  # load_data with cache_gb=0 streams every split
         loader = DataLoader(
             split.source, batch_size=64, num_workers=settings.workers, collate_fn=_as_list
         )
@@ -791,7 +792,9 @@ def _webdataset(
 ) -> DataSet:
     size = settings.image_size or 64
     short = stored_side(size, settings.store_scale)
-    sources = {name: ShardSamples(files, short, settings.strict) for name, files in shards.items()}
+    sources: dict[str, Any] = {
+        name: ShardSamples(files, short, settings.strict) for name, files in shards.items()
+    }
     labels = sources["train"].labels
     labelled = bool(labels) and min(labels) >= 0
     classes = tuple(str(c) for c in range(max(labels) + 1)) if labelled else ()

@@ -2,9 +2,11 @@
 
 ``train(config, registry)`` loads the data, assembles the run's parts (``sslplug.assembly``)
 and trains. After every epoch it writes ``last.pt`` atomically, so a crash or a kill loses at
-most the epoch in progress; ``train(..., resume=RUN_DIR)`` continues from it. Everything else a
-run shows (TensorBoard, the progress bar, the kNN monitor, the view grid) is done by lifecycle
-plugins (``sslplug.monitors``), which the user may switch off. The run folder holds
+most the epoch in progress; ``train(..., resume=RUN_DIR)`` continues from it. With
+``train.max_minutes``, a session ends after the epoch in which that time ran out, which is
+checkpointed and evaluated as a run's last. Everything else a run shows (TensorBoard, the
+progress bar, the kNN monitor, the view grid) is done by lifecycle plugins
+(``sslplug.monitors``), which the user may switch off. The run folder holds
 ``settings.toml`` (the resolved settings), ``last.pt`` and, at the end, ``summary.json``; a
 run holds its lock from set-up to the end (``sslplug.rundir``), refuses a folder that holds
 another run unless told to overwrite it, and refuses to resume with settings that change the
@@ -31,6 +33,7 @@ import attrs
 import tomli_w
 import torch
 from torch import nn
+from torch._dynamo.exc import TorchDynamoException
 from tqdm import tqdm
 
 from sslplug import distributed
@@ -40,14 +43,18 @@ from sslplug.components import LossResult, Outputs, Views
 from sslplug.config import RunConfig, RunContext
 from sslplug.data import DataSet, Loader, load_data
 from sslplug.errors import CheckpointError, ConfigError, PluginError, SslplugError
+from sslplug.health import HEALTH_MEASURES
 from sslplug.optim import Optimization
 from sslplug.outputs import write_atomically
 from sslplug.plugins import Components, Lifecycle, PluginRegistry
 from sslplug.rundir import RUN_FILES, RunFolder, RunFolderError
 from sslplug.runtime import (
     autocast_context,
+    compile_components,
+    compile_failures,
     place,
     resolve_device,
+    resolve_precision,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -91,6 +98,9 @@ class _Run:
     epoch_loss_sum: float = 0.0  # of the steps of an unfinished epoch, for a mid-epoch resume
     started: float = attrs.Factory(time.perf_counter)
     saved: tuple[int, int] | None = None  # (epoch, step) of the checkpoint in the run folder
+    clock: float = attrs.Factory(time.perf_counter)  # when the last epoch ended (or the loop began)
+    out_of_time: bool = False  # train.max_minutes stopped the run
+    stop_requested: bool = False  # a lifecycle plugin asked to stop (RunContext.request_stop)
 
     @property
     def context(self) -> RunContext:
@@ -221,10 +231,11 @@ class ComponentFailure(PluginError):
 
 @contextlib.contextmanager
 def blame(component: str, names: Mapping[str, str]) -> Iterator[None]:
-    """Turn an exception raised inside ``component`` into one that names its plugin."""
+    """Turn an exception raised inside ``component`` into one that names its plugin; a failure
+    of ``torch.compile`` is not the plugin's and passes (``compile_failures`` says what it is)."""
     try:
         yield
-    except (SslplugError, KeyboardInterrupt):
+    except (SslplugError, KeyboardInterrupt, TorchDynamoException):
         raise
     except Exception as exc:
         if component not in names:
@@ -397,8 +408,12 @@ def _set_up(
         out_dir=folder.path,
         data=data,
     )
+    # a view generator that crops at the stored resolution gets the stored pixels
+    loader.full_resolution = bool(getattr(assembly.parts.views, "full_resolution", False))
     if world > 1:  # the same weights everywhere, but each rank draws its own augmentations
         torch.manual_seed(config.train.seed * 7919 + distributed.rank())
+    if config.train.compile:
+        compile_components(assembly.parts)
     used = set(assembly.context.components.values())
     lifecycle = registry.lifecycle(config.train.disable, used)
     # the settings are good: now the folder may be changed
@@ -487,6 +502,10 @@ def _begin(run: _Run, checkpoint: dict[str, Any] | None, resume: str | Path | No
     run.context.progress.step, run.context.progress.epoch = run.step, run.epoch
     if not distributed.is_main():
         return
+    train = run.config.train
+    precision = resolve_precision(train.precision, torch.device(run.context.device))
+    compiled = "; torch.compile on (the first steps compile the model)" if train.compile else ""
+    _print(f"{precision}{compiled}")
     _write_settings(run.config, run.lifecycle, run.context.components, run.out_dir)
     if run.epoch == 0 and run.step == 0 and not run.context.baseline:
         run.context.baseline = run.lifecycle.evaluate(run.context, 0)
@@ -506,11 +525,12 @@ def _train_epoch(run: _Run, epoch: int, stop: _StopRequest) -> dict[str, float]:
     done = run.step - epoch * steps_per_epoch  # > 0 when resuming inside this epoch
     loss_sum = torch.full((), run.epoch_loss_sum if done else 0.0, device=context.device)
     window_start, window_images = time.perf_counter(), 0
-    for images, _ in itertools.islice(run.loader.epoch(epoch), done, None):
+    for images, _, *rest in itertools.islice(run.loader.epoch(epoch), done, None):
         context.progress.step, context.progress.epoch = run.step, epoch
+        extents = rest[0] if rest else None  # images of their own sizes (full_resolution)
         try:
             with torch.no_grad(), blame("views", context.components):
-                views = parts.views(images)
+                views = parts.views(images) if extents is None else parts.views(images, extents)
             _expect(isinstance(views, Views), "views", context.components, "sslplug.Views", views)
             loss, metrics, target_metrics = train_step(
                 parts,
@@ -544,6 +564,7 @@ def _train_epoch(run: _Run, epoch: int, stop: _StopRequest) -> dict[str, float]:
         "loss_sum": float(loss_sum.item()),
         "images_per_second": (steps_per_epoch - done) * config.train.batch_size / seconds,
         "data_wait_share": run.loader.wait_seconds / seconds,
+        "seconds": seconds,
     }
 
 
@@ -608,14 +629,33 @@ def _end_epoch(run: _Run, epoch: int, measured: dict[str, float]) -> None:
     }
     if distributed.is_main():
         metrics.update(run.lifecycle.evaluate(run.context, run.epoch))
+    metrics.update(_elapsed(run, measured["seconds"]))
     run.history.append(metrics)
     run.epoch_loss_sum = 0.0
     if distributed.world_size() > 1:
         _check_ranks_agree(run.parts, run.epoch)
-    state = run.state()  # on every rank: it gathers each rank's random-number state
+    # a lifecycle plugin may have asked to stop (RunContext.request_stop): all ranks agree
+    run.stop_requested = distributed.any_rank(bool(run.context.stop_reason))
+    save = not distributed.any_rank(not run.context.stop_saves)
+    if save:
+        state = run.state()  # on every rank: it gathers each rank's random-number state
     if distributed.is_main():
-        _save(run, state)
+        if save:
+            _save(run, state)
         run.lifecycle.epoch_end(run.context, run.epoch, metrics)
+
+
+def _elapsed(run: _Run, seconds: float) -> dict[str, float]:
+    """Seconds from the run's start to the end of this epoch, over all its sessions: of
+    training steps (``train_seconds``, this epoch's ``seconds`` added), and of wall time with
+    evaluation and checkpoints (``wall_seconds``, up to now)."""
+    before = run.history[-1] if run.history else {}
+    now = time.perf_counter()
+    wall, run.clock = now - run.clock, now
+    return {
+        "train_seconds": before.get("train_seconds", 0.0) + seconds,
+        "wall_seconds": before.get("wall_seconds", 0.0) + wall,
+    }
 
 
 def _save(run: _Run, state: dict[str, Any]) -> None:
@@ -636,6 +676,8 @@ def _save(run: _Run, state: dict[str, Any]) -> None:
 
 def _summary(run: _Run) -> dict[str, Any]:
     knn_points = [h for h in run.history if "knn_top1" in h]
+    train = run.config.train
+    elapsed = ("train_seconds", "wall_seconds")  # absent from runs begun before they were kept
     return {
         "run_dir": str(run.out_dir),
         "data": run.data.name,
@@ -646,11 +688,25 @@ def _summary(run: _Run) -> dict[str, Any]:
         "final_loss": run.history[-1]["loss"] if run.history else None,
         "knn_top1": knn_points[-1]["knn_top1"] if knn_points else None,
         "knn_top1_random_init": run.context.baseline.get("knn_top1"),
-        "knn_history": [{"epoch": h["epoch"], "top1": h["knn_top1"]} for h in knn_points],
+        "knn_history": [
+            {"epoch": h["epoch"], "top1": h["knn_top1"], **{k: h[k] for k in elapsed if k in h}}
+            for h in knn_points
+        ],
+        "health_history": [
+            {"epoch": h["epoch"], **{k: h[k] for k in HEALTH_MEASURES if k in h}}
+            for h in [{"epoch": 0, **run.context.baseline}, *run.history]
+            if "rank_features" in h
+        ],
         "baseline": dict(run.context.baseline),
         "images_per_second_median": _median(run.history, "images_per_second"),
         "data_wait_share_median": _median(run.history, "data_wait_share"),
         "wall_seconds_this_session": time.perf_counter() - run.started,
+        "train_seconds": run.history[-1].get("train_seconds") if run.history else None,
+        "epochs_planned": train.epochs,
+        "stopped_by_time_limit": run.out_of_time,
+        "stopped": run.context.stop_reason or None,
+        "precision": resolve_precision(train.precision, torch.device(run.context.device)).name,
+        "compile": train.compile,
         "skipped_images": run.data.skipped + run.loader.skipped,
     }
 
@@ -672,10 +728,23 @@ def train(
         error: BaseException | None = None
         summary: dict[str, Any] | None = None
         try:
-            with _StopRequest() as stop:
+            compiled = config.train.compile
+            with _StopRequest() as stop, compile_failures(run.context.device, compiled):
                 _begin(run, checkpoint, resume)
+                began = run.clock = time.perf_counter()
                 for epoch in range(run.epoch, config.train.epochs):
-                    _end_epoch(run, epoch, _train_epoch(run, epoch, stop))
+                    measured = _train_epoch(run, epoch, stop)
+                    last = epoch + 1 == config.train.epochs
+                    run.out_of_time = _time_is_up(config, began) and not last
+                    if run.out_of_time:  # this epoch is the run's last: the monitors see so
+                        run.context.progress.total_steps = run.step
+                    _end_epoch(run, epoch, measured)
+                    if run.out_of_time:
+                        _print_time_limit(run, began)
+                        break
+                    if run.stop_requested:
+                        _print_stop(run)
+                        break
             summary = _summary(run)
             if main:
                 text = json.dumps(summary, indent=2) + "\n"
@@ -687,6 +756,32 @@ def train(
         finally:
             if main:
                 _end_run(run, summary, error)
+
+
+def _time_is_up(config: RunConfig, began: float) -> bool:
+    """Whether ``train.max_minutes`` of this session's training have passed; every rank
+    gets the same answer, so that all stop after the same epoch."""
+    limit = config.train.max_minutes
+    return distributed.any_rank(bool(limit) and time.perf_counter() - began >= 60 * limit)
+
+
+def _print_stop(run: _Run) -> None:
+    kept = (
+        f"the checkpoint of epoch {run.saved[0]} is kept in {str(run.checkpoint)!r}"
+        if run.saved is not None
+        else "no checkpoint was written"
+    )
+    _print(f"stopped after epoch {run.epoch}: {run.context.stop_reason}; {kept}")
+
+
+def _print_time_limit(run: _Run, began: float) -> None:
+    minutes = (time.perf_counter() - began) / 60
+    _print(
+        f"train.max_minutes={run.config.train.max_minutes:g}: stopped after epoch {run.epoch} "
+        f"of {run.config.train.epochs}, {minutes:.2f} minutes into this session; the "
+        f"checkpoint of epoch {run.epoch} is in {str(run.checkpoint)!r}. Continue with: "
+        f"sslplug run --resume {run.out_dir}"
+    )
 
 
 def _end_run(run: _Run, summary: dict[str, Any] | None, error: BaseException | None) -> None:

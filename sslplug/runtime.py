@@ -1,30 +1,44 @@
-"""Where and how a run computes: the device, random-number state, mixed precision, and the
-placement of components on the device (and over ranks). Shared by training, the benchmark and
-the evaluation commands, so each of these is written once."""
+"""Where and how a run computes: the device, random-number state, mixed precision, compilation,
+and the placement of components on the device (and over ranks). Shared by training, the
+benchmark and the evaluation commands, so each of these is written once."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
+import attrs
 import torch
 from torch import nn
 
-from sslplug.errors import ConfigError
+from sslplug.errors import ConfigError, SslplugError
 
 if TYPE_CHECKING:
     from sslplug.plugins import Components
 
 __all__ = [
+    "CompileError",
+    "Precision",
     "autocast_context",
+    "compile_components",
+    "compile_failures",
+    "cpu_has_native_bf16",
     "place",
     "resolve_device",
+    "resolve_precision",
     "rng_state",
     "seed_everything",
     "set_rng_state",
     "wrap_for_ddp",
 ]
+
+# /proc/cpuinfo flags of x86 CPUs that compute in bf16 natively: Intel AMX (Sapphire Rapids
+# and later) and AVX512-BF16 (Cooper Lake, Sapphire Rapids, AMD Zen 4 and later)
+NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,11 +78,125 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _cpuinfo_flags(path: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The feature flags of the first processor in ``path`` (empty where there is no such
+    file, as on macOS and Windows)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AMX or AVX512-BF16), where bf16 autocast
+    is faster than fp32 rather than emulated and slower.
+
+    torch's own checks (``torch.cpu._is_amx_tile_supported``, ``_is_avx512_bf16_supported``,
+    which also ask whether the operating system enabled AMX) are preferred; a torch without
+    them falls back on the flags of ``/proc/cpuinfo``. Other CPUs (ARM included) answer no.
+    """
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if amx is not None and avx512_bf16 is not None:
+        return bool(amx() or avx512_bf16())
+    return bool(_cpuinfo_flags() & NATIVE_BF16_FLAGS)
+
+
+@attrs.frozen
+class Precision:
+    """The precision a run computes in (``bf16`` autocast or plain ``fp32``) and why."""
+
+    name: Literal["bf16", "fp32"]
+    reason: str
+
+    def __str__(self) -> str:
+        return f"precision {self.name}: {self.reason}"
+
+
+def resolve_precision(setting: str, device: torch.device) -> Precision:
+    """What ``train.precision`` means on ``device``.
+
+    ``bf16`` and ``fp32`` are taken as they are. ``auto`` is bf16 on CUDA and on a CPU that
+    computes in bf16 natively (``cpu_has_native_bf16``), and fp32 on other CPUs, where bf16
+    is emulated and slower than fp32.
+    """
+    if setting == "bf16":
+        return Precision("bf16", "train.precision=bf16")
+    if setting == "fp32":
+        return Precision("fp32", "train.precision=fp32")
+    if setting != "auto":
+        raise ConfigError(
+            f"train.precision {setting!r} is not a precision; valid: auto, bf16, fp32"
+        )
+    if device.type == "cuda":
+        return Precision("bf16", "train.precision=auto on CUDA")
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return Precision(
+            "bf16", "train.precision=auto on a CPU with native bf16 (AMX or AVX512-BF16)"
+        )
+    if device.type == "cpu":
+        return Precision(
+            "fp32", "train.precision=auto on a CPU without native bf16 (AMX or AVX512-BF16)"
+        )
+    return Precision("fp32", f"train.precision=auto on {device.type}")
+
+
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast for ``precision`` ``bf16``, or ``auto`` on CUDA; otherwise nothing."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    """bf16 autocast where ``resolve_precision`` says bf16; otherwise nothing."""
+    if resolve_precision(precision, device).name == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+class CompileError(SslplugError):
+    """``torch.compile`` could not compile a component for this device."""
+
+
+def compile_components(components: Components) -> None:
+    """Compile, in place, the forward of the encoder and of the target update: the components
+    that run the networks.
+
+    ``Module.compile`` wraps the call and leaves the module as it was, so state-dict keys (and
+    checkpoints) are the same as without compilation, and a run may be resumed either way.
+    Nothing compiles until the first step, which then takes longer (25 to 50 s for BYOL with
+    the small backbone on two CPU cores; inductor caches the result on disk for later runs).
+    The view generator is not compiled: its random choices per image read tensors back to the
+    host, which breaks the graph at every draw and recompiles until torch gives up.
+    """
+    for module in (components.encoder, components.target_update):
+        if module is not None:
+            module.compile()
+
+
+@contextlib.contextmanager
+def compile_failures(device: torch.device | str, compiled: bool = True) -> Iterator[None]:
+    """Turn a failure of ``torch.compile`` (which compiles on the first calls of the forward
+    and of the backward) into an error that says so and how to train without it; when
+    ``compiled`` is false (``train.compile`` is off), such a failure is a plugin's own and
+    passes as it is."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    try:
+        yield
+    except TorchDynamoException as exc:
+        if not compiled:
+            raise
+        cause: BaseException = exc
+        while getattr(cause, "inner_exception", None) is not None:  # the backend's own error
+            cause = cause.inner_exception  # type: ignore[attr-defined]
+        lines = [line for line in str(cause).splitlines() if line.strip()]
+        raise CompileError(
+            f"torch.compile failed to compile the model for device {str(device)!r} "
+            f"(train.compile=true): {type(cause).__name__}: {lines[0] if lines else ''}. "
+            f"Train without compiling: --set train.compile=false (`sslplug bench`: leave out "
+            f"--compile)"
+        ) from exc
 
 
 def place(components: Components, device: torch.device, channels_last: bool) -> None:

@@ -134,7 +134,7 @@ def _torchcodec_jpeg() -> Callable[..., Any] | None:
     except Exception as exc:  # ImportError, or its library failing to load
         log.debug("TorchCodec unavailable (%s): JPEG bytes are decoded with PIL", exc)
         return None
-    return decode_jpeg  # type: ignore[no-any-return]
+    return decode_jpeg
 
 
 def _decode_jpegs(encoded: list[Tensor]) -> list[Tensor]:

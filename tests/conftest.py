@@ -37,6 +37,7 @@ FAST = [
     "data.workers=0",
     "eval.knn_k=10",
     "eval.every=1",
+    "eval.health_samples=256",
     "byol.projector_hidden_dim=64",
     "byol.predictor_hidden_dim=64",
     "byol.projection_dim=32",

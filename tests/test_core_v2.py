@@ -301,10 +301,12 @@ def test_hook_run_end_is_called_with_the_error_when_a_run_fails(registry, shapes
 
 def test_disabled_lifecycle_plugins_do_not_run(registry, shapes_folder, tmp_path):
     summary = _train(
-        registry, shapes_folder, tmp_path, 'train.disable=["tensorboard", "view_grid", "knn"]'
+        registry, shapes_folder, tmp_path,
+        'train.disable=["tensorboard", "view_grid", "knn", "health"]',
     )
     assert not (tmp_path / "tensorboard").exists() and not (tmp_path / "views.png").exists()
     assert summary["knn_top1"] is None and summary["knn_top1_random_init"] is None
+    assert summary["health_history"] == []
     assert (tmp_path / "last.pt").is_file() and (tmp_path / "summary.json").is_file()
 
 
@@ -326,7 +328,8 @@ def test_the_view_generator_state_is_checkpointed(registry, shapes_folder, tmp_p
 
 
 def test_unknown_disable_name_is_a_config_error(registry):
-    with pytest.raises(ConfigError, match="registered: tensorboard, progress, knn, view_grid"):
+    registered = "registered: tensorboard, progress, knn, health, view_grid"
+    with pytest.raises(ConfigError, match=registered):
         registry.lifecycle(["nope"], used={"byol"})
 
 

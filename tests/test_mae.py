@@ -396,7 +396,7 @@ def _three_epochs(shapes_folder: Path, out: Path, *extra: object) -> None:
             "train.max_steps_per_epoch=3",
             "train.batch_size=16",
             "train.progress=false",
-            'train.disable=["knn", "view_grid", "tensorboard"]',
+            'train.disable=["knn", "health", "view_grid", "tensorboard"]',
             "eval.baseline=false",
             "eval.every=0",
             f"train.out={out}",

@@ -11,6 +11,8 @@ name            what it does
 ``progress``     the progress bar with its ETA, and a line per finished epoch
 ``knn``          weighted kNN accuracy of the frozen features (before training and every
                  ``eval.every`` epochs), through ``sslplug_evaluate``
+``health``       label-free measures (effective rank, spread, alignment, uniformity) on the
+                 same epochs as ``knn``, and the collapse warning
 ``view_grid``    ``RUN/views.png``: eight images of every view the model is shown
 ==============  ===========================================================================
 """
@@ -24,6 +26,7 @@ __all__ = ["internal_plugins"]
 
 def internal_plugins() -> list[tuple[str, Any]]:
     """Fresh instances of the core's lifecycle plugins, by name, in registration order."""
+    from sslplug.monitors.health import HealthMonitor
     from sslplug.monitors.knn import KNNMonitor
     from sslplug.monitors.progress import ProgressBar
     from sslplug.monitors.tensorboard import TensorBoardLogger
@@ -33,5 +36,6 @@ def internal_plugins() -> list[tuple[str, Any]]:
         ("tensorboard", TensorBoardLogger()),
         ("progress", ProgressBar()),
         ("knn", KNNMonitor()),
+        ("health", HealthMonitor()),
         ("view_grid", ViewGrid()),
     ]

@@ -27,7 +27,8 @@ class KNNMonitor:
             due = settings.baseline
         else:
             every = settings.every
-            due = epoch == run.config.train.epochs or bool(every and epoch % every == 0)
+            last = run.progress.step >= run.progress.total_steps  # train.epochs, or a time limit
+            due = last or bool(every and epoch % every == 0)
         if not due or data is None or data.test is None:
             return None
         if not data.test.labelled or not data.train.labelled:

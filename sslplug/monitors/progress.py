@@ -42,10 +42,15 @@ class ProgressBar:
     @hookimpl
     def sslplug_epoch_end(self, run: RunContext, epoch: int, metrics: dict[str, float]) -> None:
         knn = f", kNN top-1 {metrics['knn_top1']:.2f}%" if "knn_top1" in metrics else ""
+        health = (
+            f", rank {metrics['rank_features']:.1f}, spread {metrics['spread_features']:.3f}"
+            if "rank_features" in metrics
+            else ""
+        )
         tqdm.write(
             f"epoch {epoch}/{run.config.train.epochs}: loss {metrics['loss']:.4f}, "
             f"{metrics['images_per_second']:.0f} img/s, "
-            f"data wait {100 * metrics['data_wait_share']:.1f}%{knn}",
+            f"data wait {100 * metrics['data_wait_share']:.1f}%{knn}{health}",
             file=sys.stderr,
         )
 

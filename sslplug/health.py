@@ -1,0 +1,100 @@
+"""Label-free measures of a representation, and the rule that calls it collapsed.
+
+A run on unlabelled images has no kNN accuracy to watch. These measures need no labels:
+
+* **effective rank** (RankMe, Garrido et al. 2023, Eq. 1): ``exp(-sum p_k log p_k)`` with
+  ``p_k = s_k / sum(s) + eps`` over the singular values ``s_k`` of the ``(N, d)`` embedding
+  matrix. 1 when every embedding lies on one line; up to ``min(N, d)``. The paper finds it
+  tracks downstream accuracy within a method across hyper-parameters.
+* **spread**: the standard deviation of each dimension of the l2-normalised embeddings,
+  averaged over dimensions and multiplied by ``sqrt(d)``: 0 for a collapsed encoder (every
+  image has the same embedding), about 1 when the embeddings spread over the sphere (each
+  coordinate of a uniform unit vector has standard deviation ``1/sqrt(d)``; BYOL and SimSiam
+  use the unscaled value as their collapse signal, Chen & He 2021, Fig. 2).
+* **alignment** and **uniformity** (Wang & Isola 2020, Eqs. 4-5, alpha = 2, t = 2) of the
+  l2-normalised features of two augmented views of the same images: alignment, the mean
+  squared distance between the two views of an image (0 to 4, lower is better); uniformity,
+  ``log`` of the mean Gaussian potential over pairs of different images (from 0, everything
+  in one point, down to about -4 here; lower is better).
+
+``collapse`` applies the rule the monitor warns on (``docs/health.md`` has the measurements it
+was chosen from).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "COLLAPSE_SPREAD",
+    "HEALTH_MEASURES",
+    "alignment",
+    "collapse",
+    "effective_rank",
+    "spread",
+    "uniformity",
+]
+
+# What the health monitor reports (``collapsed`` is 1 on an epoch the rule fired).
+HEALTH_MEASURES = (
+    "rank_features",
+    "spread_features",
+    "rank_projections",
+    "spread_projections",
+    "alignment",
+    "uniformity",
+    "health_seconds",
+    "collapsed",
+)
+
+# Below this spread the embeddings are taken as collapsed: chosen from the measurements in
+# docs/health.md (healthy runs stay far above it, runs made to collapse fall far below).
+COLLAPSE_SPREAD = 0.05
+
+
+def effective_rank(embeddings: Tensor, eps: float = 1e-7) -> float:
+    """RankMe of ``(N, d)`` embeddings (Garrido et al. 2023, Eq. 1)."""
+    singular = torch.linalg.svdvals(embeddings.double())
+    if singular.sum() <= 0:
+        return 1.0
+    p = singular / singular.sum() + eps
+    return math.exp(float(-(p * p.log()).sum()))
+
+
+def spread(embeddings: Tensor) -> float:
+    """Mean per-dimension standard deviation of the l2-normalised embeddings, times
+    ``sqrt(d)``: 0 when collapsed, about 1 when spread over the sphere."""
+    unit = F.normalize(embeddings.double(), dim=1)
+    return float(unit.std(dim=0).mean() * math.sqrt(embeddings.shape[1]))
+
+
+def alignment(first: Tensor, second: Tensor) -> float:
+    """Mean squared distance between the l2-normalised features of two views of each image
+    (Wang & Isola 2020, Eq. 4 with alpha = 2)."""
+    a, b = F.normalize(first.double(), dim=1), F.normalize(second.double(), dim=1)
+    return float((a - b).pow(2).sum(dim=1).mean())
+
+
+def uniformity(features: Tensor, t: float = 2.0) -> float:
+    """``log`` of the mean of ``exp(-t |x - y|^2)`` over pairs of different l2-normalised
+    features (Wang & Isola 2020, Eq. 5)."""
+    unit = F.normalize(features.double(), dim=1)
+    distances = torch.pdist(unit).pow(2)
+    return float(torch.logsumexp(-t * distances, dim=0) - math.log(len(distances)))
+
+
+def collapse(measures: dict[str, float]) -> tuple[str, float] | None:
+    """The measure that says the embeddings collapsed, with its value, or ``None``.
+
+    The rule: the spread of the backbone features, or of the projections where the encoder
+    has them, is below ``COLLAPSE_SPREAD``: nearly every image gets the same direction.
+    """
+    for name in ("spread_features", "spread_projections"):
+        value = measures.get(name)
+        if value is not None and value < COLLAPSE_SPREAD:
+            return name, value
+    return None

@@ -1,0 +1,180 @@
+"""The health monitor: label-free measures of the representation, and the collapse warning.
+
+On the epochs the kNN monitor runs (before training, every ``eval.every`` epochs, after the
+last), on a fixed sample of ``eval.health_samples`` training images drawn once per run (seeded,
+un-augmented), it measures the effective rank and the spread of the backbone features and of
+the projections (when the encoder has a projector), and the alignment of two augmented views
+(when the view generator makes two) and the uniformity of the features (``sslplug.health``).
+The measures go to the epoch's metrics, so TensorBoard, the epoch line and ``summary.json``
+show them.
+
+When the measures say the embeddings collapsed (``sslplug.health.collapse``) it prints a
+warning naming the measure, its value and the likely causes for the method in use; with
+``train.stop_on_collapse`` the run stops before that epoch's checkpoint is written, so the
+last checkpoint kept is the last good one. On data without labels it says once that no kNN
+accuracy can be computed, and the measures are what the run shows.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from sslplug.augment import normalize, to_float
+from sslplug.config import RunContext
+from sslplug.data import Split
+from sslplug.health import alignment, collapse, effective_rank, spread, uniformity
+from sslplug.hookspecs import hookimpl
+
+__all__ = ["HealthMonitor", "measure_health"]
+
+_ALIGNMENT_IMAGES = 512
+_CHUNK = 256
+
+# What usually makes each family collapse, by the plugin that supplies the loss.
+_CAUSES = {
+    "byol": "BYOL needs its predictor and its EMA target: check the target update (not "
+    "'none', byol.tau not far below 0.99), that the predictor is used, and the learning rate",
+    "simsiam": "SimSiam needs its predictor and the stop-gradient on the other branch: check "
+    "that both are used, and the learning rate",
+    "moco_v3": "MoCo v3 needs its predictor and momentum encoder: check the target update and "
+    "the learning rate",
+    "nnclr": "NNCLR needs its predictor and a queue of varied neighbours: check the learning "
+    "rate and the queue size",
+    "dino": "DINO avoids collapse by centring and sharpening the teacher: check "
+    "dino.center_momentum, the teacher temperature and the target update",
+    "barlow_twins": "Barlow Twins' off-diagonal weight (barlow_twins.lambda_offdiag) may be "
+    "too small, or the learning rate too high",
+    "vicreg": "VICReg's variance term may be too weak (vicreg.std_coeff), or the learning rate "
+    "too high",
+    "ijepa": "I-JEPA needs its EMA target encoder: check the target update, ijepa.lr_scale and "
+    "the learning rate",
+}
+_GENERIC = (
+    "a learning rate too high, a missing predictor or stop-gradient, or a target momentum too "
+    "low (target updated too fast)"
+)
+
+
+def _sample(split: Split, count: int, seed: int) -> Tensor:
+    """``count`` training images (uint8 squares) drawn once with ``seed``."""
+    generator = torch.Generator().manual_seed(seed * 7_919 + 17)
+    index = torch.randperm(len(split), generator=generator)[:count].sort().values
+    images = split.squares(index).images
+    assert images is not None
+    return images
+
+
+def _features(encoder: Any, images: Tensor, device: torch.device) -> Tensor:
+    return torch.cat(
+        [
+            encoder.features(normalize(to_float(chunk.to(device)))).float()
+            for chunk in images.split(_CHUNK)
+        ]
+    )
+
+
+@torch.no_grad()
+def measure_health(
+    encoder: Any, views: nn.Module | None, images: Tensor, device: torch.device
+) -> dict[str, float]:
+    """The label-free measures of ``encoder`` on uint8 ``images`` (``sslplug.health``).
+
+    ``views`` (the run's view generator, or ``None``) supplies two augmented views for the
+    alignment when it provides ``two_views``; torch's random state is left as it was.
+    """
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        features = _features(encoder, images, device)
+        measures = {
+            "rank_features": effective_rank(features),
+            "spread_features": spread(features),
+            "uniformity": uniformity(features[:1024]),
+        }
+        projector = getattr(encoder, "projector", None)
+        if isinstance(projector, nn.Module):
+            projections = torch.cat([projector(f).float() for f in features.split(_CHUNK)])
+            measures["rank_projections"] = effective_rank(projections)
+            measures["spread_projections"] = spread(projections)
+        if views is not None and "two_views" in getattr(views, "provides", ()):
+            measures["alignment"] = _alignment(encoder, views, images[:_ALIGNMENT_IMAGES], device)
+    finally:
+        encoder.train(was_training)
+    return measures
+
+
+def _alignment(
+    encoder: Any, views: nn.Module, images: Tensor, device: torch.device
+) -> float:
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        made = views(images.to(device))
+    first, second = made.images[0], made.images[1]
+    a = torch.cat([encoder.features(chunk).float() for chunk in first.split(_CHUNK)])
+    b = torch.cat([encoder.features(chunk).float() for chunk in second.split(_CHUNK)])
+    return alignment(a, b)
+
+
+def collapse_warning(measure: str, value: float, epoch: int, loss_plugin: str) -> str:
+    """The text of the collapse warning, with the causes likely for the method in use."""
+    causes = _CAUSES.get(loss_plugin, _GENERIC)
+    return (
+        f"warning: the embeddings have collapsed after epoch {epoch}: {measure} is {value:.4f} "
+        f"(below 0.05: nearly every image gets the same embedding). Likely causes: {causes}. "
+        f"Set train.stop_on_collapse=true to stop such a run at once (docs/health.md)"
+    )
+
+
+class HealthMonitor:
+    """``sslplug_evaluate``: the label-free measures, when due; warns on collapse."""
+
+    def __init__(self) -> None:
+        self._images: Tensor | None = None
+        self._for: Any = None
+
+    @hookimpl
+    def sslplug_evaluate(self, run: RunContext, epoch: int) -> dict[str, float] | None:
+        settings, data = run.config.eval, run.data
+        if epoch == 0:
+            due = settings.baseline
+        else:
+            every = settings.every
+            last = run.progress.step >= run.progress.total_steps  # train.epochs, or a time limit
+            due = last or bool(every and epoch % every == 0)
+        if not due or data is None or run.parts is None or not settings.health_samples:
+            return None
+        if self._for is not run:
+            self._images = _sample(data.train, settings.health_samples, run.config.train.seed)
+            self._for = run
+            if not data.train.labelled:
+                tqdm.write(
+                    f"{data.name} has no labels: no kNN accuracy can be computed; the run shows "
+                    f"the label-free measures instead (effective rank, spread, alignment, "
+                    f"uniformity: docs/health.md)",
+                    file=sys.stderr,
+                )
+        assert self._images is not None
+        start = time.perf_counter()
+        measures = measure_health(
+            run.parts.encoder, run.parts.views, self._images, torch.device(run.device)
+        )
+        measures["health_seconds"] = time.perf_counter() - start
+        found = collapse(measures) if epoch > 0 else None
+        if found is not None:
+            measures["collapsed"] = 1.0
+            loss_plugin = run.components.get("loss", "")
+            tqdm.write(collapse_warning(*found, epoch, loss_plugin), file=sys.stderr)
+            if run.config.train.stop_on_collapse:
+                run.request_stop(
+                    f"the embeddings collapsed ({found[0]} {found[1]:.4f}) and "
+                    f"train.stop_on_collapse is set, so this epoch was not saved",
+                    save=False,
+                )
+        return measures

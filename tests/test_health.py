@@ -1,0 +1,134 @@
+"""Label-free health measures, the collapse warning and train.stop_on_collapse."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sslplug.health import (
+    COLLAPSE_SPREAD,
+    alignment,
+    collapse,
+    effective_rank,
+    spread,
+    uniformity,
+)
+
+
+def test_effective_rank_follows_rankme_on_known_spectra():
+    # singular values 1, 1, 1, 0, ...: entropy log 3, rank 3
+    basis = torch.eye(8)[:3]
+    z = torch.cat([basis, -basis])  # rows on three orthogonal axes
+    assert effective_rank(z) == pytest.approx(3.0, rel=1e-4)
+    line = torch.randn(100, 1) * torch.randn(1, 16)  # every row on one line
+    assert effective_rank(line) == pytest.approx(1.0, rel=1e-3)
+    # the formula written out on a random matrix
+    x = torch.randn(50, 10, dtype=torch.float64)
+    s = torch.linalg.svdvals(x)
+    p = s / s.sum() + 1e-7
+    assert effective_rank(x) == pytest.approx(math.exp(-(p * p.log()).sum().item()), rel=1e-9)
+
+
+def test_spread_is_zero_for_one_direction_and_near_one_on_the_sphere():
+    same = torch.randn(1, 32).expand(500, 32) * torch.rand(500, 1)  # one direction, any length
+    assert spread(same) == pytest.approx(0.0, abs=1e-6)
+    sphere = torch.randn(20_000, 32)
+    assert spread(sphere) == pytest.approx(1.0, abs=0.02)
+    x = torch.randn(64, 8, dtype=torch.float64)
+    reference = F.normalize(x, dim=1).std(dim=0).mean().item() * math.sqrt(8)
+    assert spread(x) == pytest.approx(reference, rel=1e-12)
+
+
+def test_alignment_and_uniformity_match_wang_and_isola():
+    a, b = torch.randn(40, 6, dtype=torch.float64), torch.randn(40, 6, dtype=torch.float64)
+    na, nb = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    assert alignment(a, b) == pytest.approx(((na - nb).norm(dim=1) ** 2).mean().item())
+    assert alignment(a, 3 * a) == pytest.approx(0.0, abs=1e-12)
+    pairs = [
+        math.exp(-2 * ((na[i] - na[j]).norm() ** 2).item())
+        for i in range(40)
+        for j in range(i + 1, 40)
+    ]
+    assert uniformity(a) == pytest.approx(math.log(sum(pairs) / len(pairs)), rel=1e-9)
+    assert uniformity(torch.ones(10, 4)) == pytest.approx(0.0, abs=1e-9)  # all in one point
+
+
+def test_the_collapse_rule_reads_the_spread_of_features_then_projections():
+    assert collapse({"spread_features": 0.5, "spread_projections": 0.4}) is None
+    assert collapse({"spread_features": COLLAPSE_SPREAD / 2}) == (
+        "spread_features",
+        COLLAPSE_SPREAD / 2,
+    )
+    assert collapse({"spread_features": 0.5, "spread_projections": 0.01}) == (
+        "spread_projections",
+        0.01,
+    )
+
+
+SMALL = [
+    "--no-progress", "--set", "train.batch_size=128", "--set", "train.max_steps_per_epoch=15",
+    "--set", "eval.every=1", "--set", "eval.health_samples=256", "--set", "eval.knn_k=20",
+    "--set", "eval.embedding_samples=0", "--set", "data.workers=0",
+    "--set", "byol.projector_hidden_dim=256", "--set", "byol.predictor_hidden_dim=256",
+]
+COLLAPSING = ["--plugin", "byol", "--target-update", "none", "--set", "byol.predictor=false"]
+
+
+@pytest.mark.slow
+def test_a_run_made_to_collapse_is_warned_and_stop_on_collapse_keeps_the_last_good_epoch(
+    run_cli, tmp_path
+):
+    out = tmp_path / "run"
+    done = run_cli([
+        "run", *COLLAPSING, "--epochs", "4", "--out", out, *SMALL,
+        "--set", "train.stop_on_collapse=true",
+    ])
+    assert done.returncode == 0, done.stderr
+    assert "warning: the embeddings have collapsed after epoch" in done.stderr
+    assert "spread_projections is 0.0" in done.stderr and "predictor" in done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    stopped_at = summary["epochs"]
+    assert stopped_at < 4 and "collapsed" in summary["stopped"]
+    assert f"stopped after epoch {stopped_at}" in done.stderr
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] == stopped_at - 1  # the collapsed epoch was not saved
+
+
+@pytest.mark.slow
+def test_the_default_byol_recipe_is_not_called_collapsed_and_shows_the_measures(
+    run_cli, tmp_path
+):
+    out = tmp_path / "run"
+    done = run_cli(["run", "--plugin", "byol", "--epochs", "3", "--out", out, *SMALL])
+    assert done.returncode == 0, done.stderr
+    assert "collapsed" not in done.stderr
+    assert ", rank " in done.stderr and ", spread " in done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    history = summary["health_history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    for h in history[1:]:
+        assert h["spread_projections"] > 0.2 and h["rank_features"] > 5
+        assert 0 < h["alignment"] < 2 and h["uniformity"] < 0
+
+
+def test_unlabelled_data_shows_the_label_free_measures_and_says_why_no_knn(
+    run_cli, tmp_path
+):
+    from sslplug.data import make_shapes
+    from tests.conftest import write_images
+
+    images, labels = make_shapes(per_class=20, seed=0)
+    write_images(images, labels, tmp_path / "flat", classes=False)
+    out = tmp_path / "run"
+    done = run_cli([
+        "run", "--plugin", "simclr", "--data", tmp_path / "flat", "--epochs", "1",
+        "--out", out, "--set", "train.batch_size=50", "--no-progress",
+        "--set", "eval.health_samples=100", "--set", "data.workers=0",
+    ])
+    assert done.returncode == 0, done.stderr
+    assert "has no labels: no kNN accuracy can be computed" in done.stderr
+    assert ", rank " in done.stderr and "kNN top-1" not in done.stderr
