@@ -192,10 +192,14 @@ def _add_downstream(sub: argparse._SubParsersAction) -> None:
 
     ev = sub.add_parser(
         "eval",
-        help="kNN and linear probe on frozen features, with all or a few labels",
+        help="kNN and linear probe on frozen features, with all or a few labels; label-free "
+        "health measures on any data",
         description=(
             "Weighted kNN and a linear probe (L-BFGS logistic regression, L2 penalty chosen on "
-            "a held-out fifth) on the frozen features of a run's encoder."
+            "a held-out fifth) on the frozen features of a run's encoder, when the data has "
+            "labels; and, labelled or not, the label-free measures of the health monitor "
+            "(effective rank, spread, alignment, uniformity; docs/health.md) on the run's fixed "
+            "sample of training images."
         ),
         epilog=_RECORDED,
     )
@@ -551,28 +555,51 @@ def _encoders(args: argparse.Namespace, registry: PluginRegistry, run: Any, data
 
 
 def _cmd_eval(args: argparse.Namespace, registry: PluginRegistry) -> int:
-    from sslplug.downstream import format_table, frozen_evaluation
+    from sslplug.downstream import (
+        format_health,
+        format_table,
+        frozen_evaluation,
+        health_evaluation,
+    )
+    from sslplug.pretrained import build_views
 
     budgets = _budgets(args, "all")
     run, data, device = _open_run(args, registry)  # after the cheap checks: it decodes the data
-    rows = []
+    labelled = data.test is not None and data.test.labelled and data.train.labelled
+    views = build_views(run, registry, data.image_size, data.num_classes, device)
+    rows, health = [], []
     for init, encoder in _encoders(args, registry, run, data, device):
-        rows += frozen_evaluation(
-            encoder,
-            data,
-            budgets,
-            device,
-            init,
-            seed=args.label_seed,
-            knn_k=run.config.eval.knn_k,
-            knn_temperature=run.config.eval.knn_temperature,
+        health.append(
+            health_evaluation(
+                encoder, views, data, device, init,
+                samples=run.config.eval.health_samples or 1024, seed=run.config.train.seed,
+            )
         )
+        if labelled:
+            rows += frozen_evaluation(
+                encoder,
+                data,
+                budgets,
+                device,
+                init,
+                seed=args.label_seed,
+                knn_k=run.config.eval.knn_k,
+                knn_temperature=run.config.eval.knn_temperature,
+            )
     print(
         f"{run.run_dir} ({', '.join(f'{k}={v}' for k, v in run.components.items())}), "
         f"epoch {run.epoch}, on {data.name}:"
     )
-    print(format_table(rows))
-    _record(run.run_dir, rows)
+    if rows:
+        print(format_table(rows))
+    else:
+        print(
+            f"{data.name} has no labelled train and test splits: no kNN accuracy or linear "
+            f"probe can be computed without labels; the label-free measures follow"
+        )
+    print("label-free health (docs/health.md):")
+    print(format_health(health))
+    _record(run.run_dir, rows + health)
     return 0
 
 

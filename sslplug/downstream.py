@@ -27,7 +27,14 @@ from sslplug.evaluate import LabelBudget, extract_features, knn_predict, label_s
 from sslplug.finetune import FinetuneSettings, finetune
 from sslplug.outputs import write_atomically
 
-__all__ = ["finetune_evaluation", "format_table", "frozen_evaluation", "record"]
+__all__ = [
+    "finetune_evaluation",
+    "format_health",
+    "format_table",
+    "frozen_evaluation",
+    "health_evaluation",
+    "record",
+]
 
 
 def _check_labelled(data: DataSet) -> None:
@@ -75,6 +82,48 @@ def frozen_evaluation(
             }
         )
     return rows
+
+
+def health_evaluation(
+    encoder: Encoder,
+    views: Any,
+    data: DataSet,
+    device: torch.device,
+    init: str,
+    samples: int = 1024,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The label-free measures of ``encoder`` (``sslplug.health``) on the fixed sample of
+    training images a run with ``seed`` measures, labelled data or not."""
+    from sslplug.monitors.health import measure_health, sample_images
+
+    start = time.perf_counter()
+    images = sample_images(data.train, samples, seed)
+    measures = measure_health(encoder, views, images, device)
+    return {
+        "kind": "health",
+        "data": data.name,
+        "init": init,
+        "images": len(images),
+        **measures,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def format_health(rows: Sequence[dict[str, Any]]) -> str:
+    """Health rows as an aligned text table."""
+    names = ("rank_features", "spread_features", "rank_projections", "spread_projections",
+             "alignment", "uniformity")
+    used = [n for n in names if any(n in row for row in rows)]
+    table = [["init", "images", *used]]
+    for row in rows:
+        table.append([row["init"], str(row["images"]),
+                      *(f"{row[n]:.3f}" if n in row else "-" for n in used)])
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    return "\n".join(
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
+        for line in table
+    )
 
 
 def finetune_evaluation(

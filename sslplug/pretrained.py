@@ -29,6 +29,7 @@ from typing import Any
 
 import attrs
 import torch
+from torch import nn
 
 from sslplug.assembly import assemble
 from sslplug.checkpoint import FILENAME, load_checkpoint
@@ -41,7 +42,7 @@ from sslplug.plugins import PluginRegistry
 from sslplug.rundir import MARKERS
 from sslplug.runtime import seed_everything
 
-__all__ = ["Run", "build_encoder", "export_backbone", "load_run"]
+__all__ = ["Run", "build_encoder", "build_views", "export_backbone", "load_run"]
 
 
 @attrs.define
@@ -131,6 +132,29 @@ def build_encoder(
                 f"build (components {run.components}): {detail}"
             ) from None
     return encoder.to(device).eval()
+
+
+def build_views(
+    run: Run, registry: PluginRegistry, image_size: int, num_classes: int, device: torch.device
+) -> nn.Module:
+    """The view generator of ``run`` (with its checkpointed state, if it has any), on
+    ``device``: for measures that need augmented views of the data, such as the alignment."""
+    init_rng = run.state.get("init_rng")
+    if init_rng is None:
+        seed_everything(run.config.train.seed)
+    views = assemble(
+        run.config,
+        registry,
+        image_size=image_size,
+        device=device,
+        num_classes=num_classes,
+        out_dir=run.run_dir,
+        init_rng=init_rng,
+        train=False,
+    ).parts.views
+    if run.state.get("views"):
+        views.load_state_dict(run.state["views"])
+    return views.to(device)
 
 
 def export_backbone(

@@ -132,3 +132,53 @@ def test_unlabelled_data_shows_the_label_free_measures_and_says_why_no_knn(
     assert done.returncode == 0, done.stderr
     assert "has no labels: no kNN accuracy can be computed" in done.stderr
     assert ", rank " in done.stderr and "kNN top-1" not in done.stderr
+    evaluated = run_cli(["eval", out, "--baseline"])
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "no kNN accuracy or linear probe can be computed without labels" in evaluated.stdout
+    lines = evaluated.stdout.split("label-free health")[1].splitlines()
+    assert lines[1].split()[:4] == ["init", "images", "rank_features", "spread_features"]
+    assert lines[2].startswith("pre-trained") and lines[3].startswith("random init")
+    recorded = json.loads((out / "summary.json").read_text())["evaluations"]
+    assert [r["kind"] for r in recorded] == ["health", "health"]
+    assert recorded[0]["images"] == 100 and "alignment" in recorded[0]
+
+
+BUILT_IN = (
+    "byol", "simclr", "barlow_twins", "rotnet", "jigsaw", "cpc", "moco_v2", "moco_v3",
+    "nnclr", "simsiam", "vicreg", "swav", "dino", "mae", "ijepa",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("method", BUILT_IN)
+def test_no_built_in_method_is_called_collapsed_at_the_start_of_its_default_run(
+    registry, shapes_folder, tmp_path, method
+):
+    """The rule must not fire on a healthy run: each method's default recipe, its first steps
+    (where a random projector's outputs may still point alike) measured after every epoch.
+    docs/health.md has full-length runs of every method, three seeds each."""
+    from sslplug.config import load_config
+    from sslplug.engine import train
+
+    config = load_config(
+        assignments=[
+            f"components.plugin={method}",
+            f"data.name={shapes_folder}",
+            "data.workers=0",
+            "train.epochs=2",
+            "train.batch_size=32",
+            "train.max_steps_per_epoch=3",
+            "train.progress=false",
+            "eval.every=1",
+            "eval.health_samples=128",
+            f"train.out={tmp_path}",
+            'train.disable=["knn", "view_grid", "tensorboard"]',
+            *(["model.backbone=vit_micro"] if method in ("mae", "ijepa") else []),
+        ],
+        plugin_settings=registry.settings_classes(),
+    )
+    summary = train(config, registry)
+    history = summary["health_history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert not any(h.get("collapsed") for h in history), history
+    for h in history:
+        assert h["rank_features"] >= 1 and 0 < h["spread_features"] <= 1.5

@@ -31,7 +31,7 @@ from sslplug.data import Split
 from sslplug.health import alignment, collapse, effective_rank, spread, uniformity
 from sslplug.hookspecs import hookimpl
 
-__all__ = ["HealthMonitor", "measure_health"]
+__all__ = ["HealthMonitor", "measure_health", "sample_images"]
 
 _ALIGNMENT_IMAGES = 512
 _CHUNK = 256
@@ -61,7 +61,7 @@ _GENERIC = (
 )
 
 
-def _sample(split: Split, count: int, seed: int) -> Tensor:
+def sample_images(split: Split, count: int, seed: int) -> Tensor:
     """``count`` training images (uint8 squares) drawn once with ``seed``."""
     generator = torch.Generator().manual_seed(seed * 7_919 + 17)
     index = torch.randperm(len(split), generator=generator)[:count].sort().values
@@ -151,7 +151,7 @@ class HealthMonitor:
         if not due or data is None or run.parts is None or not settings.health_samples:
             return None
         if self._for is not run:
-            self._images = _sample(data.train, settings.health_samples, run.config.train.seed)
+            self._images = sample_images(data.train, settings.health_samples, run.config.train.seed)
             self._for = run
             if not data.train.labelled:
                 tqdm.write(
