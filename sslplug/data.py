@@ -50,6 +50,7 @@ from sslplug.store import (
     Encoding,
     ImageStore,
     decode_image,
+    decode_jpegs,
     pad_batch,
     read_store,
     stored_side,
@@ -329,15 +330,19 @@ def _unless_full(images: Tensor, extents: Tensor) -> Tensor | None:
 
 
 class _StoreBatches(Dataset):
-    """A store read a batch at a time: ``dataset[indices]`` is ``_collate``'s batch."""
+    """A store read a batch at a time: ``dataset[indices]`` is ``_collate``'s batch, or with
+    ``encoded`` the images' stored bytes (a list) in place of the images, left to be decoded
+    where the batch goes (JPEG on a GPU)."""
 
-    def __init__(self, store: ImageStore, labels: Tensor) -> None:
-        self.store, self.labels = store, labels
+    def __init__(self, store: ImageStore, labels: Tensor, encoded: bool = False) -> None:
+        self.store, self.labels, self.encoded = store, labels, encoded
 
     def __len__(self) -> int:
         return len(self.store)
 
-    def __getitem__(self, indices: list[int]) -> tuple[Tensor, Tensor, Tensor | None, list[int]]:
+    def __getitem__(self, indices: list[int]) -> tuple[Any, Tensor, Tensor | None, list[int]]:
+        if self.encoded:
+            return self.store.encoded(indices), self.labels[indices], None, []
         images, extents = self.store.read(indices)
         return images, self.labels[indices], _unless_full(images, extents), []
 
@@ -876,6 +881,11 @@ class Loader:
         self.wait_seconds = 0.0
         self._unreadable: set[int] = set()  # indices into the split's source
         self._pin = device.type == "cuda"
+        store = split.store
+        # JPEG bytes from a store are decoded on a GPU, a whole batch in one nvJPEG call
+        self.decode_on_device = (
+            device.type == "cuda" and store is not None and store.encoding == "jpeg"
+        )
 
     @property
     def skipped(self) -> int:
@@ -942,20 +952,36 @@ class Loader:
             yield batch[0], batch[1], None
 
     def _from_store(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor, Any]]:
-        batches = _StoreBatches(self.split.store, self.split.labels)  # type: ignore[arg-type]
+        batches = _StoreBatches(
+            self.split.store, self.split.labels, self.decode_on_device  # type: ignore[arg-type]
+        )
         for index in self._index_batches(generator):
             start = time.perf_counter()
-            images, labels, extents, _ = batches[index.tolist()]
-            batch = self._to_device(images, labels, extents)
+            batch = self._arrived(*batches[index.tolist()][:3])
             self.wait_seconds += time.perf_counter() - start
             yield batch
+
+    def _arrived(
+        self, images: Any, labels: Tensor, extents: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A batch from a store on the device; stored JPEG bytes decoded there when
+        ``decode_on_device``."""
+        if not self.decode_on_device:
+            return self._to_device(images, labels, extents)
+        canvas, extents = pad_batch(decode_jpegs(images, self.device))
+        kept = _unless_full(canvas, extents)  # extents are made on the CPU
+        return (
+            canvas.to(self.device),
+            labels.to(self.device, non_blocking=True),
+            None if kept is None else kept.to(self.device, non_blocking=True),
+        )
 
     def _from_workers(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor, Any]]:
         batches = [index.tolist() for index in self._index_batches(generator)]
         store = self.split.store
         if store is not None:  # on disk: each worker reads whole batches
             loader: DataLoader = DataLoader(
-                _StoreBatches(store, self.split.labels),
+                _StoreBatches(store, self.split.labels, self.decode_on_device),
                 sampler=batches,
                 batch_size=None,
                 num_workers=self.workers,
@@ -977,6 +1003,10 @@ class Loader:
             self._unreadable.update(indices[position] for position in unreadable)
             if not len(images):
                 continue
-            batch = self._to_device(images, labels, extents)
+            batch = (
+                self._arrived(images, labels, extents)
+                if store is not None
+                else self._to_device(images, labels, extents)
+            )
             self.wait_seconds += time.perf_counter() - start
             yield batch

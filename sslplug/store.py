@@ -40,6 +40,7 @@ __all__ = [
     "STORE_MARKER",
     "ImageStore",
     "decode_image",
+    "decode_jpegs",
     "pad_batch",
     "stored_side",
     "write_store",
@@ -114,7 +115,8 @@ def pad_batch(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         [[*image.shape[-2:], int(t)] for image, t in zip(laid, turned)], dtype=torch.int64
     ).view(-1, 3)
     height, width = (int(v) for v in extents[:, :2].max(dim=0).values)
-    canvas = torch.empty(len(images), 3, height, width, dtype=torch.uint8)
+    device = images[0].device if len(images) else None
+    canvas = torch.empty(len(images), 3, height, width, dtype=torch.uint8, device=device)
     for slot, image in zip(canvas, laid):
         h, w = image.shape[-2:]
         slot[:, :h, :w] = image
@@ -137,11 +139,15 @@ def _torchcodec_jpeg() -> Callable[..., Any] | None:
     return decode_jpeg
 
 
-def _decode_jpegs(encoded: list[Tensor]) -> list[Tensor]:
-    """Decode JPEG bytes (1-D uint8 tensors) with TorchCodec when it loads, else PIL."""
+def decode_jpegs(encoded: list[Tensor], device: torch.device | None = None) -> list[Tensor]:
+    """Decode JPEG bytes (1-D uint8 tensors on the CPU) with TorchCodec when it loads, else
+    PIL. On a CUDA ``device`` TorchCodec decodes the whole list in one nvJPEG call and the
+    images are on the device; elsewhere they are on the CPU."""
     decode_jpeg = _torchcodec_jpeg()
     if decode_jpeg is None:
         return [decode_image(bytes(e.numpy())) for e in encoded]
+    if device is not None and device.type == "cuda":
+        return list(decode_jpeg(encoded, device=device))
     return list(decode_jpeg(encoded))
 
 
@@ -193,12 +199,16 @@ class ImageStore:
             )
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
+    def encoded(self, indices: Iterable[int]) -> list[Tensor]:
+        """The stored bytes of the images at ``indices`` (raw pixels, or JPEG)."""
+        return [self._bytes(i) for i in indices]
+
     def images(self, indices: Iterable[int]) -> list[Tensor]:
         """The images at ``indices``, uint8 ``(3, h, w)`` each."""
         indices = list(indices)
-        encoded = [self._bytes(i) for i in indices]
+        encoded = self.encoded(indices)
         if self.encoding == "jpeg":
-            return _decode_jpegs(encoded)
+            return decode_jpegs(encoded)
         return [
             e.view(3, int(self.shapes[i, 0]), int(self.shapes[i, 1]))
             for e, i in zip(encoded, indices)

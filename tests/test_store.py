@@ -240,6 +240,27 @@ def test_prepared_data_reads_back_from_memory_and_from_disk_in_workers(tmp_path,
         assert (a.float() - c.float()).abs().mean() <= tolerance
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_jpeg_bytes_decoded_where_the_batch_goes_give_the_same_batches(tmp_path, workers):
+    """On a GPU the loader decodes a JPEG store's bytes there (nvJPEG, a batch per call); the
+    same path, run here on the CPU, gives the batches the workers' decoding gives."""
+    root = _photo_folder(tmp_path / "d", SIZES)
+    prepare(DataSettings(name=str(root), image_size=32, workers=0), tmp_path / "p",
+            encoding="jpeg")
+    data = load_data(DataSettings(name=str(tmp_path / "p"), cache_gb=0.0 if workers else 4.0))
+
+    def batches(on_device):
+        loader = Loader(data.train, 4, CPU, shuffle=True, drop_last=True, workers=workers,
+                        full_resolution=True, seed=2)
+        assert not loader.decode_on_device  # only on CUDA by default
+        loader.decode_on_device = on_device
+        return list(loader.epoch(0))
+
+    for (a, la, ea), (b, lb, eb) in zip(batches(True), batches(False)):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+        assert (ea is None and eb is None) or torch.equal(ea, eb)
+
+
 def test_prepare_refuses_a_folder_that_is_not_empty_and_cli_reports(tmp_path):
     root = _photo_folder(tmp_path / "d", SIZES[:6])
     (tmp_path / "full").mkdir()
