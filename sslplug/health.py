@@ -11,6 +11,8 @@ A run on unlabelled images has no kNN accuracy to watch. These measures need no 
   image has the same embedding), about 1 when the embeddings spread over the sphere (each
   coordinate of a uniform unit vector has standard deviation ``1/sqrt(d)``; BYOL and SimSiam
   use the unscaled value as their collapse signal, Chen & He 2021, Fig. 2).
+* the spread again, of fewer images (``quick_spread``), on every epoch between those: the
+  collapse rule needs two epochs in a row.
 * **alignment** and **uniformity** (Wang & Isola 2020, Eqs. 4-5, alpha = 2, t = 2) of the
   l2-normalised features of two augmented views of the same images: alignment, the mean
   squared distance between the two views of an image (0 to 4, lower is better); uniformity,
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "COLLAPSE_MIN_STEPS",
     "COLLAPSE_SPREAD",
     "HEALTH_MEASURES",
     "alignment",
@@ -54,6 +57,11 @@ HEALTH_MEASURES = (
 # Below this spread the embeddings are taken as collapsed: chosen from the measurements in
 # docs/health.md (healthy runs stay far above it, runs made to collapse fall far below).
 COLLAPSE_SPREAD = 0.05
+RECOVERING = 1.2
+# The monitor judges only after this many optimisation steps (two epochs of the default data
+# take 38): in a handful of steps SimSiam's and NNCLR's projections were still at 0.04 while
+# their full runs never came near 0.05 (docs/health.md).
+COLLAPSE_MIN_STEPS = 30
 
 
 def effective_rank(embeddings: Tensor, eps: float = 1e-7) -> float:
@@ -87,14 +95,24 @@ def uniformity(features: Tensor, t: float = 2.0) -> float:
     return float(torch.logsumexp(-t * distances, dim=0) - math.log(len(distances)))
 
 
-def collapse(measures: dict[str, float]) -> tuple[str, float] | None:
+def collapse(
+    measures: dict[str, float], previous: dict[str, float] | None
+) -> tuple[str, float] | None:
     """The measure that says the embeddings collapsed, with its value, or ``None``.
 
     The rule: the spread of the backbone features, or of the projections where the encoder
-    has them, is below ``COLLAPSE_SPREAD``: nearly every image gets the same direction.
+    has them, is below ``COLLAPSE_SPREAD`` (nearly every image gets the same direction) after
+    this epoch and after the one before (``previous``), and is not recovering (not above
+    ``RECOVERING`` times its previous value). A projector's outputs may point alike for a
+    while at the start of training and then spread out (MoCo v3's went from 0.024 to 0.035 in
+    its first steps, docs/health.md); a collapsed run stays down.
     """
+    if not previous:
+        return None
     for name in ("spread_features", "spread_projections"):
-        value = measures.get(name)
-        if value is not None and value < COLLAPSE_SPREAD:
+        value, before = measures.get(name), previous.get(name)
+        if value is None or before is None:
+            continue
+        if value < COLLAPSE_SPREAD and before < COLLAPSE_SPREAD and value <= RECOVERING * before:
             return name, value
     return None

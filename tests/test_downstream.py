@@ -45,7 +45,11 @@ def test_eval_reports_knn_and_linear_probe_and_records_them(byol_run, capsys):
     out = capsys.readouterr().out
     assert "linear top-1" in out and "random init" in out
     summary = json.loads((byol_run / "summary.json").read_text())
-    rows = summary["evaluations"][-4:]
+    recorded = summary["evaluations"][-6:]
+    rows = [r for r in recorded if r["kind"] == "frozen"]
+    health = [r for r in recorded if r["kind"] == "health"]
+    assert [r["init"] for r in health] == ["pre-trained", "random init"]
+    assert "label-free health" in out and health[0]["rank_features"] >= 1
     assert [(r["labels"], r["init"]) for r in rows] == [
         ("2/class", "pre-trained"),
         ("all", "pre-trained"),
@@ -180,7 +184,9 @@ def test_bad_label_budget_on_the_command_line(byol_run, capsys):
     assert "labels '0%' is not a label budget" in capsys.readouterr().err
 
 
-def test_eval_on_unlabelled_data_says_labels_are_needed(byol_run, tmp_path, capsys):
+def test_eval_on_unlabelled_data_says_labels_are_needed_and_shows_the_label_free_measures(
+    byol_run, tmp_path, capsys
+):
     flat = tmp_path / "flat"
     flat.mkdir()
     from sslplug.data import make_shapes
@@ -189,8 +195,10 @@ def test_eval_on_unlabelled_data_says_labels_are_needed(byol_run, tmp_path, caps
 
     images, labels = make_shapes(per_class=1, seed=0)
     write_images(images, labels, flat, classes=False)
-    assert main(["eval", str(byol_run), "--data", str(flat)]) == 2
-    assert "has no labelled train and test splits" in capsys.readouterr().err
+    assert main(["eval", str(byol_run), "--data", str(flat)]) == 0
+    out = capsys.readouterr().out
+    assert "has no labelled train and test splits: no kNN accuracy or linear probe" in out
+    assert "label-free health" in out and "rank_features" in out
 
 
 @pytest.mark.parametrize(

@@ -148,7 +148,7 @@ def test_moco_v2_recipe_blurs_only_large_images(size, blurred):
     assert ("RandomGaussianBlur" in names) is blurred
     assert "RandomSolarize" not in names
     crop = pipelines[0][0]
-    assert tuple(crop._param_generator.scale) == pytest.approx((0.2, 1.0))
+    assert tuple(crop.scale) == pytest.approx((0.2, 1.0))
     jitter = next(m for m in pipelines[0] if type(m).__name__ == "ColorJitter")
     assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == pytest.approx(
         (0.4, 0.4, 0.4, 0.1)

@@ -258,7 +258,7 @@ def test_views_are_two_global_and_six_local_crops_of_swav_scales():
     views = generator(torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8))
     assert [tuple(v.shape) for v in views.images] == [(5, 3, 32, 32)] * 2 + [(5, 3, 14, 14)] * 6
     assert {"two_views", "view_groups"} <= generator.provides
-    scales = [tuple(map(float, p[0]._param_generator.scale)) for p in augmentations]
+    scales = [tuple(map(float, p[0].scale)) for p in augmentations]
     assert scales == [(0.14, 1.0)] * 2 + [(0.05, 0.14)] * 6
     jitter = augmentations[0][2]
     assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == pytest.approx(

@@ -28,12 +28,20 @@ from tqdm import tqdm
 from sslplug.augment import normalize, to_float
 from sslplug.config import RunContext
 from sslplug.data import Split
-from sslplug.health import alignment, collapse, effective_rank, spread, uniformity
+from sslplug.health import (
+    COLLAPSE_MIN_STEPS,
+    alignment,
+    collapse,
+    effective_rank,
+    spread,
+    uniformity,
+)
 from sslplug.hookspecs import hookimpl
 
 __all__ = ["HealthMonitor", "measure_health", "sample_images"]
 
 _ALIGNMENT_IMAGES = 512
+_QUICK_IMAGES = 256
 _CHUNK = 256
 
 # What usually makes each family collapse, by the plugin that supplies the loss.
@@ -109,6 +117,23 @@ def measure_health(
     return measures
 
 
+@torch.no_grad()
+def quick_spread(encoder: Any, images: Tensor, device: torch.device) -> dict[str, float]:
+    """The spread of the features and projections of ``images`` alone (no singular values,
+    no views): what the collapse rule reads on the epochs between full measurements."""
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        features = _features(encoder, images, device)
+        measures = {"spread_features": spread(features)}
+        projector = getattr(encoder, "projector", None)
+        if isinstance(projector, nn.Module):
+            measures["spread_projections"] = spread(projector(features).float())
+    finally:
+        encoder.train(was_training)
+    return measures
+
+
 def _alignment(
     encoder: Any, views: nn.Module, images: Tensor, device: torch.device
 ) -> float:
@@ -127,7 +152,8 @@ def collapse_warning(measure: str, value: float, epoch: int, loss_plugin: str) -
     causes = _CAUSES.get(loss_plugin, _GENERIC)
     return (
         f"warning: the embeddings have collapsed after epoch {epoch}: {measure} is {value:.4f} "
-        f"(below 0.05: nearly every image gets the same embedding). Likely causes: {causes}. "
+        f"(below 0.05 after this epoch and the one before, and not recovering: nearly every "
+        f"image gets the same direction). Likely causes: {causes}. "
         f"Set train.stop_on_collapse=true to stop such a run at once (docs/health.md)"
     )
 
@@ -138,6 +164,7 @@ class HealthMonitor:
     def __init__(self) -> None:
         self._images: Tensor | None = None
         self._for: Any = None
+        self._previous: dict[str, float] = {}  # the last epoch's measures (collapse rule)
 
     @hookimpl
     def sslplug_evaluate(self, run: RunContext, epoch: int) -> dict[str, float] | None:
@@ -148,11 +175,13 @@ class HealthMonitor:
             every = settings.every
             last = run.progress.step >= run.progress.total_steps  # train.epochs, or a time limit
             due = last or bool(every and epoch % every == 0)
-        if not due or data is None or run.parts is None or not settings.health_samples:
+        if data is None or run.parts is None or not settings.health_samples:
+            return None
+        if not due and epoch == 0:
             return None
         if self._for is not run:
             self._images = sample_images(data.train, settings.health_samples, run.config.train.seed)
-            self._for = run
+            self._for, self._previous = run, {}
             if not data.train.labelled:
                 tqdm.write(
                     f"{data.name} has no labels: no kNN accuracy can be computed; the run shows "
@@ -162,11 +191,18 @@ class HealthMonitor:
                 )
         assert self._images is not None
         start = time.perf_counter()
-        measures = measure_health(
-            run.parts.encoder, run.parts.views, self._images, torch.device(run.device)
-        )
+        device = torch.device(run.device)
+        if due:
+            measures = measure_health(run.parts.encoder, run.parts.views, self._images, device)
+        else:  # between evaluations: the spread of a few images, for the collapse rule
+            measures = quick_spread(run.parts.encoder, self._images[:_QUICK_IMAGES], device)
         measures["health_seconds"] = time.perf_counter() - start
-        found = collapse(measures) if epoch > 0 else None
+        if epoch == 0:
+            return measures
+        # the first steps reshape a random projector: its outputs may point alike for a while
+        judged = run.progress.step >= COLLAPSE_MIN_STEPS
+        found = collapse(measures, self._previous) if judged else None
+        self._previous = measures
         if found is not None:
             measures["collapsed"] = 1.0
             loss_plugin = run.components.get("loss", "")
