@@ -106,8 +106,12 @@ class Split:
         if self.store is not None:
             store = self.store
             picked = ImageStore(
-                store.shapes[index], store.offsets[index], store.lengths[index],
-                store.shard[index], store.shards, store.encoding,
+                store.shapes[index],
+                store.offsets[index],
+                store.lengths[index],
+                store.shard[index],
+                store.shards,
+                store.encoding,
             )
             return Split(labels, store=picked, image_size=self.image_size)
         assert self.source is not None
@@ -120,8 +124,7 @@ class Split:
         part = self if index is None else self.subset(index)
         if part.images is not None and not self.image_size:
             return part
-        batches = Loader(part, 256, torch.device("cpu"), shuffle=False, drop_last=False,
-                         workers=0)
+        batches = Loader(part, 256, torch.device("cpu"), shuffle=False, drop_last=False, workers=0)
         chunks = list(batches.epoch(0))
         images = torch.cat([c[0] for c in chunks]) if chunks else torch.empty(0, dtype=torch.uint8)
         labels = torch.cat([c[1] for c in chunks]) if chunks else part.labels[:0]
@@ -283,9 +286,7 @@ class ImageFolder(Dataset):
     stored resolution (``sslplug.store.decode_image``: upright, shorter side at most
     ``short_side``), or ``None`` for a file that cannot be decoded (left out, and counted)."""
 
-    def __init__(
-        self, files: list[Path], labels: list[int], short_side: int, strict: bool
-    ) -> None:
+    def __init__(self, files: list[Path], labels: list[int], short_side: int, strict: bool) -> None:
         self.files, self.labels, self.short_side, self.strict = files, labels, short_side, strict
 
     def __len__(self) -> int:
@@ -293,17 +294,29 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
         path = self.files[index]
-        try:
-            image = decode_image(path, self.short_side)
-        except Exception as exc:
-            if self.strict:
-                raise DataError(
-                    f"cannot read image {str(path)!r}: {exc}. Remove the file, or set "
-                    f"data.strict=false to skip unreadable images"
-                ) from None
-            log.warning("skipping unreadable image %s: %s", path, exc)
-            return None
-        return image, self.labels[index]
+        image = _decoded(
+            lambda: decode_image(path, self.short_side),
+            f"image {str(path)!r}",
+            self.strict,
+            "Remove the file, or set data.strict=false to skip unreadable images",
+            logged=f"image {path}",
+        )
+        return None if image is None else (image, self.labels[index])
+
+
+def _decoded(
+    decode: Any, what: str, strict: bool, remedy: str, logged: str = ""
+) -> Tensor | None:
+    """``decode()``, or, when it fails, ``None`` with a warning about ``logged`` (default
+    ``what``), or with ``data.strict`` a ``DataError`` naming ``what``: the one rule for
+    unreadable images of folders and shards."""
+    try:
+        return decode()
+    except Exception as exc:
+        if strict:
+            raise DataError(f"cannot read {what}: {exc}. {remedy}") from None
+        log.warning("skipping unreadable %s: %s", logged or what, exc)
+        return None
 
 
 def _collate(
@@ -511,7 +524,10 @@ def _hold_out(
 
 
 def _hold(
-    sources: Mapping[str, Any], estimated_bytes: float, size: int, settings: DataSettings,
+    sources: Mapping[str, Any],
+    estimated_bytes: float,
+    size: int,
+    settings: DataSettings,
     where: Path,
 ) -> tuple[dict[str, Split], int]:
     """Decode every split into memory when ``estimated_bytes`` fits in ``data.cache_gb``,
@@ -534,7 +550,9 @@ def _hold(
         log.info(
             "%s does not fit in data.cache_gb=%s: its images are decoded every epoch; "
             "sslplug prepare %s OUT writes them once in a form that streams faster",
-            where, settings.cache_gb, where,
+            where,
+            settings.cache_gb,
+            where,
         )
     if skipped:
         log.warning("skipped %d unreadable image(s) under %s", skipped, where)
@@ -682,7 +700,11 @@ def _prepared(folder: Path, settings: DataSettings) -> DataSet:
         log.warning(
             "%s was prepared for crops of %s px (images stored with shorter sides up to %s "
             "px); crops of %s px will be upsampled: prepare it again with --image-size %s",
-            folder, marker["image_size"], marker["short_side"], size, size,
+            folder,
+            marker["image_size"],
+            marker["short_side"],
+            size,
+            size,
         )
     total = sum(store.nbytes for store, _ in stores.values())
     in_memory = total <= settings.cache_gb * 2**30
@@ -710,8 +732,11 @@ def _shard_files(path: Path) -> dict[str, list[Path]] | None:
     if path.is_file():
         return {"train": [path]}
     if (path / "train").is_dir():
-        found = {name: sorted((path / name).glob("*.tar")) for name in ("train", "test")
-                 if (path / name).is_dir()}
+        found = {
+            name: sorted((path / name).glob("*.tar"))
+            for name in ("train", "test")
+            if (path / name).is_dir()
+        }
     else:
         found = {"train": sorted(path.glob("*.tar"))}
     found = {name: files for name, files in found.items() if files}
@@ -742,22 +767,19 @@ class ShardSamples(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
         sample = self.dataset[index]
         key = next((k for k in sample if k.lower().lstrip(".") in _IMAGE_KEYS), None)
-        try:
+
+        def decode() -> Tensor:
             if key is None:
                 raise ValueError(f"no image among its files {sorted(sample)}")
             data = sample[key]
-            image = decode_image(data.read() if hasattr(data, "read") else bytes(data),
-                                 self.short_side)
-        except Exception as exc:
-            where = f"sample {sample.get('__key__', index)!r} of {sample.get('__shard__')}"
-            if self.strict:
-                raise DataError(
-                    f"cannot read the image of {where}: {exc}. Set data.strict=false to skip "
-                    f"unreadable samples"
-                ) from None
-            log.warning("skipping %s: %s", where, exc)
-            return None
-        return image, self.labels[index]
+            encoded = data.read() if hasattr(data, "read") else bytes(data)
+            return decode_image(encoded, self.short_side)
+
+        where = f"the image of sample {sample.get('__key__', index)!r} of {sample.get('__shard__')}"
+        image = _decoded(
+            decode, where, self.strict, "Set data.strict=false to skip unreadable samples"
+        )
+        return None if image is None else (image, self.labels[index])
 
 
 _IMAGE_KEYS = {ext.lstrip(".") for ext in IMAGE_EXTENSIONS} | {"image", "img"}
@@ -915,8 +937,11 @@ class Loader:
         for images, labels, extents in batches:
             if self.full_resolution:
                 yield images, labels, extents
-            elif split.image_size and (extents is not None or images.shape[-1] != split.image_size
-                                       or images.shape[-2] != split.image_size):
+            elif split.image_size and (
+                extents is not None
+                or images.shape[-1] != split.image_size
+                or images.shape[-2] != split.image_size
+            ):
                 yield fit_batch(images, extents, split.image_size), labels
             else:
                 yield images, labels
@@ -952,9 +977,8 @@ class Loader:
             yield batch[0], batch[1], None
 
     def _from_store(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor, Any]]:
-        batches = _StoreBatches(
-            self.split.store, self.split.labels, self.decode_on_device  # type: ignore[arg-type]
-        )
+        assert self.split.store is not None  # _from_store is for a split with a store
+        batches = _StoreBatches(self.split.store, self.split.labels, self.decode_on_device)
         for index in self._index_batches(generator):
             start = time.perf_counter()
             batch = self._arrived(*batches[index.tolist()][:3])

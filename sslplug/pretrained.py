@@ -100,7 +100,6 @@ def build_encoder(
 ) -> Encoder:
     """The encoder of ``run``, with its trained weights or (``pretrained=False``) the random
     initialisation the run started from, in eval mode on ``device``."""
-    config = run.config
     trained_size = run.state.get("image_size")
     if trained_size is not None and trained_size != image_size:
         raise CheckpointError(
@@ -108,19 +107,7 @@ def build_encoder(
             f"evaluate is {image_size}px; evaluate on data of the same size (for an image folder: "
             f"--set data.image_size={trained_size})"
         )
-    init_rng = run.state.get("init_rng")
-    if init_rng is None:  # a checkpoint from before init_rng was saved: the same seed, not draw
-        seed_everything(config.train.seed)
-    encoder = assemble(
-        config,
-        registry,
-        image_size=image_size,
-        device=device,
-        num_classes=num_classes,
-        out_dir=run.run_dir,
-        init_rng=init_rng,
-        train=False,
-    ).parts.encoder
+    encoder = _parts(run, registry, image_size, num_classes, device).encoder
     if pretrained:
         try:
             encoder.load_state_dict(run.state["encoder"])
@@ -134,15 +121,15 @@ def build_encoder(
     return encoder.to(device).eval()
 
 
-def build_views(
+def _parts(
     run: Run, registry: PluginRegistry, image_size: int, num_classes: int, device: torch.device
-) -> nn.Module:
-    """The view generator of ``run`` (with its checkpointed state, if it has any), on
-    ``device``: for measures that need augmented views of the data, such as the alignment."""
+) -> Any:
+    """The run's components as its settings build them, from the random state it started
+    from (the assembly every command shares)."""
     init_rng = run.state.get("init_rng")
-    if init_rng is None:
+    if init_rng is None:  # a checkpoint from before init_rng was saved: the same seed, not draw
         seed_everything(run.config.train.seed)
-    views = assemble(
+    return assemble(
         run.config,
         registry,
         image_size=image_size,
@@ -151,7 +138,15 @@ def build_views(
         out_dir=run.run_dir,
         init_rng=init_rng,
         train=False,
-    ).parts.views
+    ).parts
+
+
+def build_views(
+    run: Run, registry: PluginRegistry, image_size: int, num_classes: int, device: torch.device
+) -> nn.Module:
+    """The view generator of ``run`` (with its checkpointed state, if it has any), on
+    ``device``: for measures that need augmented views of the data, such as the alignment."""
+    views = _parts(run, registry, image_size, num_classes, device).views
     if run.state.get("views"):
         views.load_state_dict(run.state["views"])
     return views.to(device)

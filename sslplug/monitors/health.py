@@ -37,6 +37,7 @@ from sslplug.health import (
     uniformity,
 )
 from sslplug.hookspecs import hookimpl
+from sslplug.monitors.knn import evaluation_due
 
 __all__ = ["HealthMonitor", "measure_health", "sample_images"]
 
@@ -169,12 +170,7 @@ class HealthMonitor:
     @hookimpl
     def sslplug_evaluate(self, run: RunContext, epoch: int) -> dict[str, float] | None:
         settings, data = run.config.eval, run.data
-        if epoch == 0:
-            due = settings.baseline
-        else:
-            every = settings.every
-            last = run.progress.step >= run.progress.total_steps  # train.epochs, or a time limit
-            due = last or bool(every and epoch % every == 0)
+        due = evaluation_due(run, epoch)
         if data is None or run.parts is None or not settings.health_samples:
             return None
         if not due and epoch == 0:

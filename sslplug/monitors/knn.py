@@ -17,19 +17,24 @@ from sslplug.evaluate import knn_accuracy
 from sslplug.hookspecs import hookimpl
 
 
+def evaluation_due(run: RunContext, epoch: int) -> bool:
+    """Whether the evaluating monitors (kNN, health) measure after ``epoch``: the random
+    initialisation (epoch 0) with ``eval.baseline``, every ``eval.every`` epochs, and the last
+    (the epoch after which the run's steps are done: ``train.epochs``, or a time limit)."""
+    settings = run.config.eval
+    if epoch == 0:
+        return settings.baseline
+    last = run.progress.step >= run.progress.total_steps
+    return last or bool(settings.every and epoch % settings.every == 0)
+
+
 class KNNMonitor:
     """``sslplug_evaluate``: ``{"knn_top1": percent}`` when due and the data has labels."""
 
     @hookimpl
     def sslplug_evaluate(self, run: RunContext, epoch: int) -> dict[str, float] | None:
         settings, data = run.config.eval, run.data
-        if epoch == 0:
-            due = settings.baseline
-        else:
-            every = settings.every
-            last = run.progress.step >= run.progress.total_steps  # train.epochs, or a time limit
-            due = last or bool(every and epoch % every == 0)
-        if not due or data is None or data.test is None:
+        if not evaluation_due(run, epoch) or data is None or data.test is None:
             return None
         if not data.test.labelled or not data.train.labelled:
             return None
