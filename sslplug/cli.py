@@ -10,7 +10,7 @@ import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -20,6 +20,10 @@ from sslplug.config import COMPONENTS, load_config, read_toml
 from sslplug.errors import ConfigError, OutputError, SslplugError
 from sslplug.finetune import FinetuneSettings
 from sslplug.plugins import PluginRegistry
+
+if TYPE_CHECKING:
+    from sslplug.pretrained import Run
+    from sslplug.rundir import RunFolder
 
 __all__ = ["main"]
 
@@ -42,9 +46,11 @@ FLAG_SETTINGS = {
 
 # what eval and finetune do with their results, and when saving them fails
 _RECORDED = (
-    "The results are printed, then appended to the run's summary.json (under 'evaluations') "
-    "and its TensorBoard log. When the run folder cannot be written, the printed table is all "
-    "there is of them: sslplug says what could not be saved and exits with status 2."
+    "The results are printed, then appended to the run's summary.json (under 'evaluations', "
+    "where they stay when the run is resumed) and its TensorBoard log. When the run folder "
+    "cannot be written, the printed table is all there is of them: sslplug says what could not "
+    "be saved and exits with status 2. The command holds the run folder's lock while it works: "
+    "on a folder where a run is training it stops at once, naming that run."
 )
 
 
@@ -116,6 +122,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start a new run in an --out that holds one: delete that run's checkpoint, "
         "settings, summary, views and TensorBoard logs first",
+    )
+    common.add_argument(
+        "--ignore-collapse",
+        action="store_true",
+        help="with --resume: continue a run that train.stop_on_collapse stopped because its "
+        "embeddings collapsed (without it, such a resume is refused); the run then no longer "
+        "stops for collapse (train.stop_on_collapse=false is saved with it), and the health "
+        "monitor still warns after every epoch it finds collapsed",
     )
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
     common.add_argument(
@@ -426,6 +440,12 @@ def _cmd_run(args: argparse.Namespace, registry: PluginRegistry) -> int:
     from sslplug.engine import train
 
     base = None
+    if args.ignore_collapse and args.resume is None:
+        raise ConfigError(
+            "--ignore-collapse continues a run that stopped because its embeddings collapsed: "
+            "give it with --resume RUN_DIR (a new run stops for collapse only with "
+            "--set train.stop_on_collapse=true)"
+        )
     if args.resume is not None:
         _check_resume_flags(args)
         settings_file = args.resume / "settings.toml"
@@ -446,7 +466,9 @@ def _cmd_run(args: argparse.Namespace, registry: PluginRegistry) -> int:
         if args.overwrite:
             summary = train(config, registry, overwrite=True)
         else:
-            summary = train(config, registry, resume=args.resume)
+            summary = train(
+                config, registry, resume=args.resume, ignore_collapse=args.ignore_collapse
+            )
         main = distributed.is_main()
     finally:
         distributed.stop()
@@ -564,42 +586,43 @@ def _cmd_eval(args: argparse.Namespace, registry: PluginRegistry) -> int:
     from sslplug.pretrained import build_views
 
     budgets = _budgets(args, "all")
-    run, data, device = _open_run(args, registry)  # after the cheap checks: it decodes the data
-    labelled = data.test is not None and data.test.labelled and data.train.labelled
-    views = build_views(run, registry, data.image_size, data.num_classes, device)
-    rows, health = [], []
-    for init, encoder in _encoders(args, registry, run, data, device):
-        health.append(
-            health_evaluation(
-                encoder, views, data, device, init,
-                samples=run.config.eval.health_samples or 1024, seed=run.config.train.seed,
+    with _lock_run_folder(args.source, "eval"):  # after the cheap checks, before any work
+        run, data, device = _open_run(args, registry)  # it decodes the data
+        labelled = data.test is not None and data.test.labelled and data.train.labelled
+        views = build_views(run, registry, data.image_size, data.num_classes, device)
+        rows, health = [], []
+        for init, encoder in _encoders(args, registry, run, data, device):
+            health.append(
+                health_evaluation(
+                    encoder, views, data, device, init,
+                    samples=run.config.eval.health_samples or 1024, seed=run.config.train.seed,
+                )
             )
-        )
-        if labelled:
-            rows += frozen_evaluation(
-                encoder,
-                data,
-                budgets,
-                device,
-                init,
-                seed=args.label_seed,
-                knn_k=run.config.eval.knn_k,
-                knn_temperature=run.config.eval.knn_temperature,
-            )
-    print(
-        f"{run.run_dir} ({', '.join(f'{k}={v}' for k, v in run.components.items())}), "
-        f"epoch {run.epoch}, on {data.name}:"
-    )
-    if rows:
-        print(format_table(rows))
-    else:
+            if labelled:
+                rows += frozen_evaluation(
+                    encoder,
+                    data,
+                    budgets,
+                    device,
+                    init,
+                    seed=args.label_seed,
+                    knn_k=run.config.eval.knn_k,
+                    knn_temperature=run.config.eval.knn_temperature,
+                )
         print(
-            f"{data.name} has no labelled train and test splits: no kNN accuracy or linear "
-            f"probe can be computed without labels; the label-free measures follow"
+            f"{run.run_dir} ({', '.join(f'{k}={v}' for k, v in run.components.items())}), "
+            f"epoch {run.epoch}, on {data.name}:"
         )
-    print("label-free health (docs/health.md):")
-    print(format_health(health))
-    _record(run.run_dir, rows + health)
+        if rows:
+            print(format_table(rows))
+        else:
+            print(
+                f"{data.name} has no labelled train and test splits: no kNN accuracy or linear "
+                f"probe can be computed without labels; the label-free measures follow"
+            )
+        print("label-free health (docs/health.md):")
+        print(format_health(health))
+        _record(run, rows + health)
     return 0
 
 
@@ -622,33 +645,46 @@ def _cmd_finetune(args: argparse.Namespace, registry: PluginRegistry) -> int:
             f"share of the rate of the layer above (1: no decay)"
         )
     budgets = _budgets(args, "1%")
-    run, data, device = _open_run(args, registry)  # after the cheap checks: it decodes the data
-    settings = FinetuneSettings(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.label_seed,
-        backbone_lr_scale=args.backbone_lr_scale,
-        probe_first=not args.no_probe_first,
-        layer_decay=args.layer_decay,
-    )
-    rows = []
-    for init, encoder in _encoders(args, registry, run, data, device):
-        rows += finetune_evaluation(encoder, data, budgets, device, init, settings)
-    print(f"{run.run_dir} fine-tuned for {settings.steps} steps on {data.name}:")
-    print(format_table(rows))
-    _record(run.run_dir, rows)
+    with _lock_run_folder(args.source, "finetune"):  # after the cheap checks, before any work
+        run, data, device = _open_run(args, registry)  # it decodes the data
+        settings = FinetuneSettings(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.label_seed,
+            backbone_lr_scale=args.backbone_lr_scale,
+            probe_first=not args.no_probe_first,
+            layer_decay=args.layer_decay,
+        )
+        rows = []
+        for init, encoder in _encoders(args, registry, run, data, device):
+            rows += finetune_evaluation(encoder, data, budgets, device, init, settings)
+        print(f"{run.run_dir} fine-tuned for {settings.steps} steps on {data.name}:")
+        print(format_table(rows))
+        _record(run, rows)
     return 0
 
 
-def _record(run_dir: Path, rows: list[dict[str, Any]]) -> None:
-    """Save the results just printed in the run folder; when that fails, say that the printed
+def _lock_run_folder(source: Path, command: str) -> RunFolder:
+    """The folder of the run ``source`` names (a run folder, or a checkpoint file in one),
+    locked for ``command`` while it reads the run and adds its results there (``with``
+    releases it): refused at once, naming the holder, while a run works in it."""
+    from sslplug.rundir import RunFolder
+
+    folder = RunFolder(source if source.is_dir() else source.parent)
+    folder.lock_to_add(command)
+    return folder
+
+
+def _record(run: Run, rows: list[dict[str, Any]]) -> None:
+    """Save the results just printed in the run folder, each with the epoch of the checkpoint
+    measured (they stay there when the run is resumed); when that fails, say that the printed
     table is all there is of them (``main`` then exits with status 2)."""
     from sslplug.downstream import record
 
     sys.stdout.flush()  # the table comes before the error, also when both go to one file
     try:
-        record(run_dir, rows)
+        record(run.run_dir, [{**row, "epoch": run.epoch} for row in rows])
     except OutputError as exc:
         raise OutputError(f"saving the results above failed: {exc}") from None
 
@@ -656,6 +692,7 @@ def _record(run_dir: Path, rows: list[dict[str, Any]]) -> None:
 def _cmd_export(args: argparse.Namespace, registry: PluginRegistry) -> int:
     import torch
 
+    from sslplug.outputs import TEMPORARY_EXTRA, check_name_lengths
     from sslplug.pretrained import build_encoder, export_backbone, load_run
 
     if args.out.endswith(("/", os.sep)) and not Path(args.out).is_dir():
@@ -664,6 +701,13 @@ def _cmd_export(args: argparse.Namespace, registry: PluginRegistry) -> int:
             f"file to write, such as {str(Path(args.out) / 'backbone.pt')!r}"
         )
     out = Path(args.out)
+    # OUT.pt and its note OUT.json are written under temporary names, 14 bytes longer
+    longer = TEMPORARY_EXTRA + max(0, len(".json") - len(os.fsencode(out.suffix)))
+    check_name_lengths(
+        out, "OUT.pt", longer,
+        f" (OUT.pt and its note OUT.json are written first under temporary names up to "
+        f"{longer} bytes longer)",
+    )
     run = load_run(args.source, registry)
     image_size = run.state.get("image_size") or 32
     encoder = build_encoder(run, registry, image_size, 0, torch.device("cpu"))
@@ -675,29 +719,38 @@ def _cmd_export(args: argparse.Namespace, registry: PluginRegistry) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     import time
 
-    from sslplug.config import DataSettings
+    from sslplug.config import DataSettings, check_seed
     from sslplug.data import prepare
+    from sslplug.store import check_prepare_out
 
     if args.workers < 0:
         raise ConfigError(f"--workers {args.workers} must be 0 or more")
+    check_seed(args.seed, "--seed")
     try:
         settings = DataSettings(
             name=args.data, image_size=args.image_size, store_scale=args.store_scale,
             workers=args.workers,
         )
     except ValueError as exc:
-        raise ConfigError(str(exc).replace("image_size", "--image-size")) from None
+        message = str(exc).replace("image_size", "--image-size").replace("data.name", "DATA")
+        raise ConfigError(message) from None
+    check_prepare_out(args.out, args.data)  # before the data is read (write_store checks again)
     start = time.perf_counter()
     marker = prepare(settings, args.out, encoding=args.encoding, seed=args.seed)
-    counts = ", ".join(
-        f"{name} {v['images']} images ({v['bytes'] / 2**20:.1f} MiB)"
-        for name, v in marker["splits"].items()
-    )
+    classes = len(marker["classes"])
+    labels = f"labelled ({classes} classes)" if classes else "unlabelled"
     print(
         f"prepared {args.data} for {marker['image_size']} px crops (shorter sides up to "
-        f"{marker['short_side']} px, {marker['encoding']}) in {args.out}: {counts}; "
-        f"{marker['skipped']} unreadable skipped; {time.perf_counter() - start:.0f} s"
+        f"{marker['short_side']} px, {marker['encoding']}) in {args.out} in "
+        f"{time.perf_counter() - start:.0f} s:"
     )
+    for name, split in marker["splits"].items():
+        count = split["images"]
+        print(
+            f"  {name}: {count} image{'' if count == 1 else 's'}, {labels}, "
+            f"{split['bytes'] / 2**20:.1f} MiB"
+        )
+    print(f"  {marker['skipped']} unreadable file(s) skipped")
     return 0
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "RunConfig",
     "RunContext",
     "TrainSettings",
+    "check_seed",
     "load_config",
     "parse_assignment",
     "read_toml",
@@ -88,12 +89,30 @@ def _at_least_one(instance: Any, attribute: attrs.Attribute, value: float) -> No
         raise ConfigError(f"{attribute.name} must be between 1 and 8, got {value!r}")
 
 
-def _seed(instance: Any, attribute: attrs.Attribute, value: int) -> None:
+def check_seed(value: int, name: str = "seed") -> None:
+    """Refuse a seed outside ``SEED_RANGE``, naming it as ``name`` (a setting or a flag)."""
     if value not in SEED_RANGE:
         raise ConfigError(
-            f"{attribute.name} must be a whole number from 0 to {SEED_RANGE.stop - 1} "
+            f"{name} must be a whole number from 0 to {SEED_RANGE.stop - 1} "
             f"(0 <= seed < 2**32), got {value!r}"
         )
+
+
+def _seed(instance: Any, attribute: attrs.Attribute, value: int) -> None:
+    check_seed(value, attribute.name)
+
+
+# what data.name may be, for the message refusing an empty one (sslplug.data.BUILTIN)
+_DATA_NAMES = (
+    "shapes, cifar10, cifar100, stl10, or the path of an image folder, of a folder written by "
+    "sslplug prepare, or of WebDataset shards (.tar)"
+)
+
+
+def _data_name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    # an empty name would be the path '', which Path reads as the current folder
+    if not value.strip():
+        raise ConfigError(f"data.name must name a data set, got {value!r}; valid: {_DATA_NAMES}")
 
 
 @attrs.define
@@ -133,7 +152,7 @@ class DataSettings:
     from there, batched on the device (``docs/data.md``).
     """
 
-    name: str = "shapes"
+    name: str = attrs.field(default="shapes", validator=_data_name)
     root: str = ""
     download: bool = False
     image_size: int = attrs.field(default=0, validator=_image_size)
@@ -333,6 +352,9 @@ class RunContext:
         parts: the built components (``sslplug.plugins.Components``), once they are built.
         data: the run's data set (``sslplug.data.DataSet``), when training.
         baseline: what ``sslplug_evaluate`` measured on the random initialisation.
+        history: the metrics of every finished epoch, oldest first (restored on resume, so a
+            monitor can pick up where it was: the health monitor's collapse rule reads the
+            epoch before).
         backbone: the run's backbone, once built (before the components): a view generator
             that draws masks over patches reads its grid (``sslplug.token_backbone``).
         stop_reason: set by ``request_stop``: the run ends after the current epoch, saying why.
@@ -352,6 +374,7 @@ class RunContext:
     parts: Any = None
     data: Any = None
     baseline: dict[str, float] = attrs.Factory(dict)
+    history: list[dict[str, float]] = attrs.Factory(list)
     backbone: Any = None
     stop_reason: str = ""
     stop_saves: bool = True

@@ -21,8 +21,9 @@ Sources:
   naming it; an unreadable image or a broken link is skipped and counted.
 * a folder written by ``sslplug prepare`` (``sslplug.store``).
 * WebDataset shards: a ``.tar`` file, or a folder of them (``train/`` and ``test/`` subfolders
-  of shards give the splits), read by index with ``wids``; an image under any of the usual
-  extensions and an optional integer label ``.cls`` per sample.
+  of shards give the splits), indexed once with ``tarfile`` and read in place by index; an
+  image under any of the usual extensions and an integer label ``.cls`` on every sample or on
+  none.
 """
 
 from __future__ import annotations
@@ -344,8 +345,9 @@ def _unless_full(images: Tensor, extents: Tensor) -> Tensor | None:
 
 class _StoreBatches(Dataset):
     """A store read a batch at a time: ``dataset[indices]`` is ``_collate``'s batch, or with
-    ``encoded`` the images' stored bytes (a list) in place of the images, left to be decoded
-    where the batch goes (JPEG on a GPU)."""
+    ``encoded`` the images' stored bytes in place of the images, left to be decoded where the
+    batch goes (JPEG on a GPU): one after another in one 1-D uint8 tensor, with their lengths
+    (one tensor each would pass one file descriptor each out of a worker, see ``_pack``)."""
 
     def __init__(self, store: ImageStore, labels: Tensor, encoded: bool = False) -> None:
         self.store, self.labels, self.encoded = store, labels, encoded
@@ -355,7 +357,9 @@ class _StoreBatches(Dataset):
 
     def __getitem__(self, indices: list[int]) -> tuple[Any, Tensor, Tensor | None, list[int]]:
         if self.encoded:
-            return self.store.encoded(indices), self.labels[indices], None, []
+            encoded = self.store.encoded(indices)
+            packed = (torch.cat(encoded), torch.tensor([len(e) for e in encoded]))
+            return packed, self.labels[indices], None, []
         images, extents = self.store.read(indices)
         return images, self.labels[indices], _unless_full(images, extents), []
 
@@ -541,11 +545,11 @@ def _hold(
         if not in_memory:
             splits[name] = Split(labels=labels, source=source, image_size=size)
             continue
-        images, labels_t, n_bad = _decode_all(source, settings.workers)
+        pixels, shapes, labels_t, n_bad = _decode_all(source, settings.workers)
         skipped += n_bad
-        if not images:
+        if not len(shapes):
             raise DataError(f"none of the {len(source)} images under {str(where)!r} could be read")
-        splits[name] = _in_memory(images, labels_t, size)
+        splits[name] = _in_memory(pixels, shapes, labels_t, size)
     if not in_memory:
         log.info(
             "%s does not fit in data.cache_gb=%s: its images are decoded every epoch; "
@@ -559,12 +563,14 @@ def _hold(
     return splits, skipped
 
 
-def _in_memory(images: list[Tensor], labels: Tensor, size: int) -> Split:
-    """Images of one shape become one tensor (the path of equal-size data such as CIFAR);
-    images of their own sizes, an in-memory store."""
-    if all(image.shape == images[0].shape for image in images):
-        return Split(labels=labels, images=torch.stack(images), image_size=size)
-    return Split(labels=labels, store=ImageStore.from_images(images), image_size=size)
+def _in_memory(pixels: Tensor, shapes: Tensor, labels: Tensor, size: int) -> Split:
+    """Decoded images (``_decode_all``) of one shape become one tensor (the path of equal-size
+    data such as CIFAR, a view of ``pixels``); images of their own sizes, an in-memory store."""
+    if bool((shapes == shapes[0]).all()):
+        height, width = (int(v) for v in shapes[0])
+        images = pixels.view(len(shapes), 3, height, width)
+        return Split(labels=labels, images=images, image_size=size)
+    return Split(labels=labels, store=ImageStore.from_pixels(pixels, shapes), image_size=size)
 
 
 def _default_size(files: list[Path], root: Path) -> int:
@@ -589,25 +595,67 @@ def _default_size(files: list[Path], root: Path) -> int:
     return size
 
 
-def _as_list(items: list[Any]) -> list[Any]:
-    return items
+def _pack(
+    items: list[tuple[Tensor, int] | None],
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """A batch of decoded items as few tensors: the readable images' pixels one after another
+    (uint8, 1-D), their heights and widths ``(n, 2)``, their labels, and how many items were
+    unreadable.
+
+    A DataLoader worker hands each tensor it returns to the main process through a
+    shared-memory file descriptor that stays open while the tensor lives; images returned one
+    tensor each would hold one descriptor per image, and a folder of more images than the
+    process may open files would end in "received 0 items of ancdata". Packed, a batch is
+    three descriptors, whatever its size.
+    """
+    good = [item for item in items if item is not None]
+    pixels = (
+        torch.cat([image.reshape(-1) for image, _ in good])
+        if good
+        else torch.empty(0, dtype=torch.uint8)
+    )
+    shapes = torch.tensor([image.shape[-2:] for image, _ in good], dtype=torch.int64).view(-1, 2)
+    labels = torch.tensor([label for _, label in good], dtype=torch.int64)
+    return pixels, shapes, labels, len(items) - len(good)
 
 
-def _decode_all(source: Dataset, workers: int) -> tuple[list[Tensor], Tensor, int]:
-    """Every image of ``source`` (decoded in ``workers`` processes), their labels, and how
-    many could not be read."""
-    loader = DataLoader(source, batch_size=64, num_workers=workers, collate_fn=_as_list)
-    images: list[Tensor] = []
-    labels: list[int] = []
+def _unpack(pixels: Tensor, shapes: Tensor) -> Iterator[Tensor]:
+    """The images of a packed batch (``_pack``), uint8 ``(3, h, w)`` views of ``pixels``."""
+    offset = 0
+    for height, width in shapes.tolist():
+        length = 3 * height * width
+        yield pixels[offset : offset + length].view(3, height, width)
+        offset += length
+
+
+def _packed_batches(
+    source: Dataset, workers: int, batch_size: int = 64
+) -> Iterator[tuple[Tensor, Tensor, Tensor, int]]:
+    """``source`` decoded in ``workers`` processes, a packed batch (``_pack``) at a time."""
+    loader = DataLoader(source, batch_size=batch_size, num_workers=workers, collate_fn=_pack)
+    yield from loader
+
+
+def _decode_all(source: Dataset, workers: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Every image of ``source``, decoded in ``workers`` processes, packed (``_pack``): their
+    pixels one after another, their shapes, their labels, and how many could not be read.
+
+    Each batch is copied out of the worker's shared memory as it arrives (releasing its file
+    descriptors), so no limit on open files bounds the size of the data set.
+    """
+    pixels: list[Tensor] = []
+    shapes: list[Tensor] = []
+    labels: list[Tensor] = []
     skipped = 0
-    for items in loader:
-        for item in items:
-            if item is None:
-                skipped += 1
-            else:
-                images.append(item[0])
-                labels.append(item[1])
-    return images, torch.tensor(labels, dtype=torch.int64), skipped
+    for batch_pixels, batch_shapes, batch_labels, unreadable in _packed_batches(source, workers):
+        pixels.append(batch_pixels.clone() if workers else batch_pixels)
+        shapes.append(batch_shapes.clone())
+        labels.append(batch_labels.clone())
+        skipped += unreadable
+    if not pixels:
+        empty = torch.empty(0, dtype=torch.int64)
+        return torch.empty(0, dtype=torch.uint8), empty.view(0, 2), empty, skipped
+    return torch.cat(pixels), torch.cat(shapes), torch.cat(labels), skipped
 
 
 def load_data(settings: DataSettings, seed: int = 0) -> DataSet:
@@ -671,12 +719,9 @@ def prepare(
             yield from zip(split.images, split.labels.tolist())
             return
         assert split.source is not None  # load_data with cache_gb=0 streams every split
-        loader = DataLoader(
-            split.source, batch_size=64, num_workers=settings.workers, collate_fn=_as_list
-        )
-        for batch in loader:
-            skipped.append(sum(item is None for item in batch))
-            yield from (item for item in batch if item is not None)
+        for pixels, shapes, labels, unreadable in _packed_batches(split.source, settings.workers):
+            skipped.append(unreadable)
+            yield from zip(_unpack(pixels, shapes), labels.tolist())
 
     splits = {"train": data.train} | ({"test": data.test} if data.test is not None else {})
     marker = write_store(
@@ -744,74 +789,318 @@ def _shard_files(path: Path) -> dict[str, list[Path]] | None:
 
 
 class ShardSamples(Dataset):
-    """The samples of WebDataset shards by index (``wids``): ``(uint8 (3, h, w), label)`` at the
-    stored resolution, or ``None`` for a sample without a readable image."""
+    """The samples of WebDataset shards by index: ``(uint8 (3, h, w), label)`` at the stored
+    resolution, or ``None`` for a sample without a readable image.
+
+    Each shard is read once when this is made, with Python's ``tarfile`` (``_scan_shard``):
+    checked whole, its members grouped into samples by key, its labels read and the place of
+    each sample's image noted. An image is then read in place with ``os.pread`` and decoded,
+    each process with file descriptors of its own (a few shards open at once).
+    """
 
     def __init__(self, shards: list[Path], short_side: int, strict: bool) -> None:
-        import wids
-
-        self.counts, self.labels = [], []
+        self.shards, self.short_side, self.strict = shards, short_side, strict
+        self.counts: list[int] = []
+        self.labels: list[int] = []
+        self.unlabelled: tuple[Path, str] | None = None  # (shard, member) of one, for messages
+        self.labelled = 0
+        self._stamps: list[tuple[int, int]] = []  # each shard's size and mtime when scanned
+        places: list[int] = []  # each sample's image: byte offset and size (-1: no image)
+        self._files: dict[int, list[str]] = {}  # the files of each sample without an image
         for shard in shards:
-            count, labels = _scan_shard(shard)
-            self.counts.append(count)
-            self.labels += labels
-        self.dataset = wids.ShardListDataset(
-            [{"url": str(s), "nsamples": n} for s, n in zip(shards, self.counts)],
-            transformations=[],
-        )
-        self.short_side, self.strict, self.shards = short_side, strict, shards
+            scan = _scan_shard(shard)
+            start = len(self.labels)
+            self.counts.append(len(scan.labels))
+            self.labels += scan.labels
+            self.labelled += sum(label >= 0 for label in scan.labels)
+            if self.unlabelled is None and scan.unlabelled is not None:
+                self.unlabelled = (shard, scan.unlabelled)
+            self._stamps.append(scan.stamp)
+            places += scan.places
+            self._files.update({start + i: files for i, files in scan.files.items()})
+        self._places = torch.tensor(places, dtype=torch.int64).view(-1, 2)
+        self.starts = [0]
+        for count in self.counts:
+            self.starts.append(self.starts[-1] + count)
+        self._fds: dict[int, dict[int, int]] = {}  # pid: {shard number: fd}, least recent first
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
-        sample = self.dataset[index]
-        key = next((k for k in sample if k.lower().lstrip(".") in _IMAGE_KEYS), None)
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__ | {"_fds": {}}  # file descriptors stay with their process
 
-        def decode() -> Tensor:
-            if key is None:
-                raise ValueError(f"no image among its files {sorted(sample)}")
-            data = sample[key]
-            encoded = data.read() if hasattr(data, "read") else bytes(data)
-            return decode_image(encoded, self.short_side)
+    def __del__(self) -> None:
+        self.close()
 
-        where = f"the image of sample {sample.get('__key__', index)!r} of {sample.get('__shard__')}"
-        image = _decoded(
-            decode, where, self.strict, "Set data.strict=false to skip unreadable samples"
+    def close(self) -> None:
+        """Close the shard files this process opened."""
+        for fd in getattr(self, "_fds", {}).pop(os.getpid(), {}).values():
+            os.close(fd)
+
+    def _read(self, number: int, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` of shard ``number``, read through a file descriptor of
+        this process; beyond ``_OPEN_SHARDS`` open shards, the least recently used is closed."""
+        shard = self.shards[number]
+        changed = (
+            f"the WebDataset shard {str(shard)!r} changed while it was read (its size or time "
+            f"of modification is not what it was when it was indexed); write shards before a "
+            f"run, not during it, and start again"
         )
-        return None if image is None else (image, self.labels[index])
+        fds = self._fds.setdefault(os.getpid(), {})
+        try:
+            fd = fds.pop(number, None)
+            if fd is None:
+                fd = os.open(shard, os.O_RDONLY)
+                stat = os.fstat(fd)
+                if (stat.st_size, stat.st_mtime_ns) != self._stamps[number]:
+                    os.close(fd)
+                    raise DataError(changed)
+                while len(fds) >= _OPEN_SHARDS:
+                    os.close(fds.pop(next(iter(fds))))
+            fds[number] = fd  # last: the most recently used
+            data = os.pread(fd, size, offset)
+        except OSError as exc:
+            raise DataError(f"cannot read the WebDataset shard {str(shard)!r}: {exc}") from None
+        if len(data) != size:
+            raise DataError(changed)
+        return data
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
+        import bisect
+
+        if not 0 <= index < len(self.labels):
+            raise IndexError(f"sample {index} of {len(self.labels)}")
+        number = bisect.bisect_right(self.starts, index) - 1
+        offset, size = self._places[index].tolist()
+        data = self._read(number, offset, size) if size >= 0 else b""
+        try:
+            if size < 0:
+                raise ValueError(
+                    f"no image among its files {self._files[index]} (an image has one of the "
+                    f"extensions {', '.join(sorted(_IMAGE_KEYS))})"
+                )
+            return decode_image(data, self.short_side), self.labels[index]
+        except Exception as exc:
+            failure = exc
+
+        def fail() -> Tensor:
+            raise failure
+
+        what = self._sample(number, index, offset)
+        _decoded(fail, what, self.strict, "Set data.strict=false to skip unreadable samples")
+        return None
+
+    def _sample(self, number: int, index: int, offset: int) -> str:
+        """Which sample ``index`` (of shard ``number``, its image at ``offset``) is, for a
+        message; the names of files are not kept, so that of its image is read again."""
+        where = f"in the WebDataset shard {str(self.shards[number])!r}"
+        files = self._files.get(index)
+        if files is not None:
+            return f"the image of sample {_key(files[0])[0]!r} {where}"
+        name = _member_names(self.shards[number], self._stamps[number]).get(offset)
+        if name is None:
+            return f"the image at byte {offset} {where}"
+        return f"the image {name!r} of sample {_key(name)[0]!r} {where}"
 
 
 _IMAGE_KEYS = {ext.lstrip(".") for ext in IMAGE_EXTENSIONS} | {"image", "img"}
+_OPEN_SHARDS = 16  # shards each process keeps open (a file descriptor each)
+MAX_CLASSES = 100_000  # a .cls label above this is a mistake, not a class (ImageNet-21k: 21,841)
 
 
-def _scan_shard(shard: Path) -> tuple[int, list[int]]:
-    """The number of samples of a tar shard and their labels (``.cls``; -1 without)."""
+@attrs.frozen
+class _Member:
+    """A file in a tar shard: its name, and where its bytes lie."""
+
+    name: str
+    offset: int
+    size: int
+
+
+@attrs.define
+class _ShardScan:
+    """What ``_scan_shard`` found: the shard's size and time of modification; each sample's
+    label (-1: no ``.cls``) and its image's byte offset and size, one after another (size -1:
+    no image); the files of each sample without an image; a member of the first sample without
+    a label."""
+
+    stamp: tuple[int, int]
+    labels: list[int] = attrs.field(factory=list)
+    places: list[int] = attrs.field(factory=list)
+    files: dict[int, list[str]] = attrs.field(factory=dict)
+    unlabelled: str | None = None
+
+
+def _key(name: str) -> tuple[str, str]:
+    """WebDataset's key and extension of a member ``name``: the name up to the first dot of its
+    base name, the folder part kept (``./v1.0/00042.seg.png``: ``./v1.0/00042``, ``seg.png``);
+    no key (``""``) for a name whose base name starts with a dot or has none (``._00042.png``
+    that macOS tar adds, ``README``), which belongs to no sample, as in WebDataset."""
+    import re
+
+    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name, flags=re.DOTALL)
+    return ("", "") if match is None else (match[1], match[2])
+
+
+def _check_tar(shard: Path) -> tuple[list[_Member], tuple[int, int]]:
+    """The files of the tar ``shard`` in order, as Python's ``tarfile`` reads them (names from
+    pax and GNU extended headers, a hard link as the file it links to), and the shard's size
+    and time of modification; a ``DataError`` when the file is not a whole, uncompressed tar:
+    one that is cut short or damaged after some member must not pass for a smaller shard."""
     import tarfile
 
-    keys: dict[str, int] = {}
+    def damaged(detail: str) -> DataError:
+        return DataError(
+            f"the WebDataset shard {str(shard)!r} is truncated or damaged: {detail}. Copy or "
+            f"write the shard again"
+        )
+
+    files: list[_Member] = []
+    named: dict[str, _Member] = {}
+    last = None
     try:
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                label = keys.setdefault(key, -1)
-                if ext.lower() == "cls":
-                    handle = tar.extractfile(member)
-                    assert handle is not None
-                    text = handle.read().decode().strip()
-                    try:
-                        label = int(text)
-                    except ValueError:
-                        raise DataError(
-                            f"the label {text!r} of sample {key!r} in {str(shard)!r} is not an "
-                            f"integer class index"
-                        ) from None
-                    keys[key] = label
+        stat = shard.stat()
+        size = stat.st_size
+        with tarfile.open(shard, "r:", encoding="utf-8", errors="surrogateescape") as tar:
+            try:
+                for member in tar:
+                    last = member
+                    if member.isreg():
+                        if member.issparse():
+                            raise DataError(
+                                f"the member {member.name!r} of the WebDataset shard "
+                                f"{str(shard)!r} is stored sparse (tar --sparse), which cannot "
+                                f"be read in place; pack the shard again without --sparse"
+                            )
+                        end = member.offset_data + member.size
+                        if end > size:
+                            raise damaged(
+                                f"its member {member.name!r} ends at byte {end}, past the end "
+                                f"of the file ({size} bytes)"
+                            )
+                        named[member.name] = _Member(member.name, member.offset_data, member.size)
+                        files.append(named[member.name])
+                    elif member.islnk() and member.linkname in named:
+                        target = named[member.linkname]
+                        files.append(_Member(member.name, target.offset, target.size))
+                assert tar.fileobj is not None
+                tar.fileobj.seek(tar.offset)
+                tail = tar.fileobj.read(tarfile.BLOCKSIZE)
+            except tarfile.ReadError as exc:
+                if last is None:
+                    raise
+                raise damaged(f"it ends inside or after its member {last.name!r} ({exc})") from None
+    except tarfile.ReadError as exc:
+        raise DataError(
+            f"the WebDataset shard {str(shard)!r} is not an uncompressed tar file ({exc}); "
+            f"give .tar shards as WebDataset writes them (tar -cf, not compressed)"
+        ) from None
     except (OSError, tarfile.TarError) as exc:
         raise DataError(f"cannot read the WebDataset shard {str(shard)!r}: {exc}") from None
-    return len(keys), list(keys.values())
+    if len(tail) < tarfile.BLOCKSIZE or any(tail):
+        after = f"after its member {last.name!r}" if last is not None else "at its start"
+        if not tail:
+            found = "nothing"
+        elif len(tail) < tarfile.BLOCKSIZE:
+            found = f"only {len(tail)} bytes, not a whole tar header,"
+        else:
+            found = "a block that is not a valid tar header"
+        raise damaged(
+            f"{after} (byte {tar.offset} of {size}) it holds {found} where a complete tar has "
+            f"a header or its end-of-archive blocks"
+        )
+    return files, (size, stat.st_mtime_ns)
+
+
+_NAMES: dict[tuple[Path, tuple[int, int]], dict[int, str]] = {}  # _member_names' last
+
+
+def _member_names(shard: Path, stamp: tuple[int, int]) -> dict[int, str]:
+    """The name of each file of ``shard`` by the offset of its bytes, for messages (the last
+    shard asked for is kept; ``{}`` when it can no longer be read)."""
+    cached = _NAMES.get((shard, stamp))
+    if cached is None:
+        try:
+            cached = {}
+            for file in _check_tar(shard)[0]:
+                cached.setdefault(file.offset, file.name)  # a hard link: the file it links to
+        except DataError:
+            cached = {}
+        _NAMES.clear()
+        _NAMES[(shard, stamp)] = cached
+    return cached
+
+
+def _scan_shard(shard: Path) -> _ShardScan:
+    """The samples of a tar shard, in order, with their labels and where their images lie.
+
+    A sample is every file of the shard with one key, wherever it lies (``_key``:
+    ``./v1.0/00042.png`` and ``./v1.0/00042.cls`` are the sample ``./v1.0/00042``), in the order
+    of each key's first file; its image is its first file with an image extension. The shard
+    must be a whole tar (``_check_tar``) that holds no name twice, and each ``.cls`` a class
+    index from 0 to ``MAX_CLASSES - 1``; anything else is a ``DataError`` naming the shard and
+    the member.
+    """
+    files, stamp = _check_tar(shard)
+    samples: dict[str, list[tuple[str, _Member]]] = {}
+    seen: set[str] = set()
+    for file in files:
+        if file.name in seen:
+            raise DataError(
+                f"the member name {file.name!r} appears more than once in the WebDataset shard "
+                f"{str(shard)!r}; each file of a sample needs a name of its own (KEY.png, "
+                f"KEY.cls): pack the shard again from a folder"
+            )
+        seen.add(file.name)
+        key, extension = _key(file.name)
+        if key:
+            samples.setdefault(key, []).append((extension.lower(), file))
+    scan = _ShardScan(stamp)
+    try:
+        with open(shard, "rb") as stream:
+            for key, members in samples.items():
+                image = next((m for ext, m in members if ext in _IMAGE_KEYS), None)
+                cls = next((m for ext, m in members if ext == "cls"), None)
+                label = -1
+                if cls is not None:
+                    stream.seek(cls.offset)
+                    label = _shard_label(stream.read(cls.size), shard, key, cls.name)
+                elif scan.unlabelled is None:
+                    scan.unlabelled = members[0][1].name
+                if image is None:
+                    scan.files[len(scan.labels)] = [m.name for _, m in members]
+                scan.labels.append(label)
+                scan.places += (image.offset, image.size) if image is not None else (0, -1)
+    except OSError as exc:
+        raise DataError(f"cannot read the WebDataset shard {str(shard)!r}: {exc}") from None
+    return scan
+
+
+def _shard_label(data: bytes, shard: Path, key: str, member: str) -> int:
+    """The class index a ``.cls`` member holds: ASCII digits, 0 to ``MAX_CLASSES - 1``."""
+    import re
+
+    def refused(text: str, why: str) -> DataError:
+        return DataError(
+            f"the label {text} of sample {key!r} (member {member!r}) in the WebDataset shard "
+            f"{str(shard)!r} {why}; a .cls file holds the sample's class index, an integer from "
+            f"0 to {MAX_CLASSES - 1}, and either every sample of the data has one or none has"
+        )
+
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise refused(repr(data[:20]), "is not UTF-8 text") from None
+    shown = repr(text if len(text) <= 24 else text[:24] + "...")
+    if not re.fullmatch(r"[+-]?[0-9]+", text, flags=re.ASCII):
+        raise refused(shown, "is not an integer class index")
+    digits = text.lstrip("+-").lstrip("0")
+    if text.startswith("-") and digits:
+        raise refused(shown, "is negative")
+    if len(digits) > len(str(MAX_CLASSES)) or int(digits or "0") >= MAX_CLASSES:
+        raise refused(shown, f"is too large to be a class index (at most {MAX_CLASSES} classes)")
+    return int(digits or "0")
 
 
 def _webdataset(
@@ -822,9 +1111,23 @@ def _webdataset(
     sources: dict[str, Any] = {
         name: ShardSamples(files, short, settings.strict) for name, files in shards.items()
     }
+    if not len(sources["train"]):
+        raise DataError(
+            f"the WebDataset shards of {str(path)!r} hold no samples: a sample is the files of "
+            f"a shard that share a key, such as 00042.png and 00042.cls"
+        )
+    every = [label for source in sources.values() for label in source.labels]
+    labelled = sum(source.labelled for source in sources.values())
+    if 0 < labelled < len(every):
+        shard, member = next(s.unlabelled for s in sources.values() if s.unlabelled is not None)
+        raise DataError(
+            f"the sample of member {member!r} in the WebDataset shard {str(shard)!r} has no "
+            f".cls label, while {labelled} of the {len(every)} samples of {str(path)!r} have "
+            f"one: either every sample has a .cls label (labelled data) or none has "
+            f"(unlabelled data)"
+        )
+    classes = tuple(str(c) for c in range(max(every) + 1)) if labelled else ()
     labels = sources["train"].labels
-    labelled = bool(labels) and min(labels) >= 0
-    classes = tuple(str(c) for c in range(max(labels) + 1)) if labelled else ()
     if labelled and "test" not in sources and settings.test_fraction > 0:
         held = _hold_out(list(range(len(labels))), labels, settings.test_fraction, seed)
         whole = sources["train"]
@@ -992,7 +1295,9 @@ class Loader:
         ``decode_on_device``."""
         if not self.decode_on_device:
             return self._to_device(images, labels, extents)
-        canvas, extents = pad_batch(decode_jpegs(images, self.device))
+        encoded, lengths = images  # one tensor of the batch's JPEG bytes (_StoreBatches)
+        jpegs = list(encoded.split(lengths.tolist()))
+        canvas, extents = pad_batch(decode_jpegs(jpegs, self.device))
         kept = _unless_full(canvas, extents)  # extents are made on the CPU
         return (
             canvas.to(self.device),

@@ -7,10 +7,11 @@ most the epoch in progress; ``train(..., resume=RUN_DIR)`` continues from it. Wi
 checkpointed and evaluated as a run's last. Everything else a run shows (TensorBoard, the
 progress bar, the kNN monitor, the view grid) is done by lifecycle plugins
 (``sslplug.monitors``), which the user may switch off. The run folder holds
-``settings.toml`` (the resolved settings), ``last.pt`` and, at the end, ``summary.json``; a
-run holds its lock from set-up to the end (``sslplug.rundir``), refuses a folder that holds
-another run unless told to overwrite it, and refuses to resume with settings that change the
-steps of an epoch.
+``settings.toml`` (the resolved settings), ``last.pt`` and, at the end, ``summary.json`` (with
+the evaluations ``eval`` and ``finetune`` recorded in it before a resume); a run holds its lock
+from set-up to the end (``sslplug.rundir``), refuses a folder that holds another run unless
+told to overwrite it, and refuses to resume with settings that change the steps of an epoch,
+or to resume a run stopped for collapse without ``ignore_collapse``.
 """
 
 from __future__ import annotations
@@ -38,14 +39,20 @@ from tqdm import tqdm
 
 from sslplug import distributed
 from sslplug.assembly import Assembly, assemble
-from sslplug.checkpoint import FILENAME, CheckpointWriteError, load_checkpoint, save_checkpoint
+from sslplug.checkpoint import (
+    FILENAME,
+    CheckpointWriteError,
+    load_checkpoint,
+    save_checkpoint,
+    write_failure,
+)
 from sslplug.components import LossResult, Outputs, Views
 from sslplug.config import RunConfig, RunContext
-from sslplug.data import DataSet, Loader, load_data
+from sslplug.data import BUILTIN, DataSet, Loader, load_data
 from sslplug.errors import CheckpointError, ConfigError, PluginError, SslplugError
-from sslplug.health import HEALTH_MEASURES
+from sslplug.health import COLLAPSE_SPREAD, HEALTH_MEASURES, collapse
 from sslplug.optim import Optimization
-from sslplug.outputs import write_atomically
+from sslplug.outputs import check_name_lengths, check_outside_data, write_atomically
 from sslplug.plugins import Components, Lifecycle, PluginRegistry
 from sslplug.rundir import RUN_FILES, RunFolder, RunFolderError
 from sslplug.runtime import (
@@ -100,6 +107,8 @@ class _Run:
     saved: tuple[int, int] | None = None  # (epoch, step) of the checkpoint in the run folder
     clock: float = attrs.Factory(time.perf_counter)  # when the last epoch ended (or the loop began)
     out_of_time: bool = False  # train.max_minutes stopped the run
+    # what `sslplug eval` and `finetune` recorded in summary.json before a resume: kept in it
+    evaluations: list[dict[str, Any]] = attrs.Factory(list)
     stop_requested: bool = False  # a lifecycle plugin asked to stop (RunContext.request_stop)
 
     @property
@@ -366,9 +375,12 @@ def _set_up(
     resume: str | Path | None,
     folder: RunFolder,
     overwrite: bool,
+    ignore_collapse: bool = False,
 ) -> tuple[_Run, dict[str, Any] | None]:
-    """Lock the run folder, then: data, loader, the run's parts, the checkpoint to continue
-    from, and the folder made ready for the run."""
+    """Lock the run folder, then: the checkpoint to continue from and what the run's
+    ``summary.json`` keeps across a resume (refusing to continue a run stopped for collapse
+    unless ``ignore_collapse``), data, loader, the run's parts, and the folder made ready for
+    the run."""
     device = distributed.start(config.train.device) or resolve_device(config.train.device)
     world = distributed.world_size()
     if config.train.batch_size % world:
@@ -378,6 +390,10 @@ def _set_up(
         )
     _on_main(folder.lock, folder)
     checkpoint = _checkpoint_to_resume(resume)
+    resumed = {}
+    if checkpoint is not None and _resumes_in(folder, resume):
+        resumed = _resumed_summary(folder.path)
+        _check_collapse_stop(resumed, checkpoint, folder.path, ignore_collapse)
     seed_everything(config.train.seed)
     data = load_data(config.data, seed=config.train.seed)
     if len(data.train) < config.train.batch_size:
@@ -418,7 +434,9 @@ def _set_up(
     lifecycle = registry.lifecycle(config.train.disable, used)
     # the settings are good: now the folder may be changed
     _on_main(lambda: _make_ready(folder, resume, checkpoint, overwrite), folder)
-    return _Run(config, data, loader, assembly, lifecycle, folder.path), checkpoint
+    run = _Run(config, data, loader, assembly, lifecycle, folder.path)
+    run.evaluations = list(resumed.get("evaluations", []))
+    return run, checkpoint
 
 
 def _run_folder(config: RunConfig, resume: str | Path | None) -> Path:
@@ -426,6 +444,16 @@ def _run_folder(config: RunConfig, resume: str | Path | None) -> Path:
     if resume is not None and Path(resume).is_dir():
         return Path(resume)
     return Path(config.train.out or _default_out(config))
+
+
+def _check_new_run_folder(config: RunConfig, out: Path) -> None:
+    """Before anything is written: refuse a run folder with a name too long for its file
+    system, and one that is the data folder or lies inside it (its ``views.png`` would be read
+    as an image by the next run on that data)."""
+    what = "--out" if config.train.out else "the default run folder"
+    check_name_lengths(out, what)
+    if config.data.name not in BUILTIN:
+        check_outside_data(out, config.data.name, what, "--data", "--out")
 
 
 def _checkpoint_to_resume(resume: str | Path | None) -> dict[str, Any] | None:
@@ -449,10 +477,7 @@ def _make_ready(
     """Clear the way for the run, saying what was removed: another run's files (only when
     ``overwrite``), the outputs of a start that never reached a checkpoint, temporary files of
     a checkpoint write cut short."""
-    resumed_from = None if resume is None else Path(resume)
-    if resumed_from is not None and not resumed_from.is_dir():
-        resumed_from = resumed_from.parent  # a checkpoint file: its run's folder
-    if resumed_from is None or resumed_from.resolve() != folder.path.resolve():
+    if not _resumes_in(folder, resume):
         removed = folder.start_new_run(overwrite)
         if removed:
             _print(f"--overwrite: removed the earlier run's {', '.join(removed)} in {folder.path}")
@@ -469,6 +494,69 @@ def _make_ready(
             f"removed {len(stale)} temporary file(s) of a checkpoint write that was cut short: "
             + ", ".join(str(path) for path in stale)
         )
+
+
+def _resumes_in(folder: RunFolder, resume: str | Path | None) -> bool:
+    """Whether ``resume`` (a run folder, or a checkpoint file in one) continues the run in
+    ``folder``, rather than starting a new one there."""
+    if resume is None:
+        return False
+    resumed_from = Path(resume)
+    if not resumed_from.is_dir():
+        resumed_from = resumed_from.parent  # a checkpoint file: its run's folder
+    return resumed_from.resolve() == folder.path.resolve()
+
+
+def _resumed_summary(folder: Path) -> dict[str, Any]:
+    """The ``summary.json`` of the run resumed in ``folder`` (``{}`` when there is none): the
+    rows ``eval`` and ``finetune`` recorded there are written again at the end, and it says
+    whether the run stopped for collapse. One that is not sslplug's is refused before any
+    work, rather than replaced at the end."""
+    path = folder / "summary.json"
+    if not path.exists():
+        return {}
+    try:
+        summary = json.loads(path.read_text())
+        if not isinstance(summary, dict) or not isinstance(summary.get("evaluations", []), list):
+            raise ValueError("it is not the JSON object with a list of evaluations sslplug writes")
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        raise RunFolderError(
+            f"cannot resume the run in {str(folder)!r}: its summary.json cannot be read: "
+            f"{write_failure(exc)}; move that file aside (the run writes a new one at its end), "
+            f"then resume again"
+        ) from None
+    return summary
+
+
+def _check_collapse_stop(
+    summary: dict[str, Any], checkpoint: dict[str, Any], folder: Path, ignore: bool
+) -> None:
+    """Refuse to continue a run that ``train.stop_on_collapse`` stopped from the checkpoint that
+    stop kept, unless ``ignore`` (``--ignore-collapse``): it would train into the same collapse.
+    A run resumed since from a later checkpoint is not asked again."""
+    stop = summary.get("stopped_for_collapse")
+    if not isinstance(stop, dict):
+        return
+    kept = [stop.get("checkpoint_epoch"), stop.get("checkpoint_step")]
+    if kept != [checkpoint.get("epoch"), checkpoint.get("step")]:
+        return
+    epoch, measure, value = stop.get("epoch"), stop.get("measure"), stop.get("value")
+    what = f"{measure} {value:.4f}" if isinstance(value, int | float) else str(measure)
+    if ignore:
+        _print(
+            f"--ignore-collapse: {folder} stopped after epoch {epoch} because its embeddings "
+            f"collapsed ({what}); it continues from its checkpoint of epoch {kept[0]} and no "
+            f"longer stops for collapse (train.stop_on_collapse=false); the health monitor "
+            f"still warns"
+        )
+        return
+    raise ConfigError(
+        f"--resume {str(folder)!r}: the run stopped after epoch {epoch} because its embeddings "
+        f"collapsed ({what}, below {COLLAPSE_SPREAD} two epochs in a row), and resuming from its "
+        f"checkpoint of epoch {kept[0]} would train into the same collapse. Start a new run "
+        f"with a lower learning rate (--set optim.lr=...) or another recipe (docs/health.md "
+        f"lists the likely causes), or add --ignore-collapse to continue this one anyway"
+    )
 
 
 def _on_main(action: Callable[[], None], folder: RunFolder) -> None:
@@ -500,16 +588,34 @@ def _begin(run: _Run, checkpoint: dict[str, Any] | None, resume: str | Path | No
                 f"the learning-rate and momentum schedules now run to the new end"
             )
     run.context.progress.step, run.context.progress.epoch = run.step, run.epoch
+    run.context.history = run.history  # the same list: the epochs to come are added to it
     if not distributed.is_main():
         return
     train = run.config.train
     precision = resolve_precision(train.precision, torch.device(run.context.device))
     compiled = "; torch.compile on (the first steps compile the model)" if train.compile else ""
+    _print(data_line(run.data))
     _print(f"{precision}{compiled}")
     _write_settings(run.config, run.lifecycle, run.context.components, run.out_dir)
     if run.epoch == 0 and run.step == 0 and not run.context.baseline:
         run.context.baseline = run.lifecycle.evaluate(run.context, 0)
     run.lifecycle.run_start(run.context)
+
+
+def data_line(data: DataSet) -> str:
+    """One line saying what a run trains on: the data set's name, its train and test images,
+    its classes (or that it is unlabelled) and the unreadable files skipped so far."""
+
+    def images(count: int, split: str) -> str:
+        return f"{count} {split} image{'' if count == 1 else 's'}"
+
+    test = images(len(data.test), "test") if data.test is not None else "no test split"
+    if not data.train.labelled:
+        labels = "unlabelled"
+    else:
+        labels = f"{data.num_classes} classes" if data.num_classes else "labelled"
+    skipped = f", {data.skipped} unreadable file(s) skipped" if data.skipped else ""
+    return f"data {data.name}: {images(len(data.train), 'train')}, {test}, {labels}{skipped}"
 
 
 def _train_epoch(run: _Run, epoch: int, stop: _StopRequest) -> dict[str, float]:
@@ -708,6 +814,29 @@ def _summary(run: _Run) -> dict[str, Any]:
         "precision": resolve_precision(train.precision, torch.device(run.context.device)).name,
         "compile": train.compile,
         "skipped_images": run.data.skipped + run.loader.skipped,
+        "stopped_for_collapse": _collapse_stop(run),
+        "collapsed_epochs": [h["epoch"] for h in run.history if h.get("collapsed")],
+        "evaluations": run.evaluations,
+    }
+
+
+def _collapse_stop(run: _Run) -> dict[str, Any] | None:
+    """What ``summary.json`` keeps of a stop for collapse (``train.stop_on_collapse``): the
+    epoch, the measure and its value, and the checkpoint kept (its epoch and step), from
+    which a resume continues only with ``--ignore-collapse``. ``None`` for any other end."""
+    last = run.history[-1] if run.history else {}
+    if not (run.context.stop_reason and not run.context.stop_saves and last.get("collapsed")):
+        return None
+    found = collapse(last, run.history[-2] if len(run.history) > 1 else None)
+    # the monitor's rule read the same two epochs, so ``found`` is what it warned of
+    measure, value = found if found is not None else ("spread", None)
+    kept_epoch, kept_step = run.saved if run.saved is not None else (None, None)
+    return {
+        "epoch": last["epoch"],
+        "measure": measure,
+        "value": value,
+        "checkpoint_epoch": kept_epoch,
+        "checkpoint_step": kept_step,
     }
 
 
@@ -716,14 +845,22 @@ def train(
     registry: PluginRegistry,
     resume: str | Path | None = None,
     overwrite: bool = False,
+    ignore_collapse: bool = False,
 ) -> dict[str, Any]:
     """Pre-train an encoder as ``config`` says; return the summary (also in ``summary.json``).
 
-    ``resume`` continues the run in that folder (or from that checkpoint file). A new run
-    refuses a ``train.out`` that holds a run, unless ``overwrite``: then that run's files are
-    deleted first."""
-    with RunFolder(_run_folder(config, resume)) as folder:
-        run, checkpoint = _set_up(config, registry, resume, folder, overwrite)
+    ``resume`` continues the run in that folder (or from that checkpoint file), keeping the
+    evaluations its ``summary.json`` holds; a run that ``train.stop_on_collapse`` stopped is
+    continued only with ``ignore_collapse``, which also switches ``stop_on_collapse`` off for
+    the rest of the run. A new run refuses a ``train.out`` that holds a run, unless
+    ``overwrite``: then that run's files are deleted first."""
+    if resume is not None and ignore_collapse:
+        config = attrs.evolve(config, train=attrs.evolve(config.train, stop_on_collapse=False))
+    out = _run_folder(config, resume)
+    if not _resumes_in(RunFolder(out), resume):
+        _check_new_run_folder(config, out)
+    with RunFolder(out) as folder:
+        run, checkpoint = _set_up(config, registry, resume, folder, overwrite, ignore_collapse)
         main = distributed.is_main()
         error: BaseException | None = None
         summary: dict[str, Any] | None = None

@@ -19,6 +19,9 @@ A run on unlabelled images has no kNN accuracy to watch. These measures need no 
   ``log`` of the mean Gaussian potential over pairs of different images (from 0, everything
   in one point, down to about -4 here; lower is better).
 
+The spread and the uniformity of fewer than two embeddings are undefined (no standard
+deviation, no pair): they are ``None``, not measured, and left out of what is reported.
+
 ``collapse`` applies the rule the monitor warns on (``docs/health.md`` has the measurements it
 was chosen from).
 """
@@ -73,9 +76,12 @@ def effective_rank(embeddings: Tensor, eps: float = 1e-7) -> float:
     return math.exp(float(-(p * p.log()).sum()))
 
 
-def spread(embeddings: Tensor) -> float:
+def spread(embeddings: Tensor) -> float | None:
     """Mean per-dimension standard deviation of the l2-normalised embeddings, times
-    ``sqrt(d)``: 0 when collapsed, about 1 when spread over the sphere."""
+    ``sqrt(d)``: 0 when collapsed, about 1 when spread over the sphere. ``None`` (not
+    measured) for fewer than two embeddings, which have no standard deviation."""
+    if len(embeddings) < 2:
+        return None
     unit = F.normalize(embeddings.double(), dim=1)
     return float(unit.std(dim=0).mean() * math.sqrt(embeddings.shape[1]))
 
@@ -87,9 +93,12 @@ def alignment(first: Tensor, second: Tensor) -> float:
     return float((a - b).pow(2).sum(dim=1).mean())
 
 
-def uniformity(features: Tensor, t: float = 2.0) -> float:
+def uniformity(features: Tensor, t: float = 2.0) -> float | None:
     """``log`` of the mean of ``exp(-t |x - y|^2)`` over pairs of different l2-normalised
-    features (Wang & Isola 2020, Eq. 5)."""
+    features (Wang & Isola 2020, Eq. 5). ``None`` (not measured) for fewer than two
+    features, which make no pair."""
+    if len(features) < 2:
+        return None
     unit = F.normalize(features.double(), dim=1)
     distances = torch.pdist(unit).pow(2)
     return float(torch.logsumexp(-t * distances, dim=0) - math.log(len(distances)))

@@ -18,7 +18,12 @@ from pathlib import Path
 from sslplug.checkpoint import is_checkpoint_file, write_failure
 from sslplug.errors import OutputError
 
-__all__ = ["check_new_file", "write_atomically"]
+__all__ = ["check_name_lengths", "check_new_file", "check_outside_data", "write_atomically"]
+
+# the longest name of a file or folder on the usual file systems (ext4, XFS, btrfs, tmpfs)
+NAME_MAX = 255
+# write_atomically writes NAME first as .NAME.XXXXXXXX.tmp: that many bytes longer
+TEMPORARY_EXTRA = len("..12345678.tmp")
 
 # what to do when a write into FOLDER failed for this reason
 _REMEDIES = {
@@ -31,13 +36,72 @@ _REMEDIES = {
 }
 
 
+def _name_max(path: Path) -> int:
+    """The longest name the file system holding ``path`` (its nearest existing folder) takes."""
+    for folder in (path.parent, *path.parents):
+        try:
+            return int(os.pathconf(folder, "PC_NAME_MAX"))
+        except (OSError, ValueError, AttributeError):  # missing, or no pathconf (Windows)
+            continue
+    return NAME_MAX
+
+
+def check_name_lengths(path: str | Path, what: str, reserve: int = 0, why: str = "") -> None:
+    """Raise ``OutputError`` when a name in ``path`` is longer than its file system takes
+    (255 bytes on the usual ones), naming ``what`` (``--out``, ``OUT``) and the name, rather
+    than letting the first ``stat`` fail with ``File name too long``. The last name must leave
+    ``reserve`` bytes more, for the names it is first written under, which ``why`` says."""
+    path = Path(path)
+    limit = _name_max(path.expanduser().absolute())
+    names = list(path.parts)
+    for index, name in enumerate(names):
+        room = limit - reserve if index == len(names) - 1 and path.name else limit
+        size = len(os.fsencode(name))
+        if size > room:
+            shown = name if len(name) <= 40 else f"{name[:20]}...{name[-12:]}"
+            raise OutputError(
+                f"{what} {str(path)!r} holds a name of {size} bytes ({shown!r}); a file or "
+                f"folder name may have at most {room} bytes here{why}: give a shorter name"
+            )
+
+
+def check_outside_data(
+    out: str | Path, data: str, what: str, data_flag: str, flag: str = ""
+) -> None:
+    """Raise ``OutputError`` when the folder ``out`` is the data folder ``data`` or lies inside
+    it (paths resolved, links followed): what is written there (a run's ``views.png``, shard
+    files) would be read back as images by the next run or ``prepare`` on that data. ``what``
+    and ``data_flag`` name the two as the user gave them (``--out``, ``--data``), ``flag`` what
+    to give instead (``what`` by default). A data folder inside ``out`` is the user's business.
+    """
+    data_path = Path(data).expanduser()
+    try:
+        if not data_path.is_dir():
+            return
+        data_dir, out_dir = data_path.resolve(), Path(out).expanduser().resolve()
+    except (OSError, RuntimeError):  # cannot be reached, or a link loop: said elsewhere
+        return
+    if out_dir != data_dir and data_dir not in out_dir.parents:
+        return
+    where = "is" if out_dir == data_dir else "lies inside"
+    raise OutputError(
+        f"{what} {str(out)!r} {where} the {data_flag} folder {data!r} ({str(data_dir)!r}): the "
+        f"files sslplug writes there (a run's views.png) would be read as data by the next run "
+        f"or prepare on it; give {flag or what} a folder outside {data!r}"
+    )
+
+
 def check_new_file(path: Path, force: bool, keep: Iterable[Path] = ()) -> None:
     """Raise ``OutputError`` unless a file may be written at ``path``.
 
     Refused: a folder, a path under a file, a device, pipe or socket, an sslplug checkpoint
     (whole or truncated) or one of the files ``keep`` (never, even with ``force``), and any other
-    existing file (unless ``force``).
+    existing file (unless ``force``); a name too long for the file system.
     """
+    check_name_lengths(
+        path, "the file", TEMPORARY_EXTRA,
+        f" (it is written first under a temporary name {TEMPORARY_EXTRA} bytes longer)",
+    )
     if path.is_dir():
         raise OutputError(
             f"{str(path)!r} is a folder; give the name of a file to write in it, such as "

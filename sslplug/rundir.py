@@ -2,10 +2,11 @@
 there, and the temporary files that a checkpoint write cut short by a kill leaves behind.
 
 A run folder holds ``settings.toml``, ``last.pt``, ``summary.json``, ``views.png`` and
-``tensorboard/`` (``RUN_FILES``). While a run works in it, ``.lock`` carries an ``flock`` lock
-and says who holds it: pid, host, start time and command. The kernel drops the lock when the
-process ends, however it ends (``kill -9`` included), so a dead run never leaves its folder
-locked; the next run takes the lock and writes its own name over the stale one.
+``tensorboard/`` (``RUN_FILES``). While a run works in it, or ``eval`` or ``finetune`` adds its
+results to it, ``.lock`` carries an ``flock`` lock and says who holds it: pid, host, start time
+and command. The kernel drops the lock when the process ends, however it ends (``kill -9``
+included), so a dead run never leaves its folder locked; the next run takes the lock and writes
+its own name over the stale one.
 """
 
 from __future__ import annotations
@@ -69,46 +70,77 @@ class RunFolder:
         ``RunFolderError`` when the folder cannot be created or written, or when another process
         holds the lock (naming that process)."""
         self._create()
+        self._take("wait for it to end or stop it, or give another --out", create=True)
+        holder = _holder_line()
+        try:
+            assert self._fd is not None
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, holder.encode() + b"\n", 0)
+        except OSError as exc:
+            self.release()
+            raise RunFolderError(
+                f"could not write {str(self.path / LOCK_FILE)!r}: {write_failure(exc)}; make "
+                f"room and run again"
+            ) from None
+
+    def lock_to_add(self, command: str) -> None:
+        """Lock the folder of a run for ``command`` (``eval``, ``finetune``), which reads the
+        run and adds its results to the run's ``summary.json`` and TensorBoard log: refused at
+        once, naming the holder, while a run (or another command) works in the folder, and a
+        run started meanwhile is refused in turn. A folder that does not exist is not created
+        (the command then says that there is no run there). Where no lock file can be made or
+        locked (a folder this process may not write, a file system without ``flock``), no run
+        can work either, and the command goes on without the lock: its own write says what
+        failed."""
+        if not self.path.is_dir():
+            return
+        advice = f"wait for it to end or stop it, then run `sslplug {command}` again"
+        if not self._take(advice, create=False):
+            return
+        with contextlib.suppress(OSError):  # who holds it, for a run refused meanwhile
+            assert self._fd is not None
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, _holder_line().encode() + b"\n", 0)
+
+    def _take(self, advice: str, create: bool) -> bool:
+        """Take the ``flock`` of ``.lock``; ``advice`` says what to do when another process
+        holds it. Without ``create``, a lock file that cannot be made or locked is no error:
+        returns whether the lock was taken."""
         lock = self.path / LOCK_FILE
         while self._fd is None:
             try:
                 fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
-                raise RunFolderError(
-                    f"cannot write in the run folder {str(self.path)!r}: {write_failure(exc)}; "
-                    f"make it writable or give another --out"
-                ) from None
+                if create:
+                    raise RunFolderError(
+                        f"cannot write in the run folder {str(self.path)!r}: "
+                        f"{write_failure(exc)}; make it writable or give another --out"
+                    ) from None
+                try:  # a run of another user may hold a lock file this process cannot write
+                    fd = os.open(lock, os.O_RDONLY)
+                except OSError:
+                    return False
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 holder = _read(fd)
                 os.close(fd)
                 if not isinstance(exc, BlockingIOError):
+                    if not create:
+                        return False
                     raise RunFolderError(
                         f"cannot lock the run folder {str(self.path)!r}: {write_failure(exc)}; "
                         f"give an --out on a local file system"
                     ) from None
                 raise RunFolderError(
-                    f"the run folder {str(self.path)!r} is in use by another run "
-                    f"({holder or 'which has not written its name yet'}); wait for it to end or "
-                    f"stop it, or give another --out"
+                    f"the run folder {str(self.path)!r} is in use by another sslplug command "
+                    f"({holder or 'which has not written its name yet'}); {advice}"
                 ) from None
             if _same_file(fd, lock):
                 self._fd = fd
             else:  # the holder before us removed the file as it let go: lock the new one
                 os.close(fd)
-        holder = (
-            f"pid {os.getpid()} on {socket.gethostname()}, started "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(sys.argv)}"
-        )
-        try:
-            os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, holder.encode() + b"\n", 0)
-        except OSError as exc:
-            self.release()
-            raise RunFolderError(
-                f"could not write {str(lock)!r}: {write_failure(exc)}; make room and run again"
-            ) from None
+        return True
 
     def release(self) -> None:
         """Let go of the lock and remove the lock file; then remove the folders that ``lock``
@@ -202,6 +234,14 @@ class RunFolder:
                 f"{write_failure(exc)}; give an --out in a folder you can write to"
             ) from None
         self._created = missing  # innermost first
+
+
+def _holder_line() -> str:
+    """What a lock file says of this process: pid, host, start time and command."""
+    return (
+        f"pid {os.getpid()} on {socket.gethostname()}, started "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(sys.argv)}"
+    )
 
 
 def _read(fd: int) -> str:

@@ -17,14 +17,23 @@ streams it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import functools
 import io
 import json
 import logging
 import math
 import os
+import re
+import secrets
+import shlex
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,12 +42,16 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from sslplug.errors import DataError
+from sslplug.checkpoint import write_failure
+from sslplug.errors import DataError, OutputError
+from sslplug.outputs import check_name_lengths, check_outside_data
 
 __all__ = [
     "MAX_ASPECT",
+    "PREPARE_LOCK",
     "STORE_MARKER",
     "ImageStore",
+    "check_prepare_out",
     "decode_image",
     "decode_jpegs",
     "pad_batch",
@@ -218,12 +231,22 @@ class ImageStore:
         """A padded batch and its extents (``pad_batch``) of the images at ``indices``."""
         return pad_batch(self.images(indices))
 
+    def shard_ends(self) -> list[int]:
+        """For each shard, the byte where the last of its images ends (what it must hold)."""
+        ends = torch.zeros(len(self.shards), dtype=torch.int64)
+        if len(self.lengths):
+            ends.scatter_reduce_(0, self.shard, self.offsets + self.lengths, "amax")
+        return [int(end) for end in ends]
+
     def in_memory(self) -> ImageStore:
-        """This store with every shard read into memory."""
+        """This store with every shard read into memory; a ``DataError`` naming a shard file
+        that is missing or shorter than the images the index places in it."""
         if not self.on_disk:
             return self
-        shards = [torch.from_file(str(p), size=os.path.getsize(p), dtype=torch.uint8)
-                  for p in self.shards]
+        shards = []
+        for path, needed in zip(self.shards, self.shard_ends()):
+            size = _file_size(path, needed)
+            shards.append(torch.from_file(str(path), size=size, dtype=torch.uint8))
         return ImageStore(self.shapes, self.offsets, self.lengths, self.shard, shards,
                           self.encoding)
 
@@ -231,11 +254,25 @@ class ImageStore:
     def from_images(cls, images: Sequence[Tensor]) -> ImageStore:
         """An in-memory raw store of uint8 ``(3, h, w)`` images."""
         shapes = torch.tensor([image.shape[-2:] for image in images], dtype=torch.int64)
+        flat = (
+            torch.cat([image.reshape(-1) for image in images])
+            if images
+            else torch.empty(0, dtype=torch.uint8)
+        )
+        return cls.from_pixels(flat.to(torch.uint8), shapes.view(-1, 2))
+
+    @classmethod
+    def from_pixels(cls, pixels: Tensor, shapes: Tensor) -> ImageStore:
+        """An in-memory raw store of images whose uint8 pixels lie one after another in
+        ``pixels`` (each ``(3, h, w)``, C order), with heights and widths ``shapes`` ``(N, 2)``."""
         lengths = shapes.prod(dim=1) * 3
         offsets = torch.cumsum(lengths, 0) - lengths
-        flat = torch.cat([image.reshape(-1) for image in images]) if images else torch.empty(0)
-        return cls(shapes, offsets, lengths, torch.zeros(len(images), dtype=torch.int64),
-                   [flat.to(torch.uint8)])
+        if int(lengths.sum()) != len(pixels):
+            raise ValueError(
+                f"{len(pixels)} bytes of pixels for images of {int(lengths.sum())} bytes"
+            )
+        return cls(shapes, offsets, lengths, torch.zeros(len(shapes), dtype=torch.int64),
+                   [pixels])
 
 
 # ------------------------------------------------------------------------------------------
@@ -299,6 +336,60 @@ class _SplitWriter:
         }
 
 
+# In OUT.partial while ``sslplug prepare`` writes there: says so (who, since when) and carries
+# an ``flock`` lock while that process lives. The kernel drops the lock when the process ends,
+# ``kill -9`` included, so a folder whose marker is free was left by an interrupted prepare.
+PREPARE_LOCK = ".sslplug-prepare"
+_PREPARE_HEADER = "sslplug prepare in progress"
+# the names prepare writes in OUT.partial: any other there is not ours to delete
+_PREPARE_FILES = re.compile(r"[a-z]+-\d{5}\.bin|index\.pt|" + re.escape(STORE_MARKER))
+_PARTIAL = ".partial"
+
+
+def check_prepare_out(out: str | Path, source: str) -> None:
+    """Refuse, before any work, an ``OUT`` that ``sslplug prepare`` cannot write the data
+    ``source`` names to: a file or a path under one, the current folder or one above it, a
+    folder that is not empty, a name too long for its file system (with ``.partial`` added),
+    or the data folder itself or a folder inside it. Raises ``OutputError`` (``DataError`` for
+    a folder that holds something) naming ``OUT`` and saying what to give instead."""
+    from sslplug.data import BUILTIN  # sslplug.data imports this module
+
+    out = Path(out)
+    check_name_lengths(
+        out, "OUT", len(_PARTIAL),
+        f" (prepare writes it first as OUT{_PARTIAL}, {len(_PARTIAL)} bytes longer)",
+    )
+    example = f"{Path(source).name or 'data'}-prepared"
+    where = out.expanduser().resolve()
+    if out.name in ("", ".", "..") or where in (Path.cwd(), *Path.cwd().parents):
+        raise OutputError(
+            f"OUT {str(out)!r} is {str(where)!r}, the current folder or one above it: prepare "
+            f"writes a new folder and puts it in OUT's place; give the name of a new folder, "
+            f"such as {example!r}"
+        )
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker == out:
+        raise OutputError(
+            f"OUT {str(out)!r} is a file, not a folder; give a new folder for the prepared "
+            f"data, such as {example!r}"
+        )
+    if blocker is not None:
+        raise OutputError(
+            f"cannot create OUT {str(out)!r}: {str(blocker)!r} is a file, not a folder; give "
+            f"a path under a folder"
+        )
+    if source not in BUILTIN:
+        check_outside_data(out, source, "OUT", "DATA")
+    try:
+        full = out.is_dir() and any(out.iterdir())
+    except OSError as exc:
+        raise OutputError(f"cannot read OUT {str(out)!r}: {write_failure(exc)}") from None
+    if full:
+        raise DataError(
+            f"{str(out)!r} exists and is not empty: give a new folder for the prepared data"
+        )
+
+
 def write_store(
     out: Path,
     splits: dict[str, Iterable[tuple[Tensor, int]]],
@@ -311,63 +402,322 @@ def write_store(
 ) -> dict[str, Any]:
     """Write the prepared form of ``splits`` (each an iterable of ``(image, label)``) to
     ``out``: shard files, ``index.pt``, and the marker ``sslplug-data.json`` written last, so
-    that a folder without the marker is an unfinished one. Returns the marker's content."""
-    if out.exists() and any(out.iterdir()):
-        raise DataError(
-            f"{str(out)!r} exists and is not empty: give a new folder for the prepared data"
+    that a folder without the marker is an unfinished one. Returns the marker's content.
+
+    The files are written in ``OUT.partial``, locked for this process (``PREPARE_LOCK``), which
+    is renamed to ``out`` once complete: a second prepare into ``out`` meanwhile is refused,
+    naming this one. An ``OUT.partial`` that an interrupted prepare left behind is removed; any
+    other (the user's own) is refused, never deleted. When writing fails, ``OUT.partial`` is
+    removed and ``OutputError`` says why."""
+    check_prepare_out(out, source)
+    partial, lock = _claim_partial(out)
+    try:
+        check_prepare_out(out, source)  # a prepare that just ended may have filled it
+        index: dict[str, Any] = {}
+        for name, items in splits.items():
+            writer = _SplitWriter(partial, name, encoding)
+            for image, label in items:
+                with _writing(partial):
+                    writer.add(image, label)
+            with _writing(partial):
+                index[name] = writer.close()
+        marker = {
+            "format": "sslplug-prepared",
+            "version": STORE_VERSION,
+            "source": source,
+            "image_size": image_size,
+            "store_scale": store_scale,
+            "short_side": stored_side(image_size, store_scale),
+            "encoding": encoding,
+            "classes": list(classes),
+            "splits": {
+                name: {"images": len(v["lengths"]), "bytes": int(v["lengths"].sum())}
+                for name, v in index.items()
+            },
+        }
+        buffer = io.BytesIO()  # in memory first, so that a failed write is an OSError
+        torch.save(index, buffer)
+        with _writing(partial):
+            (partial / "index.pt").write_bytes(buffer.getvalue())
+            (partial / STORE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+            if out.exists():
+                out.rmdir()
+            partial.rename(out)
+        with contextlib.suppress(OSError):  # while still holding it: see _claim_partial
+            (out / PREPARE_LOCK).unlink()
+        return marker
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # ours: nothing half-written is left
+        raise
+    finally:
+        os.close(lock)
+
+
+@contextlib.contextmanager
+def _writing(partial: Path) -> Iterator[None]:
+    """Turn a failed write in ``partial`` into an ``OutputError`` saying why."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(
+            f"could not write the prepared data in {str(partial)!r}: {write_failure(exc)}; "
+            f"nothing is kept (the unfinished folder is removed): make room or give another OUT"
+        ) from None
+
+
+def _claim_partial(out: Path) -> tuple[Path, int]:
+    """Create ``OUT.partial`` holding ``PREPARE_LOCK``, locked by this process; returns the
+    folder and the lock file's descriptor (the lock lasts until it is closed). The folder is
+    made under a name of its own and renamed into place with its lock already taken, so that
+    no other prepare ever sees it without one. An ``OUT.partial`` already there is removed
+    when an interrupted prepare left it (``_remove_stale``); otherwise an ``OutputError``
+    names it."""
+    partial = out.with_name(out.name + _PARTIAL)
+    while True:
+        if partial.exists() or partial.is_symlink():
+            _remove_stale(partial, out)
+            continue
+        fresh = out.parent / f".sslplug-prepare.{secrets.token_hex(4)}.tmp"
+        with _writing(partial):
+            fresh.mkdir(parents=True)
+        try:
+            fd = os.open(fresh / PREPARE_LOCK, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
+            os.write(fd, f"{_PREPARE_HEADER}: {_holder()}\n".encode())
+        except OSError as exc:
+            shutil.rmtree(fresh, ignore_errors=True)
+            raise OutputError(
+                f"cannot lock {str(fresh / PREPARE_LOCK)!r}: {write_failure(exc)}; give an OUT "
+                f"on a local file system"
+            ) from None
+        try:
+            fresh.rename(partial)  # refused when another prepare made OUT.partial meanwhile
+        except OSError as exc:
+            os.close(fd)
+            shutil.rmtree(fresh, ignore_errors=True)
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                continue
+            raise OutputError(
+                f"could not create {str(partial)!r}: {write_failure(exc)}; give another OUT"
+            ) from None
+        return partial, fd
+
+
+def _remove_stale(partial: Path, out: Path) -> None:
+    """Remove ``partial`` when a prepare that was interrupted left it: it holds our
+    ``PREPARE_LOCK``, which no live process holds, and only files prepare writes. Otherwise
+    raise ``OutputError``: another prepare is writing it (naming that process), or it is not
+    ours to delete. Returns also when another process removed it meanwhile."""
+    not_ours = (
+        f"{str(partial)!r} exists and is not a folder that an interrupted sslplug prepare left "
+        f"behind ({{why}}); it may be yours, so it is left as it is: move it aside, or give "
+        f"another OUT"
+    )
+    if partial.is_symlink() or not partial.is_dir():
+        raise OutputError(not_ours.format(why="it is not a folder"))
+    try:
+        fd = os.open(partial / PREPARE_LOCK, os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        if not partial.exists():
+            return  # removed meanwhile, by the prepare that left it or by a stale one's
+        raise OutputError(not_ours.format(why=f"it has no {PREPARE_LOCK}")) from None
+    except OSError as exc:
+        raise OutputError(
+            not_ours.format(why=f"its {PREPARE_LOCK} cannot be opened: {write_failure(exc)}")
+        ) from None
+    try:
+        said = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        if not said.startswith(_PREPARE_HEADER):
+            raise OutputError(not_ours.format(why=f"its {PREPARE_LOCK} is not sslplug's"))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = said.removeprefix(_PREPARE_HEADER).lstrip(": ")
+            raise OutputError(
+                f"another sslplug prepare is writing {str(out)!r} ({holder}); wait for it to end "
+                f"or stop it, or give another OUT"
+            ) from None
+        except OSError as exc:
+            raise OutputError(
+                f"cannot lock {str(partial / PREPARE_LOCK)!r}: {write_failure(exc)}"
+            ) from None
+        if not partial.exists():
+            return  # removed by the prepare that held the lock before us
+        strangers = sorted(
+            entry.name
+            for entry in partial.iterdir()
+            if entry.name != PREPARE_LOCK and not _PREPARE_FILES.fullmatch(entry.name)
         )
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    index: dict[str, Any] = {}
-    for name, items in splits.items():
-        writer = _SplitWriter(partial, name, encoding)
-        for image, label in items:
-            writer.add(image, label)
-        index[name] = writer.close()
-    torch.save(index, partial / "index.pt")
-    marker = {
-        "format": "sslplug-prepared",
-        "version": STORE_VERSION,
-        "source": source,
-        "image_size": image_size,
-        "store_scale": store_scale,
-        "short_side": stored_side(image_size, store_scale),
-        "encoding": encoding,
-        "classes": list(classes),
-        "splits": {
-            name: {"images": len(v["lengths"]), "bytes": int(v["lengths"].sum())}
-            for name, v in index.items()
-        },
+        if strangers:
+            raise OutputError(
+                not_ours.format(why=f"it holds {strangers[0]!r}, which prepare does not write")
+            )
+        trash = partial.with_name(f".sslplug-prepare.{secrets.token_hex(4)}.stale")
+        partial.rename(trash)  # at once: no other prepare sees it half removed
+        shutil.rmtree(trash, ignore_errors=True)
+        log.warning(
+            "removed %s, which an interrupted sslplug prepare left behind (%s)",
+            partial,
+            said.removeprefix(_PREPARE_HEADER).lstrip(": "),
+        )
+    except OSError as exc:
+        raise OutputError(
+            f"could not remove {str(partial)!r}, left by an interrupted sslplug prepare: "
+            f"{write_failure(exc)}; remove it yourself"
+        ) from None
+    finally:
+        os.close(fd)
+
+
+def _holder() -> str:
+    """Who this process is, for a lock file: pid, host, start time and command."""
+    return (
+        f"pid {os.getpid()} on {socket.gethostname()}, started "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(sys.argv)}"
+    )
+
+
+def _file_size(path: str | Path, needed: int) -> int:
+    """The size of the prepared data file ``path``; a ``DataError`` when it is missing or
+    shorter than ``needed``, the byte where the last image the index places in it ends."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise DataError(
+            f"cannot read the prepared data file {str(path)!r}: {exc.strerror or exc}. Prepare "
+            f"the data again with sslplug prepare"
+        ) from None
+    if size < needed:
+        raise DataError(
+            f"the prepared data file {str(path)!r} is {size} bytes, but the index.pt beside it "
+            f"places images in it up to byte {needed}: the file is cut short or damaged. "
+            f"Prepare the data again with sslplug prepare"
+        )
+    return size
+
+
+_MARKER_FIELDS = {
+    "image_size": "a positive integer",
+    "short_side": "a positive integer",
+    "encoding": "'raw' or 'jpeg'",
+    "classes": "a list of class names",
+}
+_INDEX_TENSORS = ("shapes", "offsets", "lengths", "shard", "labels")
+
+
+def _marker_problem(marker: Any) -> str | None:
+    """What is wrong with the content of a marker file, or ``None``."""
+    if not isinstance(marker, dict):
+        kinds = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+        kind = kinds.get(type(marker), "a number")
+        return f"it holds {kind}, not the JSON object sslplug prepare writes"
+    if marker.get("format") != "sslplug-prepared":
+        return f"its format is {marker.get('format')!r}, not 'sslplug-prepared'"
+    if marker.get("version") != STORE_VERSION:
+        return None  # said apart, with the version
+    checks = {
+        "image_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+        "short_side": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+        "encoding": lambda v: v in ("raw", "jpeg"),
+        "classes": lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
     }
-    (partial / STORE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-    if out.exists():
-        out.rmdir()
-    partial.rename(out)
-    return marker
+    for name, valid in checks.items():
+        if name not in marker:
+            return f"it has no {name!r}"
+        if not valid(marker[name]):
+            return f"its {name!r} is {marker[name]!r}, not {_MARKER_FIELDS[name]}"
+    return None
+
+
+def _split_problem(split: Any, encoding: str, classes: int) -> str | None:
+    """What is wrong with one split's entry of ``index.pt``, or ``None``."""
+    if not isinstance(split, dict):
+        return f"it is a {type(split).__name__}, not the dict sslplug prepare writes"
+    for name in (*_INDEX_TENSORS, "files"):
+        if name not in split:
+            return f"it has no {name!r}"
+    for name in _INDEX_TENSORS:
+        value = split[name]
+        if not isinstance(value, Tensor) or value.dtype != torch.int64:
+            return f"its {name!r} is not an int64 tensor"
+    files = split["files"]
+    if not isinstance(files, list) or not all(
+        isinstance(f, str) and f and Path(f).name == f for f in files
+    ):
+        return f"its 'files' are {files!r}, not a list of file names in the folder"
+    count = len(split["lengths"])
+    if split["shapes"].shape != (count, 2):
+        return f"its 'shapes' are {tuple(split['shapes'].shape)}, not ({count}, 2)"
+    for name in ("offsets", "shard", "labels"):
+        if split[name].shape != (count,):
+            return f"its {name!r} are {tuple(split[name].shape)}, not ({count},)"
+    if not count:
+        return None
+    if int(split["shard"].min()) < 0 or int(split["shard"].max()) >= len(files):
+        return f"its images lie in shards up to {int(split['shard'].max())} of {len(files)} files"
+    if int(split["offsets"].min()) < 0 or int(split["lengths"].min()) < 0:
+        return "it places images at negative offsets or lengths"
+    if int(split["shapes"].min()) < 1:
+        return "it holds images of no pixels"
+    if encoding == "raw" and not torch.equal(split["lengths"], split["shapes"].prod(dim=1) * 3):
+        return "its raw images' lengths are not 3 x height x width bytes"
+    labels = split["labels"]
+    if classes and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        low, high = int(labels.min()), int(labels.max())
+        return f"its labels run from {low} to {high}, not from 0 to {classes - 1}"
+    return None
 
 
 def read_store(folder: Path) -> tuple[dict[str, Any], dict[str, tuple[ImageStore, Tensor]]]:
-    """The marker of a prepared folder and, per split, its on-disk store and labels."""
+    """The marker of a prepared folder and, per split, its on-disk store and labels.
+
+    Every part is checked before anything is read: a marker or an index that is not what
+    ``write_store`` writes, or a shard file missing or shorter than the images its index places
+    in it, is a ``DataError`` naming the file and saying to prepare the data again.
+    """
+    again = "Prepare the data again with sslplug prepare"
+    marker_file, index_file = folder / STORE_MARKER, folder / "index.pt"
     try:
-        marker = json.loads((folder / STORE_MARKER).read_text())
-        index = torch.load(folder / "index.pt", weights_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
+        marker = json.loads(marker_file.read_text())
+    except (OSError, ValueError) as exc:
         raise DataError(
-            f"cannot read the prepared data in {str(folder)!r}: {exc}. Prepare it again with "
-            f"sslplug prepare"
+            f"cannot read the prepared data in {str(folder)!r}: {exc}. {again}"
         ) from None
+    problem = _marker_problem(marker)
+    if problem is not None:
+        raise DataError(
+            f"{str(marker_file)!r} is not the marker of prepared data: {problem}. {again}"
+        )
     if marker.get("version") != STORE_VERSION:
         raise DataError(
             f"{str(folder)!r} was prepared in format version {marker.get('version')!r}; this "
             f"sslplug reads version {STORE_VERSION}: prepare the data again with sslplug prepare"
         )
+    try:
+        index = torch.load(index_file, weights_only=True)
+    except Exception as exc:  # OSError, and whatever a damaged file makes torch.load raise
+        raise DataError(
+            f"cannot read the prepared data in {str(folder)!r}: {str(index_file)!r} is "
+            f"unreadable ({type(exc).__name__}: {str(exc)[:200]}). {again}"
+        ) from None
+    if not isinstance(index, dict) or "train" not in index:
+        what = "no 'train' split" if isinstance(index, dict) else f"a {type(index).__name__}"
+        raise DataError(
+            f"{str(index_file)!r} is not the index of prepared data: it holds {what}. {again}"
+        )
     splits = {}
     for name, v in index.items():
+        problem = _split_problem(v, marker["encoding"], len(marker["classes"]))
+        if problem is not None:
+            raise DataError(
+                f"{str(index_file)!r} is not the index of prepared data: its split {name!r}: "
+                f"{problem}. {again}"
+            )
         store = ImageStore(
             v["shapes"], v["offsets"], v["lengths"], v["shard"],
             [str(folder / f) for f in v["files"]], marker["encoding"],
         )
+        for path, needed in zip(store.shards, store.shard_ends()):
+            _file_size(path, needed)
         splits[name] = (store, v["labels"])
     return marker, splits

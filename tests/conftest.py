@@ -90,6 +90,24 @@ def with_plugin(monkeypatch: pytest.MonkeyPatch):
     return extra
 
 
+@pytest.fixture
+def tiny_folder():
+    """``tiny_folder(root, count, classes=0, size=16)``: ``count`` random PNG images of
+    ``size`` pixels in ``root``, spread over ``classes`` class folders (none: a flat folder);
+    returns ``root``."""
+
+    def make(root: Path, count: int, classes: int = 0, size: int = 16) -> Path:
+        generator = torch.Generator().manual_seed(count)
+        for index in range(count):
+            folder = root / f"c{index % classes}" if classes else root
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = torch.randint(0, 256, (size, size, 3), dtype=torch.uint8, generator=generator)
+            Image.fromarray(pixels.numpy()).save(folder / f"{index:04d}.png")
+        return root
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def shapes_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A labelled image folder with train/ and test/ splits: 8 and 2 images of each shape."""

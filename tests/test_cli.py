@@ -116,7 +116,7 @@ def test_resume_reads_the_run_settings_without_the_tomllib_module(tmp_path, monk
     (tmp_path / "settings.toml").write_text(tomli_w.dumps(saved.to_dict()))
     seen = []
 
-    def train(config, registry, resume=None):
+    def train(config, registry, resume=None, ignore_collapse=False):
         seen.append((config, resume))
         raise _Stop
 

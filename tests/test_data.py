@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import numpy as np
 import pytest
 import torch
@@ -170,3 +171,75 @@ def test_streamed_unreadable_files_are_counted_once_each_by_the_loader(tmp_path)
     assert sum(len(b) for b, _ in loader.epoch(0)) == 10 and loader.skipped == 3
     list(loader.epoch(1))  # the same three files again: still three images skipped
     assert loader.skipped == 3
+
+
+def _many_images(root, count, sizes=((16, 16),)):
+    """``count`` small PNG files in two class folders, image ``i`` filled with ``i % 251``
+    and of shape ``sizes[i % len(sizes)]``."""
+    for index in range(count):
+        folder = root / f"c{index % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        height, width = sizes[index % len(sizes)]
+        Image.new("RGB", (width, height), (index % 251, 0, 0)).save(folder / f"{index:05d}.png")
+
+
+def _with_open_files(limit):
+    import resource
+
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    return set_limit
+
+
+def _sslplug(args, limit, cwd):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-m", "sslplug", *args], cwd=cwd, capture_output=True, text=True,
+        preexec_fn=_with_open_files(limit), env=env, timeout=300,
+    )
+
+
+def test_a_folder_of_more_images_than_open_files_trains_and_prepares(tmp_path):
+    """Decoding a folder in workers passes each returned tensor through a file descriptor;
+    images packed per batch keep that to a few per batch, so a folder of 3x the open-file
+    limit trains (equal sizes: one tensor) and prepares (own sizes: a store) under it."""
+    limit, count = 256, 768
+    _many_images(tmp_path / "same", count)
+    _many_images(tmp_path / "mixed", count, sizes=((16, 16), (16, 20), (24, 18)))
+    run = _sslplug(
+        ["run", "--data", "same", "--epochs", "1", "--out", "r", "--no-progress",
+         "--disable", "knn", "--disable", "tensorboard", "--disable", "health",
+         "--set", "train.max_steps_per_epoch=1", "--set", "data.workers=2"],
+        limit, tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "epoch 1/1: loss" in run.stdout + run.stderr
+    prep = _sslplug(["prepare", "mixed", "p", "--workers", "2"], limit, tmp_path)
+    assert prep.returncode == 0, prep.stderr[-2000:]
+    assert f"{count - count // 10} images" in prep.stdout  # a tenth held out as the test split
+    stored = load_data(DataSettings(name=str(tmp_path / "p")))
+    assert len(stored.train) + len(stored.test) == count
+
+
+@pytest.mark.parametrize("sizes", [((16, 16),), ((16, 16), (16, 20), (24, 18))])
+def test_images_decoded_in_workers_equal_those_decoded_in_the_main_process(tmp_path, sizes):
+    _many_images(tmp_path, 150, sizes)
+    settings = DataSettings(name=str(tmp_path), test_fraction=0)
+    here = load_data(attrs.evolve(settings, workers=0))
+    there = load_data(attrs.evolve(settings, workers=2))
+    assert torch.equal(here.train.labels, there.train.labels)
+    if len(sizes) == 1:
+        assert here.train.images.shape == (150, 3, 16, 16)
+        assert torch.equal(here.train.images, there.train.images)
+        assert here.train.images[7, 0, 0, 0] == 14  # c0/ holds the even indices, listed first
+    else:
+        a, b = here.train.store, there.train.store
+        assert a is not None and b is not None and len(a) == 150
+        assert torch.equal(a.shapes, b.shapes) and torch.equal(a.offsets, b.offsets)
+        assert all(torch.equal(x, y) for x, y in zip(a.images(range(150)), b.images(range(150))))
+        assert sorted({tuple(s) for s in a.shapes.tolist()}) == [(16, 16), (16, 20), (24, 18)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -83,10 +84,22 @@ SMALL = [
 COLLAPSING = ["--plugin", "byol", "--target-update", "none", "--set", "byol.predictor=false"]
 
 
+def _epoch_line(stderr: str, epoch: int) -> str:
+    """The epoch line without its speeds, which differ from one session to the next."""
+    line = next(x for x in stderr.splitlines() if x.startswith(f"epoch {epoch}/"))
+    return re.sub(r"[\d.]+ img/s, data wait [\d.]+%", "", line)
+
+
+def _warning(stderr: str, epoch: int) -> str:
+    return next(x for x in stderr.splitlines() if f"collapsed after epoch {epoch}:" in x)
+
+
 @pytest.mark.slow
 def test_a_run_made_to_collapse_is_warned_and_stop_on_collapse_keeps_the_last_good_epoch(
     run_cli, tmp_path
 ):
+    """A collapsing run stops and keeps the last good epoch; it resumes only with
+    --ignore-collapse, and then the rule goes on as in an uninterrupted run."""
     out = tmp_path / "run"
     done = run_cli([
         "run", *COLLAPSING, "--epochs", "6", "--out", out, *SMALL,
@@ -101,6 +114,34 @@ def test_a_run_made_to_collapse_is_warned_and_stop_on_collapse_keeps_the_last_go
     assert f"stopped after epoch {stopped_at}" in done.stderr
     checkpoint = torch.load(out / "last.pt", weights_only=True)
     assert checkpoint["epoch"] == stopped_at - 1  # the collapsed epoch was not saved
+    assert f"to continue anyway: sslplug run --resume {out} --ignore-collapse" in done.stderr
+    kept = {name: (out / name).read_bytes() for name in ("last.pt", "summary.json")}
+
+    refused = run_cli(["run", "--resume", out])  # it would train into the same collapse
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.startswith(
+        f"sslplug: error: --resume {str(out)!r}: the run stopped after epoch {stopped_at} "
+        f"because its embeddings collapsed (spread_projections 0.0"
+    ), refused.stderr
+    assert f"from its checkpoint of epoch {stopped_at - 1} would train" in refused.stderr
+    assert "lower learning rate" in refused.stderr and "--ignore-collapse" in refused.stderr
+    assert f"epoch {stopped_at}/" not in refused.stderr  # refused before any training
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+    assert run_cli(["run", "--ignore-collapse"]).returncode == 2  # a new run has none to ignore
+
+    resumed = run_cli(["run", "--resume", out, "--ignore-collapse"])  # to the planned 6 epochs
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"--ignore-collapse: {out} stopped after epoch {stopped_at} because" in resumed.stderr
+    # the monitor kept the epoch before: the same warning after the same epoch, bit for bit
+    assert _warning(resumed.stderr, stopped_at) == _warning(done.stderr, stopped_at)
+    assert _epoch_line(resumed.stderr, stopped_at) == _epoch_line(done.stderr, stopped_at)
+    assert "train.stop_on_collapse is set" not in resumed.stderr  # no stop this time
+    summary = json.loads((out / "summary.json").read_text())  # warned, and never stopped
+    assert summary["epochs"] == 6 and summary["stopped"] is None
+    assert summary["collapsed_epochs"] == list(range(stopped_at, 7))
+    assert summary["stopped_for_collapse"] is None
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 6
+    assert "stop_on_collapse = false" in (out / "settings.toml").read_text()
 
 
 @pytest.mark.slow

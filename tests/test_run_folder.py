@@ -5,6 +5,7 @@ would change the run, a file that cannot be written, a folder that cannot be mad
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -34,8 +35,9 @@ def _events(run: Path) -> list[str]:
     return sorted(p.name for p in (run / "tensorboard").glob("events.out.tfevents.*"))
 
 
-# `sslplug run` in a child process with a lifecycle plugin that, at the end of step 1, does
-# ACTION: kill the process with SIGKILL, or sleep while holding the run folder.
+# `sslplug run` in a child process with a lifecycle plugin that, at the end of step AT_STEP
+# (1 unless told), does ACTION: kill the process with SIGKILL, or sleep while holding the run
+# folder.
 _CHILD = """
 import os, signal, sys, time
 import sslplug, sslplug.cli
@@ -43,7 +45,7 @@ import sslplug, sslplug.cli
 class AtStep1:
     @sslplug.hookimpl
     def sslplug_step_end(self, step):
-        if step == 1:
+        if step == AT_STEP:
             ACTION
 
 load = sslplug.cli._load_registry
@@ -60,9 +62,10 @@ KILL = "os.kill(os.getpid(), signal.SIGKILL)"
 SLEEP = "time.sleep(600)"
 
 
-def _child(args: list[str], action: str) -> subprocess.Popen:
+def _child(args: list[str], action: str, at_step: int = 1) -> subprocess.Popen:
+    script = _CHILD.replace("ACTION", action).replace("AT_STEP", str(at_step))
     return subprocess.Popen(
-        [sys.executable, "-c", _CHILD.replace("ACTION", action), *args],
+        [sys.executable, "-c", script, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -137,7 +140,9 @@ def test_a_second_run_on_a_folder_in_use_fails_at_once_naming_the_first(
         assert holder.startswith(f"pid {first.pid} on ")
         second = run_cli(fast_args)
         assert second.returncode == 2, second.stderr[-3000:]
-        assert f"{str(run)!r} is in use by another run (pid {first.pid} on " in second.stderr
+        assert f"{str(run)!r} is in use by another sslplug command (pid {first.pid} on " in (
+            second.stderr
+        )
         assert "wait for it to end or stop it, or give another --out" in second.stderr
         assert "Traceback" not in second.stderr and "epoch 1/" not in second.stderr
         overwrite = run_cli([*fast_args, "--overwrite"])  # must not delete a live run's files
@@ -148,6 +153,120 @@ def test_a_second_run_on_a_folder_in_use_fails_at_once_naming_the_first(
         first.communicate()
     with open(run / LOCK_FILE) as handle:  # kill -9 let go of the lock
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _wait_for(child: subprocess.Popen, path: Path) -> None:
+    deadline = time.monotonic() + 300
+    while not path.exists():
+        assert child.poll() is None, child.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"the child never wrote {path}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow  # a run in a child process, and eval and finetune in others
+def test_eval_and_finetune_on_a_folder_a_run_trains_in_are_refused_at_once_naming_it(
+    fast_args, tmp_path, run_cli
+):
+    run, training = tmp_path / "run", tmp_path / "training"
+    assert main(_with(fast_args, "--epochs", "1")) == 0  # last.pt and summary.json: epoch 1
+    summary = (run / "summary.json").read_bytes()
+    # resumed for two more epochs, it sleeps in its first step (step 3), holding the folder
+    sleep = f"open({str(training)!r}, 'w').close(); time.sleep(600)"
+    first = _child(_resume(run, "--epochs", "3"), sleep, at_step=3)
+    try:
+        _wait_for(first, training)
+        for command in (["eval", run, "--labels", "2"], ["finetune", run / "last.pt"]):
+            done = run_cli(command)
+            assert done.returncode == 2, done.stderr[-3000:]
+            assert done.stderr.startswith(
+                f"sslplug: error: the run folder {str(run)!r} is in use by another sslplug "
+                f"command (pid {first.pid} on "
+            ), done.stderr
+            assert f"--resume {run} --epochs 3" in done.stderr  # the holder's command line
+            assert f"then run `sslplug {command[0]}` again" in done.stderr
+            assert done.stdout == "" and "Traceback" not in done.stderr  # nothing measured
+            assert (run / "summary.json").read_bytes() == summary
+        assert first.poll() is None  # the run trains on, untouched
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate()
+    assert main(["eval", str(run), "--labels", "2"]) == 0  # kill -9 let go of the lock
+    assert not (run / LOCK_FILE).exists()  # and eval let go of it when done
+
+
+# `sslplug eval` in a child process whose probe sleeps, while it holds the run folder
+_SLOW_EVAL = """
+import sys, time
+import sslplug.cli, sslplug.downstream
+
+mark = sys.argv.pop(1)
+
+def probe(*args, **kwargs):
+    open(mark, "w").close()
+    time.sleep(600)
+
+sslplug.downstream.frozen_evaluation = probe
+sys.exit(sslplug.cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow  # eval in a child process
+def test_a_run_resumed_while_eval_works_in_its_folder_is_refused_naming_eval(
+    fast_args, tmp_path, capsys
+):
+    run, evaluating = tmp_path / "run", tmp_path / "evaluating"
+    assert main(_with(fast_args, "--epochs", "1")) == 0
+    before = load_checkpoint(run)["step"]
+    capsys.readouterr()
+    evaluation = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_EVAL, str(evaluating), "eval", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        _wait_for(evaluation, evaluating)
+        assert main(_resume(run, "--epochs", "2")) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by another sslplug command (pid {evaluation.pid} on " in err
+        assert f"eval {run}" in err and "wait for it to end or stop it" in err
+    finally:
+        evaluation.send_signal(signal.SIGKILL)
+        evaluation.communicate()
+    assert load_checkpoint(run)["step"] == before
+
+
+def test_evaluations_recorded_in_summary_are_kept_when_the_run_is_resumed(
+    fast_args, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    assert main(_with(fast_args, "--epochs", "1")) == 0
+    assert main(["eval", str(run), "--labels", "2"]) == 0
+    assert main(["finetune", str(run), "--labels", "2", "--steps", "2"]) == 0
+    recorded = json.loads((run / "summary.json").read_text())["evaluations"]
+    assert {r["kind"] for r in recorded} == {"frozen", "health", "finetune"}
+    assert {r["epoch"] for r in recorded} == {1}  # the checkpoint each one measured
+
+    assert main(_resume(run, "--epochs", "2")) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["evaluations"] == recorded  # kept, beside the new end of the run
+    assert summary["epochs"] == 2 and [h["epoch"] for h in summary["knn_history"]] == [1, 2]
+    assert main(["eval", str(run), "--labels", "2"]) == 0
+    evaluations = json.loads((run / "summary.json").read_text())["evaluations"]
+    assert evaluations[: len(recorded)] == recorded and evaluations[-1]["epoch"] == 2
+
+    (run / "summary.json").write_text("{not json")  # not sslplug's: refused before any work
+    capsys.readouterr()
+    assert main(_resume(run, "--epochs", "3")) == 2
+    err = capsys.readouterr().err
+    assert f"cannot resume the run in {str(run)!r}: its summary.json cannot be read" in err
+    assert "move that file aside" in err and "epoch 3/" not in err
+    assert (run / "summary.json").read_text() == "{not json"
+    assert load_checkpoint(run)["epoch"] == 2
+
+    assert main([*_with(fast_args, "--epochs", "1"), "--overwrite"]) == 0  # starts it over
+    assert json.loads((run / "summary.json").read_text())["evaluations"] == []
 
 
 @pytest.mark.slow  # a child process killed with SIGKILL

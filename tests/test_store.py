@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 
 import sslplug
+from sslplug.cli import main
 from sslplug.config import DataSettings
 from sslplug.crops import center_boxes, fit_batch, resized_crops, sample_boxes
 from sslplug.data import Loader, load_data, prepare
@@ -289,12 +291,133 @@ def test_a_store_index_that_outruns_its_file_is_a_clear_error(tmp_path):
     write_store(tmp_path / "p", {"train": ((im, 0) for im in images)}, image_size=8,
                 store_scale=1.15, classes=(), encoding="raw", source="test")
     shard = tmp_path / "p" / "train-00000.bin"
-    shard.write_bytes(shard.read_bytes()[:70])
     _, splits = read_store(tmp_path / "p")
     store, _ = splits["train"]
+    shard.write_bytes(shard.read_bytes()[:70])  # cut short after it was opened
     assert torch.equal(store.images([0])[0], images[0])
     with pytest.raises(DataError, match=r"shorter than its index says.*sslplug prepare"):
         store.images([2])
+    with pytest.raises(DataError, match=r"is 70 bytes, but the index.pt beside it places "
+                       r"images in it up to byte 180"):
+        read_store(tmp_path / "p")  # cut short before: refused when it is read
+
+
+def _prepared(tmp_path, encoding="raw"):
+    """A prepared folder of the 18 photos of ``SIZES`` (two classes, a held-out test split)."""
+    root = _photo_folder(tmp_path / "d", SIZES)
+    prepare(DataSettings(name=str(root), image_size=16, workers=0), tmp_path / "p",
+            encoding=encoding)
+    return tmp_path / "p"
+
+
+def _run_on(data, tmp_path, capsys, *more):
+    """``sslplug run`` for one step on ``data``; its exit status and what it wrote to stderr."""
+    code = main([
+        "run", "--plugin", "simclr", "--data", str(data), "--epochs", "1",
+        "--out", str(tmp_path / "run"), "--set", "train.batch_size=4",
+        "--set", "train.progress=false", "--set", "data.workers=0",
+        "--set", "train.max_steps_per_epoch=1", "--set", "eval.knn_k=3", *more,
+    ])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("encoding", ["raw", "jpeg"])
+@pytest.mark.parametrize("cache", ["in memory", "from disk"])
+def test_a_truncated_prepared_shard_is_refused_at_load_naming_the_file(
+    tmp_path, capsys, encoding, cache
+):
+    """Held in memory, the cut file used to surface as an error of the health plugin, then of
+    knn, then of view_grid, then as a traceback ("Image is incomplete" for JPEG)."""
+    folder = _prepared(tmp_path, encoding)
+    shard = folder / "train-00000.bin"
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[: size // 2])
+    more = ["--set", "data.cache_gb=0"] if cache == "from disk" else []
+    code, err = _run_on(folder, tmp_path, capsys, *more)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.strip() == (
+        f"sslplug: error: the prepared data file '{shard}' is {size // 2} bytes, but the "
+        f"index.pt beside it places images in it up to byte {size}: the file is cut short or "
+        f"damaged. Prepare the data again with sslplug prepare"
+    )
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.pt"))
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("[]", "it holds an array, not the JSON object sslplug prepare writes"),
+        ('"p"', "it holds a string, not the JSON object sslplug prepare writes"),
+        ("null", "it holds null, not the JSON object sslplug prepare writes"),
+        ("{}", "its format is None, not 'sslplug-prepared'"),
+        (None, "it has no 'classes'"),
+    ],
+)
+def test_a_marker_that_is_not_what_prepare_writes_is_refused(tmp_path, capsys, content, expected):
+    folder = _prepared(tmp_path)
+    marker = folder / "sslplug-data.json"
+    if content is None:  # the right object without one of its fields
+        data = json.loads(marker.read_text())
+        del data["classes"]
+        content = json.dumps(data)
+    marker.write_text(content)
+    code, err = _run_on(folder, tmp_path, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip() == (
+        f"sslplug: error: '{marker}' is not the marker of prepared data: {expected}. Prepare "
+        f"the data again with sslplug prepare"
+    )
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        ("no shapes", "its split 'train': it has no 'shapes'"),
+        ("no labels", "its split 'test': it has no 'labels'"),
+        ("a list", "it holds a list"),
+        ("no train", "it holds no 'train' split"),
+        ("short offsets", "its split 'train': its 'offsets' are (3,), not (17,)"),
+        ("float lengths", "its split 'train': its 'lengths' is not an int64 tensor"),
+        ("a path", "its split 'train': its 'files' are ['../train-00000.bin'], not a list"),
+    ],
+)
+def test_an_index_that_is_not_what_prepare_writes_is_refused(tmp_path, capsys, damage, expected):
+    folder = _prepared(tmp_path)
+    index = torch.load(folder / "index.pt", weights_only=True)
+    if damage == "no shapes":
+        del index["train"]["shapes"]
+    elif damage == "no labels":
+        del index["test"]["labels"]
+    elif damage == "a list":
+        index = [index["train"]]
+    elif damage == "no train":
+        del index["train"]
+    elif damage == "short offsets":
+        index["train"]["offsets"] = index["train"]["offsets"][:3]
+    elif damage == "float lengths":
+        index["train"]["lengths"] = index["train"]["lengths"].float()
+    else:
+        index["train"]["files"] = ["../train-00000.bin"]
+    torch.save(index, folder / "index.pt")
+    code, err = _run_on(folder, tmp_path, capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith(
+        f"sslplug: error: '{folder / 'index.pt'}' is not the index of prepared data: {expected}"
+    )
+    assert err.rstrip().endswith("Prepare the data again with sslplug prepare")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a torch file", b"\x80\x02}q\x00."])
+def test_an_unreadable_index_is_refused(tmp_path, capsys, content):
+    folder = _prepared(tmp_path)
+    (folder / "index.pt").write_bytes(content)
+    code, err = _run_on(folder, tmp_path, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith(
+        f"sslplug: error: cannot read the prepared data in '{folder}': '{folder / 'index.pt'}' "
+        f"is unreadable ("
+    )
+    assert err.rstrip().endswith("Prepare the data again with sslplug prepare")
 
 
 def test_in_memory_store_round_trip():

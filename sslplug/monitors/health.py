@@ -11,8 +11,9 @@ show them.
 When the measures say the embeddings collapsed (``sslplug.health.collapse``) it prints a
 warning naming the measure, its value and the likely causes for the method in use; with
 ``train.stop_on_collapse`` the run stops before that epoch's checkpoint is written, so the
-last checkpoint kept is the last good one. On data without labels it says once that no kNN
-accuracy can be computed, and the measures are what the run shows.
+last checkpoint kept is the last good one, and ``sslplug run --resume`` continues it only with
+``--ignore-collapse`` (which switches the stop off; the warning stays). On data without labels
+it says once that no kNN accuracy can be computed, and the measures are what the run shows.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def measure_health(
     encoder.eval()
     try:
         features = _features(encoder, images, device)
-        measures = {
+        measured: dict[str, float | None] = {
             "rank_features": effective_rank(features),
             "spread_features": spread(features),
             "uniformity": uniformity(features[:1024]),
@@ -109,8 +110,10 @@ def measure_health(
         projector = getattr(encoder, "projector", None)
         if isinstance(projector, nn.Module):
             projections = torch.cat([projector(f).float() for f in features.split(_CHUNK)])
-            measures["rank_projections"] = effective_rank(projections)
-            measures["spread_projections"] = spread(projections)
+            measured["rank_projections"] = effective_rank(projections)
+            measured["spread_projections"] = spread(projections)
+        # undefined for a single image (no pair, no deviation): not measured, left out
+        measures = {name: value for name, value in measured.items() if value is not None}
         if views is not None and "two_views" in getattr(views, "provides", ()):
             measures["alignment"] = _alignment(encoder, views, images[:_ALIGNMENT_IMAGES], device)
     finally:
@@ -126,13 +129,13 @@ def quick_spread(encoder: Any, images: Tensor, device: torch.device) -> dict[str
     encoder.eval()
     try:
         features = _features(encoder, images, device)
-        measures = {"spread_features": spread(features)}
+        measured = {"spread_features": spread(features)}
         projector = getattr(encoder, "projector", None)
         if isinstance(projector, nn.Module):
-            measures["spread_projections"] = spread(projector(features).float())
+            measured["spread_projections"] = spread(projector(features).float())
     finally:
         encoder.train(was_training)
-    return measures
+    return {name: value for name, value in measured.items() if value is not None}
 
 
 def _alignment(
@@ -159,8 +162,15 @@ def collapse_warning(measure: str, value: float, epoch: int, loss_plugin: str) -
     )
 
 
+def _spreads(metrics: dict[str, float]) -> dict[str, float]:
+    """What the collapse rule reads of an epoch's metrics: the spreads."""
+    return {k: metrics[k] for k in ("spread_features", "spread_projections") if k in metrics}
+
+
 class HealthMonitor:
-    """``sslplug_evaluate``: the label-free measures, when due; warns on collapse."""
+    """``sslplug_evaluate``: the label-free measures, when due; warns on collapse. The rule
+    reads the epoch before, which a resumed run finds in ``run.history`` (saved with every
+    checkpoint), so that resuming changes none of its findings."""
 
     def __init__(self) -> None:
         self._images: Tensor | None = None
@@ -177,7 +187,8 @@ class HealthMonitor:
             return None
         if self._for is not run:
             self._images = sample_images(data.train, settings.health_samples, run.config.train.seed)
-            self._for, self._previous = run, {}
+            # a resumed run goes on from the epoch before, as if never interrupted
+            self._for, self._previous = run, _spreads(run.history[-1] if run.history else {})
             if not data.train.labelled:
                 tqdm.write(
                     f"{data.name} has no labels: no kNN accuracy can be computed; the run shows "
@@ -206,7 +217,8 @@ class HealthMonitor:
             if run.config.train.stop_on_collapse:
                 run.request_stop(
                     f"the embeddings collapsed ({found[0]} {found[1]:.4f}) and "
-                    f"train.stop_on_collapse is set, so this epoch was not saved",
+                    f"train.stop_on_collapse is set, so this epoch was not saved; to continue "
+                    f"anyway: sslplug run --resume {run.out_dir} --ignore-collapse",
                     save=False,
                 )
         return measures

@@ -42,11 +42,9 @@ class ProgressBar:
     @hookimpl
     def sslplug_epoch_end(self, run: RunContext, epoch: int, metrics: dict[str, float]) -> None:
         knn = f", kNN top-1 {metrics['knn_top1']:.2f}%" if "knn_top1" in metrics else ""
-        health = (
-            f", rank {metrics['rank_features']:.1f}, spread {metrics['spread_features']:.3f}"
-            if "rank_features" in metrics
-            else ""
-        )
+        health = f", rank {metrics['rank_features']:.1f}" if "rank_features" in metrics else ""
+        if health and "spread_features" in metrics:  # not measured on fewer than two images
+            health += f", spread {metrics['spread_features']:.3f}"
         tqdm.write(
             f"epoch {epoch}/{run.config.train.epochs}: loss {metrics['loss']:.4f}, "
             f"{metrics['images_per_second']:.0f} img/s, "
