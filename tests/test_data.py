@@ -192,14 +192,21 @@ def _with_open_files(limit):
     return set_limit
 
 
-def _sslplug(args, limit, cwd):
+def _sslplug(commands, limit, cwd):
+    """The sslplug ``commands`` (argument lists) one after another in one child process whose
+    open files are limited to ``limit``; it stops at the first that fails."""
     import os
     import subprocess
     import sys
 
+    script = (
+        "import sys\nfrom sslplug.cli import main\n"
+        f"for command in {commands!r}:\n"
+        "    if main(command):\n        sys.exit(2)\n"
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(
-        [sys.executable, "-m", "sslplug", *args], cwd=cwd, capture_output=True, text=True,
+        [sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True,
         preexec_fn=_with_open_files(limit), env=env, timeout=300,
     )
 
@@ -211,17 +218,15 @@ def test_a_folder_of_more_images_than_open_files_trains_and_prepares(tmp_path):
     limit, count = 256, 768
     _many_images(tmp_path / "same", count)
     _many_images(tmp_path / "mixed", count, sizes=((16, 16), (16, 20), (24, 18)))
-    run = _sslplug(
-        ["run", "--data", "same", "--epochs", "1", "--out", "r", "--no-progress",
-         "--disable", "knn", "--disable", "tensorboard", "--disable", "health",
-         "--set", "train.max_steps_per_epoch=1", "--set", "data.workers=2"],
-        limit, tmp_path,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "epoch 1/1: loss" in run.stdout + run.stderr
-    prep = _sslplug(["prepare", "mixed", "p", "--workers", "2"], limit, tmp_path)
-    assert prep.returncode == 0, prep.stderr[-2000:]
-    assert f"{count - count // 10} images" in prep.stdout  # a tenth held out as the test split
+    run = [
+        "run", "--data", "same", "--epochs", "1", "--out", "r", "--no-progress",
+        "--disable", "knn", "--disable", "tensorboard", "--disable", "health",
+        "--set", "train.max_steps_per_epoch=1", "--set", "data.workers=2",
+    ]
+    done = _sslplug([run, ["prepare", "mixed", "p", "--workers", "2"]], limit, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "epoch 1/1: loss" in done.stdout + done.stderr
+    assert f"{count - count // 10} images" in done.stdout  # a tenth held out as the test split
     stored = load_data(DataSettings(name=str(tmp_path / "p")))
     assert len(stored.train) + len(stored.test) == count
 

@@ -163,9 +163,9 @@ def _wait_for(child: subprocess.Popen, path: Path) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.slow  # a run in a child process, and eval and finetune in others
+@pytest.mark.slow  # a run in a child process
 def test_eval_and_finetune_on_a_folder_a_run_trains_in_are_refused_at_once_naming_it(
-    fast_args, tmp_path, run_cli
+    fast_args, tmp_path, capsys
 ):
     run, training = tmp_path / "run", tmp_path / "training"
     assert main(_with(fast_args, "--epochs", "1")) == 0  # last.pt and summary.json: epoch 1
@@ -175,16 +175,17 @@ def test_eval_and_finetune_on_a_folder_a_run_trains_in_are_refused_at_once_namin
     first = _child(_resume(run, "--epochs", "3"), sleep, at_step=3)
     try:
         _wait_for(first, training)
-        for command in (["eval", run, "--labels", "2"], ["finetune", run / "last.pt"]):
-            done = run_cli(command)
-            assert done.returncode == 2, done.stderr[-3000:]
-            assert done.stderr.startswith(
+        capsys.readouterr()
+        for command in (["eval", str(run), "--labels", "2"], ["finetune", str(run / "last.pt")]):
+            assert main(command) == 2
+            out, err = capsys.readouterr()
+            assert err.startswith(
                 f"sslplug: error: the run folder {str(run)!r} is in use by another sslplug "
                 f"command (pid {first.pid} on "
-            ), done.stderr
-            assert f"--resume {run} --epochs 3" in done.stderr  # the holder's command line
-            assert f"then run `sslplug {command[0]}` again" in done.stderr
-            assert done.stdout == "" and "Traceback" not in done.stderr  # nothing measured
+            ), err
+            assert f"--resume {run} --epochs 3" in err  # the holder's command line
+            assert f"then run `sslplug {command[0]}` again" in err
+            assert out == "" and "Traceback" not in err  # nothing measured
             assert (run / "summary.json").read_bytes() == summary
         assert first.poll() is None  # the run trains on, untouched
     finally:
