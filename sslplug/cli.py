@@ -4,6 +4,7 @@ learned with few labels, ``export`` writes its backbone, ``list`` shows the inst
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -843,3 +844,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sslplug: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        # a path given to read (a run, a checkpoint, data): names to write are checked first
+        name = str(exc.filename)
+        shown = name if len(name) <= 60 else f"{name[:30]}...{name[-20:]}"
+        print(
+            f"sslplug: error: the path {shown!r} is too long for the file system (a file or "
+            f"folder name may have at most 255 bytes on the usual ones), so nothing is there: "
+            f"check the path",
+            file=sys.stderr,
+        )
+        return 2

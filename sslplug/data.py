@@ -28,6 +28,7 @@ Sources:
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -667,10 +668,14 @@ def load_data(settings: DataSettings, seed: int = 0) -> DataSet:
     path = Path(settings.name).expanduser()
     try:
         exists, is_dir = path.exists(), path.is_dir()
-    except OSError as exc:  # a folder above it cannot be searched
+    except OSError as exc:  # a folder above it cannot be searched, or a name is too long
+        why = (
+            "a name in it is longer than the file system allows (255 bytes on the usual ones)"
+            if exc.errno == errno.ENAMETOOLONG
+            else "a folder on the way to it cannot be searched by the user running sslplug"
+        )
         raise DataError(
-            f"cannot reach data {settings.name!r}: {exc.strerror or exc} (a folder on the way "
-            f"to it cannot be searched by the user running sslplug)"
+            f"cannot reach data {settings.name!r}: {exc.strerror or exc} ({why})"
         ) from None
     if not exists:
         raise DataError(

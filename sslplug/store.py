@@ -421,6 +421,11 @@ def write_store(
                     writer.add(image, label)
             with _writing(partial):
                 index[name] = writer.close()
+        if not len(index.get("train", {}).get("lengths", ())):
+            raise DataError(
+                f"none of the training images of {source!r} could be read, so there is nothing "
+                f"to prepare (the log names the unreadable files); nothing is kept"
+            )
         marker = {
             "format": "sslplug-prepared",
             "version": STORE_VERSION,

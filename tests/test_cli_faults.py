@@ -304,3 +304,43 @@ def test_prepare_prints_each_split_labels_and_skipped_files_and_a_run_its_data(
     assert data_line(load_data(DataSettings(name=str(out), workers=0))) == (
         f"data {out}: 18 train images, 2 test images, 2 classes"
     )
+
+
+def test_a_path_to_read_with_a_name_too_long_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    long = "n" * 256
+    for command in (
+        ["eval", long],
+        ["finetune", long],
+        ["export", long, "b.pt"],
+        ["run", "--resume", long],
+        ["run", "--data", f"{long}/x", "--epochs", "1", "--out", "r"],
+    ):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith("sslplug: error: "), err
+        assert ("too long" in err or "255" in err) and "nnnnnnnnnn" in err, err
+
+
+def test_a_folder_of_no_readable_image_prepares_nothing_and_says_so(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    for index in range(3):
+        (tmp_path / "data" / "c0").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / "c0" / f"{index}.jpg").write_bytes(b"not a jpeg")
+    assert main(["prepare", "data", "out", "--image-size", "16", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "sslplug: error: none of the training images of 'data' could be read" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_the_collapse_warning_advises_what_the_run_does():
+    from sslplug.monitors.health import collapse_warning
+
+    warned = collapse_warning("spread_projections", 0.01, 4, "byol")
+    stopping = collapse_warning("spread_projections", 0.01, 4, "byol", stops=True)
+    assert "Set train.stop_on_collapse=true" in warned
+    assert "Set train.stop_on_collapse=true" not in stopping
+    assert "train.stop_on_collapse is set: the run stops now" in stopping

@@ -151,14 +151,21 @@ def _alignment(
     return alignment(a, b)
 
 
-def collapse_warning(measure: str, value: float, epoch: int, loss_plugin: str) -> str:
-    """The text of the collapse warning, with the causes likely for the method in use."""
+def collapse_warning(
+    measure: str, value: float, epoch: int, loss_plugin: str, stops: bool = False
+) -> str:
+    """The text of the collapse warning, with the causes likely for the method in use; what
+    it advises depends on whether the run ``stops`` for it (``train.stop_on_collapse``)."""
     causes = _CAUSES.get(loss_plugin, _GENERIC)
+    advice = (
+        "train.stop_on_collapse is set: the run stops now (docs/health.md)"
+        if stops
+        else "Set train.stop_on_collapse=true to stop such a run at once (docs/health.md)"
+    )
     return (
         f"warning: the embeddings have collapsed after epoch {epoch}: {measure} is {value:.4f} "
         f"(below 0.05 after this epoch and the one before, and not recovering: nearly every "
-        f"image gets the same direction). Likely causes: {causes}. "
-        f"Set train.stop_on_collapse=true to stop such a run at once (docs/health.md)"
+        f"image gets the same direction). Likely causes: {causes}. {advice}"
     )
 
 
@@ -213,8 +220,9 @@ class HealthMonitor:
         if found is not None:
             measures["collapsed"] = 1.0
             loss_plugin = run.components.get("loss", "")
-            tqdm.write(collapse_warning(*found, epoch, loss_plugin), file=sys.stderr)
-            if run.config.train.stop_on_collapse:
+            stops = run.config.train.stop_on_collapse
+            tqdm.write(collapse_warning(*found, epoch, loss_plugin, stops), file=sys.stderr)
+            if stops:
                 run.request_stop(
                     f"the embeddings collapsed ({found[0]} {found[1]:.4f}) and "
                     f"train.stop_on_collapse is set, so this epoch was not saved; to continue "
