@@ -25,7 +25,7 @@ from sslplug.data import DataSet
 from sslplug.errors import DataError, OutputError
 from sslplug.evaluate import LabelBudget, extract_features, knn_predict, label_subset, linear_probe
 from sslplug.finetune import FinetuneSettings, finetune
-from sslplug.outputs import write_atomically
+from sslplug.outputs import read_summary, write_atomically
 
 __all__ = [
     "finetune_evaluation",
@@ -177,10 +177,8 @@ def record(run_dir: str | Path, rows: Sequence[dict[str, Any]]) -> None:
     run_dir = Path(run_dir)
     path = run_dir / "summary.json"
     try:
-        summary = json.loads(path.read_text()) if path.exists() else {}
-        if not isinstance(summary, dict) or not isinstance(summary.get("evaluations", []), list):
-            raise ValueError("it is not the JSON object with a list of evaluations sslplug writes")
-    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        summary = read_summary(run_dir)
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, not UTF-8, or not ours
         raise OutputError(
             f"cannot add the results to {str(path)!r}: {write_failure(exc)}; move the file "
             f"aside (a new one is written then) and run again"

@@ -52,7 +52,12 @@ from sslplug.data import BUILTIN, DataSet, Loader, load_data
 from sslplug.errors import CheckpointError, ConfigError, PluginError, SslplugError
 from sslplug.health import COLLAPSE_SPREAD, HEALTH_MEASURES, collapse
 from sslplug.optim import Optimization
-from sslplug.outputs import check_name_lengths, check_outside_data, write_atomically
+from sslplug.outputs import (
+    check_name_lengths,
+    check_outside_data,
+    read_summary,
+    write_atomically,
+)
 from sslplug.plugins import Components, Lifecycle, PluginRegistry
 from sslplug.rundir import RUN_FILES, RunFolder, RunFolderError
 from sslplug.runtime import (
@@ -512,20 +517,14 @@ def _resumed_summary(folder: Path) -> dict[str, Any]:
     rows ``eval`` and ``finetune`` recorded there are written again at the end, and it says
     whether the run stopped for collapse. One that is not sslplug's is refused before any
     work, rather than replaced at the end."""
-    path = folder / "summary.json"
-    if not path.exists():
-        return {}
     try:
-        summary = json.loads(path.read_text())
-        if not isinstance(summary, dict) or not isinstance(summary.get("evaluations", []), list):
-            raise ValueError("it is not the JSON object with a list of evaluations sslplug writes")
-    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        return read_summary(folder)
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, not UTF-8, or not ours
         raise RunFolderError(
             f"cannot resume the run in {str(folder)!r}: its summary.json cannot be read: "
             f"{write_failure(exc)}; move that file aside (the run writes a new one at its end), "
             f"then resume again"
         ) from None
-    return summary
 
 
 def _check_collapse_stop(

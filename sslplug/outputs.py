@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import secrets
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from sslplug.checkpoint import is_checkpoint_file, write_failure
 from sslplug.errors import OutputError
 
-__all__ = ["check_name_lengths", "check_new_file", "check_outside_data", "write_atomically"]
+__all__ = [
+    "check_name_lengths",
+    "check_new_file",
+    "check_outside_data",
+    "read_summary",
+    "write_atomically",
+]
 
 # the longest name of a file or folder on the usual file systems (ext4, XFS, btrfs, tmpfs)
 NAME_MAX = 255
@@ -191,3 +199,14 @@ def _same_file(path: Path, other: Path) -> bool:
         return path.samefile(other)
     except OSError:
         return False
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """The ``summary.json`` of the run in ``run_dir`` (``{}`` when there is none). Raises
+    ``OSError`` when it cannot be read, ``ValueError`` when it is not the JSON object, with a
+    list of evaluations, that sslplug writes; the caller says what to do."""
+    path = Path(run_dir) / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    if not isinstance(summary, dict) or not isinstance(summary.get("evaluations", []), list):
+        raise ValueError("it is not the JSON object with a list of evaluations sslplug writes")
+    return summary
