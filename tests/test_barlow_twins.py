@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-import sslplug_barlow_twins as bt
+from sslplug_methods import barlow_twins as bt
 import torch
 
 from sslplug import Outputs, Views

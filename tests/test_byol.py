@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-import sslplug_byol as byol
+from sslplug_methods import byol
 import torch
 
 from sslplug import Outputs, Views

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 
 import pytest
-import sslplug_byol as byol
-import sslplug_rotnet as rotnet
-import sslplug_simclr as simclr
+from sslplug_methods import byol
+from sslplug_methods import rotnet
+from sslplug_methods import simclr
 import tomli_w
 
 from sslplug.config import RunConfig, load_config, parse_assignment

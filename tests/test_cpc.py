@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-import sslplug_cpc as cpc
+from sslplug_methods import cpc
 import torch
 from torch import nn
 

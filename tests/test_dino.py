@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sslplug_dino as dino
+from sslplug_methods import dino
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

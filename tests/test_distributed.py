@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 
 import pytest
-import sslplug_barlow_twins as barlow_twins
-import sslplug_byol as byol
-import sslplug_simclr as simclr
+from sslplug_methods import barlow_twins
+from sslplug_methods import byol
+from sslplug_methods import simclr
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import attrs
 import pytest
-import sslplug_byol as byol
+from sslplug_methods import byol
 import torch
 
 from sslplug.cli import _torch_threads, main

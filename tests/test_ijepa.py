@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sslplug_ijepa as ijepa
+from sslplug_methods import ijepa
 import torch
 from torch import Tensor
 

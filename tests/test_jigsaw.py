@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-import sslplug_jigsaw as jigsaw
+from sslplug_methods import jigsaw
 import torch
 from torch import nn
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sslplug_mae as mae
+from sslplug_methods import mae
 import torch
 from torch import Tensor
 

@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 
 import pytest
-import sslplug_moco_v2 as moco_v2
-import sslplug_moco_v3 as moco_v3
+from sslplug_methods import moco_v2
+from sslplug_methods import moco_v3
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sslplug_nnclr as nnclr
+from sslplug_methods import nnclr
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

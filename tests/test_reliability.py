@@ -63,7 +63,7 @@ def test_sigterm_mid_epoch_saves_and_resume_is_exact(fast_args, tmp_path, with_p
 def _faulty_plugin(component: str) -> types.ModuleType:
     """A plugin whose ``component`` is BYOL's, raising ``RuntimeError('boom')`` on its third
     call."""
-    import sslplug_byol
+    from sslplug_methods import byol as sslplug_byol
 
     calls = {"n": 0}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-import sslplug_rotnet as rotnet
+from sslplug_methods import rotnet
 import torch
 from torch import nn
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-import sslplug_simclr as simclr
+from sslplug_methods import simclr
 import torch
 
 from sslplug import Outputs, Views

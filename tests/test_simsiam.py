@@ -8,7 +8,7 @@ import types
 from pathlib import Path
 
 import pytest
-import sslplug_simsiam as simsiam
+from sslplug_methods import simsiam
 import torch
 from torch import nn
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sslplug_swav as swav
+from sslplug_methods import swav
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

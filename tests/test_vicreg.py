@@ -11,7 +11,7 @@ import types
 from pathlib import Path
 
 import pytest
-import sslplug_vicreg as vicreg
+from sslplug_methods import vicreg
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
