@@ -64,8 +64,7 @@ from torchvision.transforms import v2 as T
 
 from sslplug.augment import MEAN, STD, MultiViewGenerator, crop_flip_recipe
 from sslplug.config import DataSettings
-from sslplug.data import Loader, load_data
-from sslplug.store import STORE_MARKER
+from sslplug.data import STORE_MARKER, Loader, load_data
 
 CROP_SCALE = (0.08, 1.0)
 PATHS = ("baseline", "prepared", "streamed")  # every --prepared folder is a path of its own

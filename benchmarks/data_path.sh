@@ -43,7 +43,7 @@ if [ "$STEPS" -gt 0 ]; then
     python -m sslplug run --data "$data" --backbone small --epochs 1 --batch-size "$BATCH" \
       --out "$OUT/run" --overwrite --no-progress --disable knn --disable tensorboard \
       --disable view_grid --set data.image_size="$SIZE" --set data.cache_gb=0 \
-      --set data.workers="$WORKERS" --set eval.health_samples=0 \
+      --set data.workers="$WORKERS" --set health.samples=0 \
       --set train.max_steps_per_epoch="$STEPS" | tail -n 1
   done | tee "$OUT/data_wait.txt"
 fi

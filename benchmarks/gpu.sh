@@ -123,7 +123,7 @@ python -m sslplug run --plugin simclr --data "$DATA" --backbone "$BACKBONE" --ba
   --device "$DEVICE" --epochs "$EPOCHS" --out "$RUN" --overwrite --no-progress \
   --set data.image_size=32 --set train.precision="$PRECISION" --set train.compile="$run_compile" \
   --set train.max_minutes="$MINUTES" --set train.max_steps_per_epoch="$MAX_STEPS" \
-  --set eval.every=1 --set eval.embedding_samples=0 2>&1 | tee "$OUT/run/log.txt" ||
+  --set knn.every=1 --set health.every=1 --set tensorboard.embedding_samples=0 2>&1 | tee "$OUT/run/log.txt" ||
   echo "!! the fixed-time run failed; see $OUT/run/log.txt"
 if [ -f "$RUN/summary.json" ]; then
   cp "$RUN/summary.json" "$RUN/settings.toml" "$OUT/run/"

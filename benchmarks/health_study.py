@@ -4,8 +4,8 @@
     python benchmarks/health_study.py report --out bench/health --figure docs/img/health.png
 
 ``run`` trains every method (``--methods``; all built-in ones by default, MAE and I-JEPA on
-``vit_micro``) on the default data with its default settings but ``--epochs`` and
-``eval.every=1``, once per seed, ``--jobs`` at a time (each with one torch thread), skipping
+``vit_micro``) on the default data with its default settings but ``--epochs``, ``knn.every=1``
+and ``health.every=1``, once per seed, ``--jobs`` at a time (each with one torch thread), skipping
 runs whose ``summary.json`` exists; any ``--set`` is passed on. ``report`` reads the runs'
 ``summary.json`` files and prints, for every method, the measures after the last epoch
 (mean over seeds), whether the collapse rule ever fired, the Spearman rank correlation between
@@ -44,7 +44,8 @@ def _train(method: str, seed: int, args: argparse.Namespace) -> str:
     command = [
         sys.executable, "-m", "sslplug", "run", "--plugin", method, "--seed", str(seed),
         "--epochs", str(args.epochs), "--out", str(folder), "--overwrite", "--no-progress",
-        "--set", "eval.every=1", "--set", "eval.embedding_samples=0",
+        "--set", "knn.every=1", "--set", "health.every=1",
+        "--set", "tensorboard.embedding_samples=0",
     ]  # fmt: skip
     if method in VIT_ONLY:
         command += ["--backbone", VIT_ONLY[method]]
@@ -96,8 +97,13 @@ def _points(summary: dict[str, Any]) -> list[dict[str, float]]:
     points = []
     for h in summary["health_history"]:
         if h["epoch"] in knn:
-            points.append({**h, "knn": knn[h["epoch"]]["top1"],
-                           "train_seconds": knn[h["epoch"]].get("train_seconds")})
+            points.append(
+                {
+                    **h,
+                    "knn": knn[h["epoch"]]["top1"],
+                    "train_seconds": knn[h["epoch"]].get("train_seconds"),
+                }
+            )
     return points
 
 
@@ -137,25 +143,38 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
                     costs.append(now["health_seconds"] / epoch_seconds)
     overall = spearman(all_rank, all_knn)
     cost = statistics.median(costs) if costs else float("nan")
-    print(f"{'method':13s} seeds ep  kNN rand->last   rank_f spread_f rank_p spread_p  "
-          f"align  unif  min spread  collapsed  rho(rank,kNN)")
+    print(
+        f"{'method':13s} seeds ep  kNN rand->last   rank_f spread_f rank_p spread_p  "
+        f"align  unif  min spread  collapsed  rho(rank,kNN)"
+    )
     for r in rows:
+
         def f(name: str, width: int = 6, digits: int = 2, r: dict[str, Any] = r) -> str:
             v = r[name]
             return f"{v:{width}.{digits}f}" if v is not None else " " * (width - 1) + "-"
 
-        print(f"{r['method']:13s} {r['seeds']:5d} {r['epochs']:2d} {r['knn_random']:6.1f}->"
-              f"{r['knn']:5.1f}  {f('rank_features')} {f('spread_features', 8, 3)} "
-              f"{f('rank_projections')} {f('spread_projections', 8, 3)} {f('alignment')} "
-              f"{f('uniformity')} {r['min_spread']:10.3f} {r['collapsed_epochs']:10d}  "
-              f"{r['spearman_rank_knn']:+.2f}")
-    print(f"Spearman rank correlation of rank_features with kNN top-1, all runs and epochs "
-          f"({len(all_rank)} points): {overall:+.3f}")
-    print(f"health monitor: median {100 * cost:.2f}% of an epoch's training time per "
-          f"evaluation ({len(costs)} evaluations); at the default eval.every=5 that is "
-          f"{100 * cost / 5:.2f}% of training time")
-    result = {"rows": rows, "spearman_all": overall, "points": len(all_rank),
-              "cost_per_evaluation": cost}
+        print(
+            f"{r['method']:13s} {r['seeds']:5d} {r['epochs']:2d} {r['knn_random']:6.1f}->"
+            f"{r['knn']:5.1f}  {f('rank_features')} {f('spread_features', 8, 3)} "
+            f"{f('rank_projections')} {f('spread_projections', 8, 3)} {f('alignment')} "
+            f"{f('uniformity')} {r['min_spread']:10.3f} {r['collapsed_epochs']:10d}  "
+            f"{r['spearman_rank_knn']:+.2f}"
+        )
+    print(
+        f"Spearman rank correlation of rank_features with kNN top-1, all runs and epochs "
+        f"({len(all_rank)} points): {overall:+.3f}"
+    )
+    print(
+        f"health monitor: median {100 * cost:.2f}% of an epoch's training time per "
+        f"evaluation ({len(costs)} evaluations); at the default health.every=5 that is "
+        f"{100 * cost / 5:.2f}% of training time"
+    )
+    result = {
+        "rows": rows,
+        "spearman_all": overall,
+        "points": len(all_rank),
+        "cost_per_evaluation": cost,
+    }
     (args.out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.figure:
         _figure(runs, args.figure)
@@ -176,8 +195,15 @@ def _figure(runs: dict[str, list[list[dict[str, float]]]], path: Path) -> None:
             for ax, name in zip(axes, names):
                 xy = [(p[name], p["knn"]) for p in points if name in p]
                 if xy:
-                    ax.plot(*zip(*xy), "o-", ms=3, lw=0.8, alpha=0.8, color=colours(i),
-                            label=method if s == 0 and ax is axes[0] else None)
+                    ax.plot(
+                        *zip(*xy),
+                        "o-",
+                        ms=3,
+                        lw=0.8,
+                        alpha=0.8,
+                        color=colours(i),
+                        label=method if s == 0 and ax is axes[0] else None,
+                    )
     for ax, name in zip(axes, names):
         ax.set_xlabel(name)
         ax.set_ylabel("kNN top-1 (%)")

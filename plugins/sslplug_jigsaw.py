@@ -1,4 +1,4 @@
-"""Deprecated: the name of sslplug 0.1 for ``sslplug_methods.jigsaw``, which it now imports."""
+"""Deprecated: sslplug 0.1's name for ``sslplug_methods.jigsaw``, which it now imports."""
 
 from sslplug_methods import alias_old_module
 

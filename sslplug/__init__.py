@@ -1,8 +1,9 @@
 """sslplug: self-supervised pre-training of image encoders, every method a plugin.
 
 The public API for plugin authors is what this module exports: the hook marker, the objects
-that flow between components, and the shared building blocks (augmentation recipes, heads,
-the EMA update). Built-in methods under ``plugins/`` import nothing else from the core.
+that flow between components, and the shared building blocks (augmentation recipes and the
+blur rule, heads, the predictor a loss brings, the EMA update). Built-in methods under
+``plugins/`` import nothing else from the core.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from sslplug.augment import (
     MultiViewGenerator,
     Normalization,
     RandomResizedCrop,
+    blur_on,
     byol_recipe,
     crop_flip_recipe,
     denormalize,
@@ -49,7 +51,14 @@ from sslplug.errors import (
 )
 from sslplug.hookspecs import hookimpl
 from sslplug.masking import random_patch_mask, sample_block_masks
-from sslplug.nn import MLP, cosine_tau, ema_update
+from sslplug.nn import (
+    MLP,
+    cosine_tau,
+    ema_update,
+    loss_predictions,
+    loss_predictor,
+    projection_dim_for,
+)
 from sslplug.optim import OptimRules, ParamGroup
 from sslplug.validate import non_negative, positive, scale_range, unit_interval
 from sslplug.vit import ViTBackbone, sincos_position_embedding, token_backbone
@@ -89,6 +98,7 @@ __all__ = [
     "Views",
     "__version__",
     "all_reduce_sum",
+    "blur_on",
     "byol_recipe",
     "cosine_tau",
     "crop_flip_recipe",
@@ -96,10 +106,13 @@ __all__ = [
     "ema_update",
     "gather",
     "hookimpl",
+    "loss_predictions",
+    "loss_predictor",
     "multicrop_recipe",
     "non_negative",
     "normalize",
     "positive",
+    "projection_dim_for",
     "random_patch_mask",
     "rank",
     "run_by_resolution",

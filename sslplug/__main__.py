@@ -1,5 +1,5 @@
 """``python -m sslplug``, as torchrun needs."""
 
-from sslplug.cli import main
+from sslplug.commands import main
 
 raise SystemExit(main())

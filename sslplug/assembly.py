@@ -77,16 +77,7 @@ def assemble(
     if init_rng is not None:
         set_rng_state(init_rng)
     state = rng_state()
-    model = config.model
-    backbone, feature_dim = build_backbone(
-        model.backbone,
-        image_size,
-        model.cifar_stem,
-        patch_size=model.patch_size,
-        drop_path_rate=model.drop_path_rate,
-        pool=model.pool,
-    )
-    parts = registry.build(config, context, backbone, feature_dim)
+    parts = _build_parts(config, registry, context)
     place(parts, device, config.train.channels_last)
     assembly = Assembly(context, parts, state)
     if not train:
@@ -101,3 +92,22 @@ def assemble(
         rules=parts.optim_rules(),
     )
     return assembly
+
+
+def _build_parts(config: RunConfig, registry: PluginRegistry, context: RunContext) -> Components:
+    """The backbone, then the components through the registry; the engine's context learns the
+    backbone and the plugin of each component before they are built, and the parts after."""
+    model = config.model
+    backbone, feature_dim = build_backbone(
+        model.backbone,
+        context.image_size,
+        model.cifar_stem,
+        patch_size=model.patch_size,
+        drop_path_rate=model.drop_path_rate,
+        pool=model.pool,
+    )
+    context.backbone = backbone
+    context.components = registry.resolve(config)
+    parts = registry.build(config, context, backbone, feature_dim)
+    context.components, context.parts = parts.sources, parts
+    return parts

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from sslplug.components import Augmentations, ViewGenerator, Views
-from sslplug.crops import RandomResizedCrop
+from sslplug.data.crops import RandomResizedCrop
 
 __all__ = [
     "MEAN",
@@ -27,6 +27,7 @@ __all__ = [
     "Normalization",
     "RandomResizedCrop",
     "blur_kernel_size",
+    "blur_on",
     "byol_recipe",
     "crop_flip_recipe",
     "denormalize",
@@ -66,6 +67,16 @@ def denormalize(images: Tensor) -> Tensor:
 def blur_kernel_size(image_size: int) -> int:
     """An odd kernel of about 10% of the image side, as SimCLR and BYOL use (23 px at 224)."""
     return max(3, int(0.1 * image_size) // 2 * 2 + 1)
+
+
+def blur_on(setting: str, image_size: int) -> bool:
+    """Whether a recipe with the setting ``blur = "auto" | "on" | "off"`` blurs its views.
+
+    ``"auto"`` blurs images above 64 px only: SimCLR blurs ImageNet and leaves CIFAR-10
+    unblurred (Chen et al. 2020, Appendix B.9), where the kernel would be 3 px. Methods whose
+    settings have that field (SimCLR, SimSiam, MoCo v2, SwAV) share this rule.
+    """
+    return setting == "on" or (setting == "auto" and image_size > 64)
 
 
 class ColorJitter(nn.Module):

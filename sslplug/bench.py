@@ -43,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sslplug.assembly import assemble
 from sslplug.augment import MEAN, STD, BYOLAugmentation, blur_kernel_size
+from sslplug.components import Views
 from sslplug.config import load_config
 from sslplug.data import Loader, Split
 from sslplug.engine import train_step
@@ -222,6 +223,72 @@ def run_bench(settings: BenchSettings, registry: PluginRegistry) -> dict[str, An
         return _run_bench(settings, config, components, optimizer, device)
 
 
+def _own_batches(split: Split, batch: int, device: torch.device) -> Iterator[Tensor]:
+    """sslplug's own data path: shuffled uint8 batches of ``split`` on ``device``, epoch after
+    epoch, without end."""
+    loader = Loader(split, batch, device, shuffle=True, drop_last=True, workers=0)
+    for epoch in range(1 << 30):
+        for uint8, _ in loader.epoch(epoch):
+            yield uint8
+
+
+def _baseline_batches(
+    dataset: _PerImageViews, settings: BenchSettings, device: torch.device
+) -> Iterator[Views]:
+    """The per-image baseline's data path: batches of ``dataset``'s views from DataLoader
+    workers, moved to ``device``, without end."""
+    loader = DataLoader(
+        dataset,
+        batch_size=settings.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=settings.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=settings.workers > 0,
+    )
+    while True:
+        for views in loader:
+            yield Views(images=tuple(v.to(device, non_blocking=True) for v in views))
+
+
+def _compile_seconds(
+    components: Components, step: Callable[[Any], None], fixed: Any, device: torch.device
+) -> float:
+    """Compile the components as ``train.compile`` does, and the seconds that one step on the
+    ``fixed`` views takes to compile them."""
+    compile_components(components)
+    start = time.perf_counter()
+    step(fixed)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _add_flops(
+    results: dict[str, Any], step: Callable[[Any], None], fixed: Any, settings: BenchSettings
+) -> None:
+    """Count the FLOPs of one step on the ``fixed`` views, and add them to ``results`` with
+    the TFLOP/s of the model alone and of the whole step (and their share of the peak)."""
+    with FlopCounterMode(display=False) as counter:
+        step(fixed)
+    flops = counter.get_total_flops()
+    results["model_flops_per_step"] = flops
+    for key in ("sslplug_model", "sslplug_step"):
+        r = results[key]
+        r["tflops_per_second"] = flops * r["images_per_second"] / settings.batch_size / 1e12
+        if settings.peak_tflops:
+            r["peak_share"] = r["tflops_per_second"] / settings.peak_tflops
+
+
+def _add_ratios(results: dict[str, Any]) -> None:
+    """Add the ratios sslplug / baseline of the views and of the step, each the median of the
+    ratios of groups measured one after the other, where the baseline was measured."""
+    if "baseline_views" in results:
+        for part in ("views", "step"):
+            ours = results[f"sslplug_{part}"]["images_per_second_all"]
+            theirs = results[f"baseline_{part}"]["images_per_second_all"]
+            results[f"ratio_{part}"] = statistics.median(a / b for a, b in zip(ours, theirs))
+
+
 def _run_bench(
     settings: BenchSettings,
     config: Any,
@@ -229,8 +296,6 @@ def _run_bench(
     optimizer: Optimization,
     device: torch.device,
 ) -> dict[str, Any]:
-    from sslplug.components import Views
-
     autocast = autocast_context(config.train.precision, device)
     batch = settings.batch_size
     count = batch * (settings.warmup + settings.repeats * settings.steps)
@@ -238,16 +303,9 @@ def _run_bench(
         0, 256, (count, 3, settings.image_size, settings.image_size), dtype=torch.uint8
     )
     split = Split(labels=torch.zeros(count, dtype=torch.long), images=images)
-
-    def own_batches() -> Iterator[Tensor]:
-        loader = Loader(split, batch, device, shuffle=True, drop_last=True, workers=0)
-        for epoch in range(1 << 30):
-            for uint8, _ in loader.epoch(epoch):
-                yield uint8
-
     step = _stepper(components, optimizer, autocast)
     with torch.no_grad():
-        fixed = components.views(next(own_batches()))
+        fixed = components.views(next(_own_batches(split, batch, device)))
     results: dict[str, Any] = {
         "settings": attrs.asdict(settings),
         "device": str(device),
@@ -255,17 +313,13 @@ def _run_bench(
         "compile": config.train.compile,
     }
     if config.train.compile:
-        compile_components(components)
-        start = time.perf_counter()
-        step(fixed)
-        _sync(device)
-        results["compile_seconds"] = time.perf_counter() - start
+        results["compile_seconds"] = _compile_seconds(components, step, fixed, device)
 
     def views_only(uint8: Tensor) -> None:
         with torch.no_grad():
             components.views(uint8)
 
-    own = own_batches()
+    own = _own_batches(split, batch, device)
     tasks: dict[str, tuple[Iterator[Any], Callable[[Any], None]]] = {
         "sslplug_views": (own, views_only),
         "sslplug_model": (itertools.repeat(fixed), step),  # the model alone, on fixed views
@@ -275,41 +329,12 @@ def _run_bench(
         config.plugins.get(config.components.resolved()["augmentation"]), settings.image_size
     )
     if settings.baseline and recipe is not None:
-        dataset = _PerImageViews(images, recipe)
-
-        def baseline_batches() -> Iterator[Views]:
-            loader = DataLoader(
-                dataset,
-                batch_size=batch,
-                shuffle=True,
-                drop_last=True,
-                num_workers=settings.workers,
-                pin_memory=device.type == "cuda",
-                persistent_workers=settings.workers > 0,
-            )
-            while True:
-                for views in loader:
-                    yield Views(images=tuple(v.to(device, non_blocking=True) for v in views))
-
-        baseline = baseline_batches()
+        baseline = _baseline_batches(_PerImageViews(images, recipe), settings, device)
         tasks["baseline_views"] = (baseline, lambda views: None)
         tasks["baseline_step"] = (baseline, step)
-
     results.update(_measure(tasks, batch, settings, device))
-    with FlopCounterMode(display=False) as counter:
-        step(fixed)
-    flops = counter.get_total_flops()
-    results["model_flops_per_step"] = flops
-    for key in ("sslplug_model", "sslplug_step"):
-        r = results[key]
-        r["tflops_per_second"] = flops * r["images_per_second"] / batch / 1e12
-        if settings.peak_tflops:
-            r["peak_share"] = r["tflops_per_second"] / settings.peak_tflops
-    if "baseline_views" in results:
-        for part in ("views", "step"):
-            ours = results[f"sslplug_{part}"]["images_per_second_all"]
-            theirs = results[f"baseline_{part}"]["images_per_second_all"]
-            results[f"ratio_{part}"] = statistics.median(a / b for a, b in zip(ours, theirs))
+    _add_flops(results, step, fixed, settings)
+    _add_ratios(results)
     return results
 
 

@@ -5,6 +5,13 @@ the state of every component (view generator, encoder, loss, target update), the
 schedule, the step and epoch, the random-number states and the settings. It is written to a
 temporary file in the same folder and renamed over the old one, so a crash while writing leaves
 the previous checkpoint intact.
+
+Every checkpoint carries its format's version. Version 2 holds every key the run writes today
+(``docs/hooks.md`` lists them); version 1 is the same layout, except that files written by
+earlier releases may lack some keys. ``load_checkpoint`` reads both and hands back version 2:
+``migrate`` fills in, from what a version 1 file holds, the keys it may lack, so that no reader
+of checkpoints needs to know an older layout. A version this sslplug does not know (one written
+by a newer sslplug) is refused.
 """
 
 from __future__ import annotations
@@ -24,16 +31,19 @@ from sslplug.errors import CheckpointError
 
 __all__ = [
     "FORMAT",
+    "READABLE_VERSIONS",
     "VERSION",
     "CheckpointWriteError",
     "is_checkpoint_file",
     "load_checkpoint",
+    "migrate",
     "save_checkpoint",
     "write_failure",
 ]
 
 FORMAT = "sslplug-checkpoint"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # load_checkpoint migrates the older ones to VERSION
 FILENAME = "last.pt"
 
 
@@ -125,11 +135,57 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{str(path)!r} is a PyTorch file but not an sslplug checkpoint (no "
             f"'format': {FORMAT!r} entry)"
         )
-    if state.get("version") != VERSION:
+    version = state.get("version")
+    if version not in READABLE_VERSIONS:
+        newer = isinstance(version, int) and version > VERSION
         raise CheckpointError(
-            f"{str(path)!r} has checkpoint version {state.get('version')!r}; this sslplug "
-            f"reads version {VERSION}"
+            f"{str(path)!r} has checkpoint version {version!r}; this sslplug reads versions "
+            f"{_versions()}"
+            + ("; a newer sslplug wrote it: upgrade sslplug to read it" if newer else "")
         )
+    return migrate(state)
+
+
+def _versions() -> str:
+    """``READABLE_VERSIONS`` in words: "1 and 2"."""
+    *first, last = (str(version) for version in READABLE_VERSIONS)
+    return f"{', '.join(first)} and {last}" if first else last
+
+
+def migrate(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of an older version as version ``VERSION`` writes it (a new dict; ``state``
+    itself is left as it was). The one step, version 1 to 2, adds the keys that files written
+    before they were saved lack, with what they held then:
+
+    - ``views``: ``None``, the view generator's state was not saved (it starts fresh);
+    - ``history``: no finished epochs recorded;
+    - ``baseline``: the kNN accuracy of the random initialisation (``knn_baseline``) alone;
+    - ``init_rng``: ``None``, the components were built from the run's seed;
+    - ``epoch_loss_sum``: 0, written at the end of an epoch;
+    - ``rng_per_rank``: none, rank 0's ``rng`` alone;
+    - ``batch_size``: that of the saved settings, ``None`` without them;
+    - ``steps_per_epoch``: told by the step and the epoch when the file ends an epoch,
+      otherwise ``None`` (not known: a resume cannot check it).
+    """
+    state = dict(state)
+    if state.get("version") == 1:
+        at_epoch_end = not state.get("epoch_loss_sum")  # no loss of an unfinished epoch saved
+        epoch, step = int(state.get("epoch", 0)), int(state.get("step", 0))
+        if state.get("steps_per_epoch") is None:
+            told = epoch > 0 and at_epoch_end and step % epoch == 0
+            state["steps_per_epoch"] = step // epoch if told else None
+        if "batch_size" not in state:
+            saved_train = (state.get("settings") or {}).get("train", {})
+            state["batch_size"] = saved_train.get("batch_size")
+        if state.get("baseline") is None:
+            knn = state.get("knn_baseline")
+            state["baseline"] = {"knn_top1": knn} if knn is not None else {}
+        state.setdefault("views", None)
+        state.setdefault("history", [])
+        state.setdefault("init_rng", None)
+        state.setdefault("epoch_loss_sum", 0.0)
+        state["rng_per_rank"] = state.get("rng_per_rank") or []
+        state["version"] = 2
     return state
 
 

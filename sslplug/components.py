@@ -385,7 +385,13 @@ class Loss(_Component):
 
     ``target`` is the target update's ``Outputs`` (for the views it reads), or ``None`` when
     the run has no target network. Parameters of the loss are trained with the encoder's.
+
+    ``collapse_hint`` says what usually makes the method's embeddings collapse and what to
+    check; the health monitor's collapse warning names it as the likely causes (``""``: the
+    causes common to every method).
     """
+
+    collapse_hint: str = ""
 
     def forward(
         self, outputs: Outputs, views: Views, target: Outputs | None

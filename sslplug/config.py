@@ -1,41 +1,47 @@
 """Settings of a run: attrs classes, read from TOML and ``--set section.key=value``.
 
 A run's settings are the core sections below plus one section per plugin, named after the
-plugin, holding the attrs instance its ``sslplug_settings`` hook declared. Values are checked
-against each field's type; an unknown key or a bad value raises ``ConfigError`` listing what is
-valid. ``RunConfig.to_dict`` gives plain data that ``tomli_w`` writes as the run's
-``settings.toml``, which ``load_config`` reads back unchanged.
+plugin, holding the attrs instance its ``sslplug_settings`` hook declared; the core's own
+monitors (``knn``, ``health``, ``tensorboard``) declare theirs the same way. Values are checked
+against each field's type (``sslplug.settings_values``); an unknown key or a bad value raises
+``ConfigError`` listing what is valid. ``RunConfig.to_dict`` gives plain data that ``tomli_w``
+writes as the run's ``settings.toml``, which ``load_config`` reads back unchanged.
+
+Settings that moved keep their old names (``MOVED``): a config file or ``--set`` that uses one
+gets a ``MovedSettingWarning`` naming the new one, and the ``settings.toml`` of a run saved
+before the move loads as it is. ``RunContext`` and ``Progress`` live in ``sslplug.context`` and
+are re-exported here, where they were first.
 """
 
 from __future__ import annotations
 
-import difflib
 import logging
-import math
-import sys
-import typing
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import attrs
 
+from sslplug.context import Progress, RunContext
 from sslplug.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-if typing.TYPE_CHECKING:
-    import torch
+from sslplug.settings_values import (
+    build_section,
+    coerce,
+    fields_of,
+    parse_assignment,
+    read_toml,
+    unknown,
+)
+from sslplug.validate import non_negative, positive
 
 __all__ = [
     "COMPONENTS",
+    "MOVED",
     "ComponentSettings",
     "DataSettings",
-    "EvalSettings",
     "ModelSettings",
+    "MovedSettingWarning",
     "OptimSettings",
     "Progress",
     "RunConfig",
@@ -51,6 +57,7 @@ COMPONENTS = ("augmentation", "views", "encoder", "loss", "target_update")
 NO_TARGET = "none"  # components.target_update for a run without a target network
 
 log = logging.getLogger(__name__)
+_S = TypeVar("_S")
 
 
 # Seeds a run accepts: Python's random, torch.manual_seed and NumPy take them all, and the
@@ -58,19 +65,9 @@ log = logging.getLogger(__name__)
 SEED_RANGE = range(2**32)
 
 
-# Written as "not (value > 0)" so that a NaN, for which every comparison is false, is refused
-# too; _coerce already refuses NaN and infinities for every float setting read from a file or
-# --set, these also hold for settings built in Python.
-def _positive(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"{attribute.name} must be greater than 0, got {value!r}")
-
-
-def _non_negative(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not value >= 0:
-        raise ConfigError(f"{attribute.name} must be 0 or more, got {value!r}")
-
-
+# The validators (these and sslplug.validate's) are written as "not (value > 0)" so that a NaN,
+# for which every comparison is false, is refused too; coerce already refuses NaN and infinities
+# for every float setting read from a file or --set, these also hold for settings built in Python.
 def _fraction(instance: Any, attribute: attrs.Attribute, value: float) -> None:
     if not 0 <= value < 1:
         raise ConfigError(f"{attribute.name} must be at least 0 and below 1, got {value!r}")
@@ -102,17 +99,15 @@ def _seed(instance: Any, attribute: attrs.Attribute, value: int) -> None:
     check_seed(value, attribute.name)
 
 
-# what data.name may be, for the message refusing an empty one (sslplug.data.BUILTIN)
-_DATA_NAMES = (
-    "shapes, cifar10, cifar100, stl10, or the path of an image folder, of a folder written by "
-    "sslplug prepare, or of WebDataset shards (.tar)"
-)
-
-
 def _data_name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
     # an empty name would be the path '', which Path reads as the current folder
     if not value.strip():
-        raise ConfigError(f"data.name must name a data set, got {value!r}; valid: {_DATA_NAMES}")
+        # the data sets by name are sslplug.data.SOURCES, imported here only for the message:
+        # the data package imports torch, torchvision and this module
+        from sslplug.data.sources import PATHS, SOURCES
+
+        valid = f"{', '.join(SOURCES)}, or {PATHS}"
+        raise ConfigError(f"data.name must name a data set, got {value!r}; valid: {valid}")
 
 
 @attrs.define
@@ -157,9 +152,9 @@ class DataSettings:
     download: bool = False
     image_size: int = attrs.field(default=0, validator=_image_size)
     store_scale: float = attrs.field(default=1.15, validator=_at_least_one)
-    workers: int = attrs.field(default=2, validator=_non_negative)
+    workers: int = attrs.field(default=2, validator=non_negative)
     strict: bool = False
-    cache_gb: float = attrs.field(default=4.0, validator=_non_negative)
+    cache_gb: float = attrs.field(default=4.0, validator=non_negative)
     test_fraction: float = attrs.field(default=0.1, validator=_fraction)
 
 
@@ -189,7 +184,7 @@ class ModelSettings:
 
     backbone: str = attrs.field(default="small", validator=_backbone_name)
     cifar_stem: Literal["auto", "on", "off"] = "auto"
-    patch_size: int = attrs.field(default=0, validator=_non_negative)
+    patch_size: int = attrs.field(default=0, validator=non_negative)
     drop_path_rate: float = attrs.field(default=0.0, validator=_fraction)
     pool: Literal["auto", "token", "avg"] = "auto"
 
@@ -199,10 +194,10 @@ class OptimSettings:
     """Optimizer and schedule: linear warm-up over ``warmup_epochs``, then cosine decay to 0."""
 
     name: Literal["adamw", "sgd", "lars"] = "adamw"
-    lr: float = attrs.field(default=2e-3, validator=_positive)
-    weight_decay: float = attrs.field(default=1e-4, validator=_non_negative)
+    lr: float = attrs.field(default=2e-3, validator=positive)
+    weight_decay: float = attrs.field(default=1e-4, validator=non_negative)
     momentum: float = 0.9
-    warmup_epochs: float = attrs.field(default=1.0, validator=_non_negative)
+    warmup_epochs: float = attrs.field(default=1.0, validator=non_negative)
 
 
 @attrs.define
@@ -213,47 +208,29 @@ class TrainSettings:
     ``channels_last`` stores convolution weights NHWC, which is faster on CPUs (about 1.6x for
     the small backbone here) and on tensor cores. ``disable`` names lifecycle plugins to switch
     off for this run (the core's ``tensorboard``, ``progress``, ``knn``, ``health``,
-    ``view_grid``, or an installed one); ``sslplug run --disable NAME`` adds to it.
+    ``view_grid``, or an installed one); ``sslplug run --disable NAME`` adds to it, and
+    ``progress = false``, the deprecated name of ``disable = ["progress"]``, still adds
+    ``progress``.
     ``compile`` runs ``torch.compile`` on the encoder and the target update. ``max_minutes``
     (0: no limit) ends a session after the epoch in which that many minutes of it passed.
     ``stop_on_collapse`` ends a run whose embeddings collapsed (the health monitor's rule),
     keeping the checkpoint of the last good epoch.
     """
 
-    epochs: int = attrs.field(default=15, validator=_positive)
-    batch_size: int = attrs.field(default=256, validator=_positive)
+    epochs: int = attrs.field(default=15, validator=positive)
+    batch_size: int = attrs.field(default=256, validator=positive)
     device: str = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     seed: int = attrs.field(default=0, validator=_seed)
     out: str = ""
-    log_every: int = attrs.field(default=20, validator=_positive)
-    progress: bool = True
+    log_every: int = attrs.field(default=20, validator=positive)
     channels_last: bool = True
-    max_steps_per_epoch: int = attrs.field(default=0, validator=_non_negative)
+    max_steps_per_epoch: int = attrs.field(default=0, validator=non_negative)
     sync_batchnorm: bool = False
     disable: tuple[str, ...] = ()
     compile: bool = False
-    max_minutes: float = attrs.field(default=0.0, validator=_non_negative)
+    max_minutes: float = attrs.field(default=0.0, validator=non_negative)
     stop_on_collapse: bool = False
-
-
-@attrs.define
-class EvalSettings:
-    """Weighted kNN on frozen features (Wu et al. 2018): train split as memory, test as queries.
-
-    Runs before training (the randomly initialised encoder, ``baseline``), every ``every``
-    epochs (0: only at the end) and at the end. At the end, the features of
-    ``embedding_samples`` test images (0: none) go to TensorBoard's embedding projector. The
-    health monitor measures the label-free health of the features (effective rank, spread,
-    alignment, uniformity) on ``health_samples`` training images (0: off) at the same epochs.
-    """
-
-    knn_k: int = attrs.field(default=200, validator=_positive)
-    knn_temperature: float = attrs.field(default=0.1, validator=_positive)
-    every: int = attrs.field(default=5, validator=_non_negative)
-    baseline: bool = True
-    embedding_samples: int = attrs.field(default=1000, validator=_non_negative)
-    health_samples: int = attrs.field(default=1024, validator=_non_negative)
 
 
 CORE_SECTIONS: dict[str, type] = {
@@ -262,8 +239,28 @@ CORE_SECTIONS: dict[str, type] = {
     "model": ModelSettings,
     "optim": OptimSettings,
     "train": TrainSettings,
-    "eval": EvalSettings,
 }
+
+# The sections of the core's own monitors, which their registry adds: a run saves them beside
+# the core's (what `sslplug eval` measures with, what a resume continues with).
+MONITOR_SECTIONS = ("tensorboard", "knn", "health")
+
+# Settings that moved to the section of the core monitor that reads them, by their old name.
+MOVED: dict[str, tuple[str, ...]] = {
+    "eval.knn_k": ("knn.k",),
+    "eval.knn_temperature": ("knn.temperature",),
+    "eval.every": ("knn.every", "health.every"),
+    "eval.baseline": ("knn.baseline", "health.baseline"),
+    "eval.health_samples": ("health.samples",),
+    "eval.embedding_samples": ("tensorboard.embedding_samples",),
+}
+# the old name of ``train.disable = ["progress"]``: ``false`` adds ``progress`` to it
+PROGRESS = "train.progress"
+SAVED = "the saved settings"  # where the settings of ``load_config``'s ``base`` come from
+
+
+class MovedSettingWarning(DeprecationWarning):
+    """A setting given under an old name (``MOVED``, ``train.progress``); it still works."""
 
 
 @attrs.define
@@ -275,7 +272,6 @@ class RunConfig:
     model: ModelSettings = attrs.Factory(ModelSettings)
     optim: OptimSettings = attrs.Factory(OptimSettings)
     train: TrainSettings = attrs.Factory(TrainSettings)
-    eval: EvalSettings = attrs.Factory(EvalSettings)
     plugins: dict[str, Any] = attrs.Factory(dict)
 
     def section(self, name: str) -> Any:
@@ -283,16 +279,23 @@ class RunConfig:
             return getattr(self, name)
         return self.plugins.get(name)
 
+    def settings_of(self, name: str, cls: type[_S]) -> _S:
+        """Plugin section ``name``, a ``cls``; the defaults, ``cls()``, when the settings were
+        read without that class (``load_config`` not given the registry's
+        ``settings_classes``): how the core's monitors read their own sections."""
+        settings = self.plugins.get(name)
+        return settings if isinstance(settings, cls) else cls()
+
     def used_plugin_sections(self, lifecycle: Iterable[str] = ()) -> list[str]:
         """The plugins that supply this run's components, or take part in it through the
-        lifecycle hooks (``lifecycle``: a logger or monitor with settings of its own), and have
-        settings, sorted.
+        lifecycle hooks (``lifecycle``: a logger or monitor with settings of its own, the core's
+        monitors always), and have settings, sorted.
 
         A run's saved settings need these sections and no others: a section of a plugin the run
         does not use would make the run impossible to load once that plugin is uninstalled.
         """
-        used = (set(self.components.resolved().values()) | set(lifecycle)) - {NO_TARGET}
-        return sorted(used & set(self.plugins))
+        used = set(self.components.resolved().values()) | set(lifecycle) | set(MONITOR_SECTIONS)
+        return sorted((used - {NO_TARGET}) & set(self.plugins))
 
     def to_dict(self, sections: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
         """Plain nested data (TOML-writable): ``{section: {key: value}}``.
@@ -308,96 +311,6 @@ class RunConfig:
         return _tuples_to_lists(out)
 
 
-@attrs.define
-class Progress:
-    """Where training stands; the core updates it before every step.
-
-    Attributes:
-        step: optimizer steps finished so far (the 0-based index of the step about to run).
-        epoch: epochs finished so far (the 0-based index of the epoch in progress).
-        steps_per_epoch, total_steps: of the whole run.
-    """
-
-    step: int = 0
-    epoch: int = 0
-    steps_per_epoch: int = 1
-    total_steps: int = 1
-
-    @property
-    def epoch_float(self) -> float:
-        """Epochs done, with the fraction of the current one (1.5: half-way through epoch 2)."""
-        return self.step / max(1, self.steps_per_epoch)
-
-    @property
-    def fraction(self) -> float:
-        """Share of the run done, from 0 at the first step towards 1."""
-        return min(1.0, self.step / max(1, self.total_steps))
-
-
-@attrs.define
-class RunContext:
-    """Facts of a run that components may need; passed to every hook as ``run``.
-
-    Attributes:
-        config: all settings of the run.
-        image_size: side of the square images the loader yields.
-        channels: image channels (3).
-        num_classes: label classes of the data set (0 when unlabelled).
-        device: where training runs.
-        steps_per_epoch, total_steps: optimizer steps.
-        out_dir: the run folder.
-        components: the plugin that supplied each component (``"none"`` for no target update).
-        progress: the current step and epoch, updated by the core before every step; a
-            component may keep ``run`` and read it for schedules and warm-ups.
-        parts: the built components (``sslplug.plugins.Components``), once they are built.
-        data: the run's data set (``sslplug.data.DataSet``), when training.
-        baseline: what ``sslplug_evaluate`` measured on the random initialisation.
-        history: the metrics of every finished epoch, oldest first (restored on resume, so a
-            monitor can pick up where it was: the health monitor's collapse rule reads the
-            epoch before).
-        backbone: the run's backbone, once built (before the components): a view generator
-            that draws masks over patches reads its grid (``sslplug.token_backbone``).
-        stop_reason: set by ``request_stop``: the run ends after the current epoch, saying why.
-        stop_saves: whether that epoch's checkpoint is still written.
-    """
-
-    config: RunConfig
-    image_size: int
-    channels: int = 3
-    num_classes: int = 0
-    device: torch.device | str = "cpu"
-    steps_per_epoch: int = 0
-    total_steps: int = 0
-    out_dir: Path = Path(".")
-    components: dict[str, str] = attrs.Factory(dict)
-    progress: Progress = attrs.Factory(Progress)
-    parts: Any = None
-    data: Any = None
-    baseline: dict[str, float] = attrs.Factory(dict)
-    history: list[dict[str, float]] = attrs.Factory(list)
-    backbone: Any = None
-    stop_reason: str = ""
-    stop_saves: bool = True
-
-    def request_stop(self, reason: str, save: bool = True) -> None:
-        """Ask the loop to end the run after the current epoch, for ``reason`` (shown, and kept
-        in ``summary.json``). A lifecycle plugin calls it, typically from
-        ``sslplug_evaluate``; with ``save=False`` that epoch's checkpoint is not written, so
-        the run folder keeps the previous one (the health monitor does so on collapse)."""
-        self.stop_reason = reason
-        self.stop_saves = self.stop_saves and save
-
-    def __attrs_post_init__(self) -> None:
-        self.progress.steps_per_epoch = max(1, self.steps_per_epoch)
-        self.progress.total_steps = max(1, self.total_steps)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> RunContext:
-        """The run is shared, not copied: a component that keeps ``run`` and is deep-copied
-        (a target network made from the encoder, fine-tuning's copy) reads the same live
-        ``progress`` and does not copy the data set."""
-        return self
-
-
 def _tuples_to_lists(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _tuples_to_lists(v) for k, v in value.items()}
@@ -406,133 +319,83 @@ def _tuples_to_lists(value: Any) -> Any:
     return value
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_type_name(args[0])}"
-        return f"a list of {len(args)} values ({', '.join(_type_name(a) for a in args)})"
-    return getattr(tp, "__name__", str(tp))
+# the sections that moved away whole: their old keys are read, nothing else
+_OLD_SECTIONS = {name.split(".")[0] for name in MOVED} - set(CORE_SECTIONS)
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the field type ``tp``; return it converted, or raise ConfigError."""
-    origin = typing.get_origin(tp)
-    bad = ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise bad
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            args = (args[0],) * len(value)
-        elif len(value) != len(args):
-            raise bad
-        try:
-            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
-        except ConfigError as exc:
-            raise ConfigError(f"{exc} in {value!r}") from None
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        # NaN passes every "> 0" check and poisons what it touches; an int past 1.8e308 is inf
-        try:
-            number = float(value)
-        except OverflowError:
-            number = math.inf
-        if not math.isfinite(number):
-            raise ConfigError(f"{key} must be a finite number, got {value!r}")
-        return number
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
-    return value
+@attrs.define
+class _Merged:
+    """The tables read so far, by section: each source merged over the ones before.
 
+    Attributes:
+        sections: the settings class of every section there is (core and plugins).
+        tables: ``{section: {key: value}}`` as read, before the values are checked.
+        given_as: the old name a value was given under (``MOVED``), which its errors name.
+        progress: the last value of the old ``train.progress``.
+        moved: a message for every old name a config file or ``--set`` used.
+    """
 
-def _fields(cls: type) -> dict[str, attrs.Attribute]:
-    attrs.resolve_types(cls)
-    return {f.name: f for f in attrs.fields(cls)}
+    sections: Mapping[str, type]
+    tables: dict[str, dict[str, Any]] = attrs.Factory(dict)
+    given_as: dict[str, dict[str, str]] = attrs.Factory(dict)
+    progress: bool = True
+    moved: list[str] = attrs.Factory(list)
 
+    def merge(self, source: Mapping[str, Any], origin: str) -> None:
+        """Merge the tables of ``source``, a config file or ``SAVED``, over those before."""
+        for section, table in source.items():
+            if section not in self.sections and section not in _OLD_SECTIONS:
+                raise unknown(f"settings section in {origin}", section, self.sections)
+            if not isinstance(table, Mapping):
+                raise ConfigError(f"{origin}: [{section}] must be a table of key = value")
+            for key, value in table.items():
+                self.put(section, key, value, origin)
 
-def _unknown(kind: str, name: str, valid: Iterable[str]) -> ConfigError:
-    valid = sorted(valid)
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"unknown {kind} {name!r}.{hint} Valid: {', '.join(valid) or '(none)'}")
+    def assign(self, text: str) -> None:
+        """Merge one ``--set section.key=value``."""
+        section, key, (value, raw) = parse_assignment(text)
+        if section not in self.sections and section not in _OLD_SECTIONS:
+            raise unknown("settings section", section, self.sections)
+        fields = fields_of(self.sections[section]) if section in self.sections else {}
+        if key in fields and fields[key].type is str and not isinstance(value, str):
+            value = raw
+        self.put(section, key, value, "--set")
 
+    def put(self, section: str, key: str, value: Any, origin: str) -> None:
+        """Set one value, under its new name when ``section.key`` is an old one."""
+        name = f"{section}.{key}"
+        if name not in MOVED and name != PROGRESS:
+            if section in _OLD_SECTIONS:
+                old_keys = [old.split(".")[1] for old in MOVED if old.startswith(f"{section}.")]
+                raise unknown(f"key in [{section}]", key, old_keys)
+            self.tables.setdefault(section, {})[key] = value
+            self.given_as.get(section, {}).pop(key, None)
+            return
+        new = MOVED.get(name, ("--disable progress",))
+        if origin != SAVED:
+            where = f"--set {name}" if origin == "--set" else f"{name} in {origin}"
+            self.moved.append(
+                f"{where} is deprecated and will be removed; use {' and '.join(new)} instead"
+            )
+        if name == PROGRESS:
+            self.progress = coerce(value, bool, name)
+            return
+        for moved_to in new:
+            new_section, new_key = moved_to.split(".")
+            if new_section not in self.sections:
+                if origin == SAVED:
+                    continue  # that monitor is not registered: its saved settings are not needed
+                raise ConfigError(f"{name} is now {moved_to}, and no plugin {new_section!r} "
+                                  f"with settings is registered")
+            self.tables.setdefault(new_section, {})[new_key] = value
+            self.given_as.setdefault(new_section, {})[new_key] = name
 
-def _build(cls: type, values: Mapping[str, Any], section: str) -> Any:
-    fields = _fields(cls)
-    kwargs = {}
-    for key, value in values.items():
-        if key not in fields:
-            raise _unknown(f"key in [{section}]", key, fields)
-        kwargs[key] = _coerce(value, fields[key].type, f"{section}.{key}")
-    try:
-        settings = cls(**kwargs)
-    except ConfigError as exc:
-        raise ConfigError(f"[{section}] {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"[{section}] invalid settings: {exc}") from None
-    # after the field's own validator, which can say more (the range of a seed)
-    for key, value in kwargs.items():
-        _fits_64_bits(value, f"{section}.{key}")
-    return settings
-
-
-def _fits_64_bits(value: Any, key: str) -> None:
-    """Refuse a whole number torch cannot take: it would fail deep inside, far from the cause."""
-    if isinstance(value, tuple):
-        for item in value:
-            _fits_64_bits(item, key)
-    elif isinstance(value, int) and not -(2**63) <= value < 2**63:
-        raise ConfigError(f"{key} must fit in 64 bits (at most {2**63 - 1}), got {value!r}")
-
-
-def parse_assignment(text: str) -> tuple[str, str, Any]:
-    """Split ``section.key=value`` into its parts; the value is read as a TOML value when it
-    is one (``0.5``, ``true``, ``[0.1, 0.2]``, ``"text"``) and kept as a string otherwise."""
-    if "=" not in text:
-        raise ConfigError(f"--set expects section.key=value, got {text!r}")
-    dotted, raw = text.split("=", 1)
-    if dotted.count(".") != 1:
-        raise ConfigError(
-            f"--set expects section.key=value with one dot in the name, got {dotted!r}"
+    def build(self, section: str) -> Any:
+        """The settings of ``section``: its class filled with the values read, checked."""
+        cls = self.sections[section]
+        return build_section(
+            cls, self.tables.get(section, {}), section, self.given_as.get(section)
         )
-    section, key = (part.strip() for part in dotted.split("."))
-    raw = raw.strip()
-    try:
-        value: Any = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return section, key, (value, raw)
-
-
-def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
-    """The tables of the TOML file ``path``; ``ConfigError`` naming it as ``what`` when it is
-    missing or not TOML. The one place that reads TOML files (``tomli`` before Python 3.11)."""
-    path = Path(path)
-    try:
-        return tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {str(path)!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {exc}") from None
 
 
 def load_config(
@@ -545,7 +408,9 @@ def load_config(
 
     An unknown section is an error, except in ``base``: there, the section of a plugin that is
     not installed is left out with a warning when the resulting run uses none of that plugin's
-    components (older runs saved the section of every plugin installed at the time).
+    components (older runs saved the section of every plugin installed at the time). A setting
+    under its old name (``MOVED``, ``train.progress``) sets the new one, with a
+    ``MovedSettingWarning`` when it comes from the file or the assignments.
 
     Args:
         config_file: a TOML file with one table per section.
@@ -554,46 +419,31 @@ def load_config(
         base: settings already in effect (a resumed run's ``settings.toml``).
     """
     plugin_settings = dict(plugin_settings or {})
-    valid_sections = {**CORE_SECTIONS, **plugin_settings}
-    merged: dict[str, dict[str, Any]] = {}
-    base_origin = "the saved settings"
-
-    def merge(source: Mapping[str, Any], origin: str) -> None:
-        for section, table in source.items():
-            if section not in valid_sections:
-                raise _unknown(f"settings section in {origin}", section, valid_sections)
-            if not isinstance(table, Mapping):
-                raise ConfigError(f"{origin}: [{section}] must be a table of key = value")
-            merged.setdefault(section, {}).update(table)
-
+    merged = _Merged({**CORE_SECTIONS, **plugin_settings})
     uninstalled: list[str] = []
     if base:
-        uninstalled = [section for section in base if section not in valid_sections]
-        merge({k: v for k, v in base.items() if k in valid_sections}, base_origin)
+        uninstalled = [s for s in base if s not in merged.sections and s not in _OLD_SECTIONS]
+        merged.merge({k: v for k, v in base.items() if k not in uninstalled}, SAVED)
     if config_file is not None:
-        merge(read_toml(config_file), str(config_file))
+        merged.merge(read_toml(config_file), str(config_file))
     for text in assignments:
-        section, key, (value, raw) = parse_assignment(text)
-        if section not in valid_sections:
-            raise _unknown("settings section", section, valid_sections)
-        fields = _fields(valid_sections[section])
-        if key in fields and fields[key].type is str and not isinstance(value, str):
-            value = raw
-        merge({section: {key: value}}, "--set")
+        merged.assign(text)
+    for message in merged.moved:
+        warnings.warn(message, MovedSettingWarning, stacklevel=2)
 
-    core = {name: _build(cls, merged.get(name, {}), name) for name, cls in CORE_SECTIONS.items()}
+    core = {name: merged.build(name) for name in CORE_SECTIONS}
+    if not merged.progress:
+        core["train"].disable = tuple(dict.fromkeys([*core["train"].disable, "progress"]))
     used = set(core["components"].resolved().values())
     for section in uninstalled:
         if section in used:
-            raise _unknown(f"settings section in {base_origin}", section, valid_sections)
+            raise unknown(f"settings section in {SAVED}", section, merged.sections)
         log.warning(
             "leaving out [%s] of %s: plugin %r is not installed and this run uses none of its "
             "components",
             section,
-            base_origin,
+            SAVED,
             section,
         )
-    plugins = {
-        name: _build(cls, merged.get(name, {}), name) for name, cls in plugin_settings.items()
-    }
+    plugins = {name: merged.build(name) for name in plugin_settings}
     return RunConfig(**core, plugins=plugins)

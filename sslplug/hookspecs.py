@@ -67,8 +67,24 @@ def sslplug_capabilities(register: Callable[[str, str], None]) -> None:
     Called once for every registered plugin, when plugins are loaded. Call
     ``register(name, description)`` for each name that the plugin's components put in
     ``requires`` or ``provides`` and that the core does not register itself (the core's names
-    are listed in ``sslplug.CAPABILITIES``). A component that uses an unregistered name fails at
-    set-up; ``sslplug info PLUGIN`` shows what a plugin registers.
+    are listed in ``sslplug.CAPABILITIES``). A name a component uses that nobody registered is
+    registered on the declaring plugin's behalf with a ``DeprecationWarning`` (the first API's
+    capabilities were free strings); from sslplug 0.3 it will fail at set-up. ``sslplug info
+    PLUGIN`` shows what a plugin registers.
+    """
+
+
+@hookspec
+def sslplug_data_sources(register: Callable[[str, Callable[..., Any], str], None]) -> None:
+    """Add data sets that ``--data NAME`` (``data.name``) chooses by name.
+
+    Called once for every registered plugin, when plugins are loaded. Call
+    ``register(name, builder, description)`` for each: ``builder(settings, seed)`` receives the
+    ``[data]`` settings (``settings.name`` is ``name``) and the run's seed and returns a
+    ``sslplug.data.DataSet`` (see ``sslplug.data.register_source`` for what it holds);
+    ``description`` is one line saying what the data set is. A name that is taken (a built-in
+    data set's, or another plugin's) is refused and the plugin left out, as for any failure to
+    register.
     """
 
 
@@ -108,7 +124,9 @@ def sslplug_views(
     ``provides`` (``"two_views"`` and so on) so that the core can check it against the other
     components. Views may differ in size and carry group names (``Views.groups``).
     ``sslplug.MultiViewGenerator`` applies each augmentation to the batch once and suits every
-    method whose views are augmented copies, multi-crop included.
+    method whose views are augmented copies, multi-crop included; it is the default: a plugin
+    that implements ``sslplug_augmentation`` and not this hook gets
+    ``MultiViewGenerator(augmentations)`` for its views.
     """
 
 

@@ -90,6 +90,99 @@ def _corners(
     return corner[..., 0], corner[..., 1]
 
 
+def _check_block_mask_ranges(
+    grid: tuple[int, int],
+    num_targets: int,
+    target_scale: tuple[float, float],
+    target_aspect_ratio: tuple[float, float],
+    context_scale: tuple[float, float],
+    min_keep: int,
+    tries: int,
+) -> None:
+    """Raise ``ValueError`` for settings of ``sample_block_masks`` that cannot be drawn, among
+    them a smallest context block too small to keep ``min_keep`` patches."""
+    for name, (low, high) in (("target_scale", target_scale), ("context_scale", context_scale)):
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"{name} must be a range with 0 < low <= high <= 1, got {(low, high)}")
+    low, high = target_aspect_ratio
+    if not 0.0 < low <= high:
+        raise ValueError(
+            f"target_aspect_ratio must be a range with 0 < low <= high, got {(low, high)}"
+        )
+    if num_targets < 0 or tries < 1 or min_keep < 1:
+        raise ValueError(
+            f"num_targets must be 0 or more, tries and min_keep 1 or more; got {num_targets}, "
+            f"{tries}, {min_keep}"
+        )
+    smallest = block_size(grid, context_scale[0], 1.0)
+    if smallest[0] * smallest[1] < min_keep:
+        raise ValueError(
+            f"a context block of scale {context_scale[0]} on a {grid[0]}x{grid[1]} patch grid "
+            f"holds {smallest[0] * smallest[1]} patches, fewer than min_keep={min_keep}; "
+            f"lower min_keep, or use smaller patches"
+        )
+
+
+def _draw_block_sizes(
+    grid: tuple[int, int],
+    target_scale: tuple[float, float],
+    target_aspect_ratio: tuple[float, float],
+    context_scale: tuple[float, float],
+    device: torch.device | str,
+    generator: torch.Generator | None,
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The sizes of the target blocks and of the context block, drawn once for the batch from
+    three uniform numbers: the targets' scale and aspect ratio, and the context's scale."""
+    u = torch.rand(3, device=device, generator=generator).tolist()
+    scale = target_scale[0] + u[0] * (target_scale[1] - target_scale[0])
+    aspect = target_aspect_ratio[0] + u[1] * (target_aspect_ratio[1] - target_aspect_ratio[0])
+    target_size = block_size(grid, scale, aspect)
+    context_size = block_size(
+        grid, context_scale[0] + u[2] * (context_scale[1] - context_scale[0]), 1.0
+    )
+    return target_size, context_size
+
+
+def _block_indices(
+    grid: tuple[int, int], size: tuple[int, int], top: Tensor, left: Tensor
+) -> Tensor:
+    """Row-major patch indices ``(*top.shape, size[0] * size[1])`` of the ``size`` blocks at
+    ``(top, left)``, each row sorted."""
+    rows = top.unsqueeze(-1) + torch.arange(size[0], device=top.device)
+    cols = left.unsqueeze(-1) + torch.arange(size[1], device=top.device)
+    return (rows.unsqueeze(-1) * grid[1] + cols.unsqueeze(-2)).flatten(-2)
+
+
+def _covered_by_targets(
+    grid: tuple[int, int], size: tuple[int, int], top: Tensor, left: Tensor
+) -> Tensor:
+    """``covered[:, k]``, the patches of the first ``k`` target blocks, ``k = 0..M``:
+    ``(B, M + 1, N)`` booleans."""
+    covered = _block_masks(grid, size, top, left).cumsum(dim=1) > 0
+    none = torch.zeros(top.shape[0], 1, grid[0] * grid[1], dtype=torch.bool, device=top.device)
+    return torch.cat([none, covered], dim=1)
+
+
+def _choose_context(candidates: Tensor, covered: Tensor, min_keep: int) -> Tensor:
+    """The context patch indices ``(B, K)`` from the ``candidates`` ``(B, tries, N)`` context
+    blocks: every target removed where some candidate still keeps ``min_keep`` patches, else
+    the targets let back in from the last one; the first such candidate; cut to the shortest
+    context of the batch, keeping its first patches in row-major order."""
+    num_targets = covered.shape[1] - 1
+    # context of candidate r with the first k targets removed: (B, tries, M + 1, N)
+    allowed = candidates.unsqueeze(2) & ~covered.unsqueeze(1)
+    enough = allowed.sum(dim=-1) >= min_keep
+    # the most targets removed that some candidate allows, then the first such candidate
+    removed = num_targets - enough.any(dim=1).flip(-1).int().argmax(dim=-1)
+    image = torch.arange(candidates.shape[0], device=candidates.device)
+    chosen = enough[image, :, removed].int().argmax(dim=-1)
+    context_mask = allowed[image, chosen, removed]
+    keep = int(context_mask.sum(dim=-1).min())
+    # patches of the context first, each group in row-major order
+    order = torch.sort((~context_mask).to(torch.uint8), dim=-1, stable=True).indices
+    return order[:, :keep]
+
+
 def sample_block_masks(
     batch: int,
     grid: tuple[int, int],
@@ -131,54 +224,15 @@ def sample_block_masks(
     free row and column); the ``tries`` candidates are drawn at once and reused at every
     relaxation.
     """
-    for name, (low, high) in (("target_scale", target_scale), ("context_scale", context_scale)):
-        if not 0.0 < low <= high <= 1.0:
-            raise ValueError(f"{name} must be a range with 0 < low <= high <= 1, got {(low, high)}")
-    low, high = target_aspect_ratio
-    if not 0.0 < low <= high:
-        raise ValueError(
-            f"target_aspect_ratio must be a range with 0 < low <= high, got {(low, high)}"
-        )
-    if num_targets < 0 or tries < 1 or min_keep < 1:
-        raise ValueError(
-            f"num_targets must be 0 or more, tries and min_keep 1 or more; got {num_targets}, "
-            f"{tries}, {min_keep}"
-        )
-    smallest = block_size(grid, context_scale[0], 1.0)
-    if smallest[0] * smallest[1] < min_keep:
-        raise ValueError(
-            f"a context block of scale {context_scale[0]} on a {grid[0]}x{grid[1]} patch grid "
-            f"holds {smallest[0] * smallest[1]} patches, fewer than min_keep={min_keep}; "
-            f"lower min_keep, or use smaller patches"
-        )
-    u = torch.rand(3, device=device, generator=generator).tolist()
-    scale = target_scale[0] + u[0] * (target_scale[1] - target_scale[0])
-    aspect = target_aspect_ratio[0] + u[1] * (target_aspect_ratio[1] - target_aspect_ratio[0])
-    target_size = block_size(grid, scale, aspect)
-    context_size = block_size(
-        grid, context_scale[0] + u[2] * (context_scale[1] - context_scale[0]), 1.0
+    _check_block_mask_ranges(
+        grid, num_targets, target_scale, target_aspect_ratio, context_scale, min_keep, tries
     )
-
+    target_size, context_size = _draw_block_sizes(
+        grid, target_scale, target_aspect_ratio, context_scale, device, generator
+    )
     top, left = _corners((batch, num_targets), grid, target_size, device, generator)
-    rows = top.unsqueeze(-1) + torch.arange(target_size[0], device=device)
-    cols = left.unsqueeze(-1) + torch.arange(target_size[1], device=device)
-    targets = (rows.unsqueeze(-1) * grid[1] + cols.unsqueeze(-2)).flatten(-2)
-
-    # covered[:, k]: the patches of the first k targets, k = 0..M: (B, M + 1, N)
-    covered = _block_masks(grid, target_size, top, left).cumsum(dim=1) > 0
-    none = torch.zeros(batch, 1, grid[0] * grid[1], dtype=torch.bool, device=device)
-    covered = torch.cat([none, covered], dim=1)
+    targets = _block_indices(grid, target_size, top, left)
+    covered = _covered_by_targets(grid, target_size, top, left)
     top, left = _corners((batch, tries), grid, context_size, device, generator)
     candidates = _block_masks(grid, context_size, top, left)  # (B, tries, N)
-    # context of candidate r with the first k targets removed: (B, tries, M + 1, N)
-    allowed = candidates.unsqueeze(2) & ~covered.unsqueeze(1)
-    enough = allowed.sum(dim=-1) >= min_keep
-    # the most targets removed that some candidate allows, then the first such candidate
-    removed = num_targets - enough.any(dim=1).flip(-1).int().argmax(dim=-1)
-    image = torch.arange(batch, device=device)
-    chosen = enough[image, :, removed].int().argmax(dim=-1)
-    context_mask = allowed[image, chosen, removed]
-    keep = int(context_mask.sum(dim=-1).min())
-    # patches of the context first, each group in row-major order
-    order = torch.sort((~context_mask).to(torch.uint8), dim=-1, stable=True).indices
-    return order[:, :keep], targets
+    return _choose_context(candidates, covered, min_keep), targets

@@ -6,20 +6,25 @@ convolution and no max-pool, as in SimCLR's CIFAR experiments, Chen et al. 2020,
 or ``small``, a six-layer convolutional network that makes CPU runs practical.
 
 ``MLP`` is the projector and predictor of SimCLR, BYOL and Barlow Twins and, with its options,
-the head of DINO.
+the head of DINO. ``loss_predictor`` and ``loss_predictions`` are how a loss that reads
+predictions brings its own predictor after an encoder without one (BYOL, MoCo v3, NNCLR).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torchvision
 from torch import Tensor, nn
 
-from sslplug.errors import ConfigError
+from sslplug.errors import ComponentMismatchError, ConfigError
+
+if TYPE_CHECKING:  # components imports this module
+    from sslplug.components import Encoder, Outputs
 
 __all__ = [
     "ACTIVATIONS",
@@ -29,6 +34,9 @@ __all__ = [
     "build_backbone",
     "cosine_tau",
     "ema_update",
+    "loss_predictions",
+    "loss_predictor",
+    "projection_dim_for",
     "uses_cifar_stem",
 ]
 
@@ -187,3 +195,43 @@ def cosine_tau(tau_base: float, step: int, total_steps: int) -> float:
     from ``tau_base`` at the first step to 1 at the last (Grill et al. 2020, Section 3.2)."""
     progress = min(1.0, step / max(1, total_steps))
     return 1.0 - (1.0 - tau_base) * (math.cos(math.pi * progress) + 1.0) / 2.0
+
+
+def projection_dim_for(encoder: Encoder, loss: str) -> int:
+    """``encoder.projection_dim``, which the ``loss`` loss (``"BYOL"``) needs; refused with a
+    ``ComponentMismatchError`` that says what the encoder provides instead when it is 0."""
+    if not encoder.projection_dim:
+        raise ComponentMismatchError(
+            f"the {loss} loss needs projections: the encoder {type(encoder).__name__} provides "
+            f"{sorted(encoder.provides) or 'nothing'} and no projection_dim"
+        )
+    return encoder.projection_dim
+
+
+def loss_predictor(
+    encoder: Encoder, loss: str, build: Callable[[int], nn.Module]
+) -> nn.Module | None:
+    """The predictor that a loss reading predictions brings after an encoder without one.
+
+    ``None`` when the encoder provides ``prediction``; otherwise ``build(projection_dim)``
+    (``projection_dim_for`` refuses an encoder without projections). The loss keeps it as its
+    ``predictor`` submodule, so that it trains with the encoder and is checkpointed with the
+    loss; such a loss requires ``projection`` instead of ``prediction`` and reads its inputs
+    with ``loss_predictions``. BYOL's, MoCo v3's and NNCLR's losses follow SimCLR's or Barlow
+    Twins' encoder this way (``--plugin barlow_twins --loss byol``).
+    """
+    if "prediction" in encoder.provides:
+        return None
+    return build(projection_dim_for(encoder, loss))
+
+
+def loss_predictions(
+    outputs: Outputs, predictor: nn.Module | None, count: int = 2
+) -> tuple[Tensor, ...]:
+    """The predictions of the first ``count`` views: the encoder's, or, from a loss that brought
+    its own ``predictor`` (``loss_predictor``), that predictor on their projections in one
+    batched call, as ``PredictorEncoder`` makes them."""
+    if predictor is None:
+        return tuple(outputs.predictions[:count])
+    projections = outputs.projections[:count]
+    return predictor(torch.cat(projections)).split([z.shape[0] for z in projections])

@@ -1,19 +1,21 @@
 """The plugin registry: a typed facade over ``pluggy.PluginManager``.
 
-It registers the core's own lifecycle plugins (TensorBoard, progress bar, kNN monitor, view
-grid), then loads plugins from the entry-point group ``sslplug`` (built-in methods are listed
-there too), isolates failures (a plugin that fails to import, to register or to declare valid
-settings is reported and left out, unless ``strict``), keeps the capability names plugins
-register, and calls each component hook on exactly the plugin chosen for it. The rest of the
-code calls typed methods here rather than ``pm.hook.x(...)``.
+It registers the core's own lifecycle plugins (TensorBoard, progress bar, kNN and health
+monitors, view grid), then loads plugins from the entry-point group ``sslplug`` (built-in
+methods are listed there too; a name claimed twice gives the other claimant the name
+``DISTRIBUTION:NAME``), isolates failures (a plugin that fails to import, to register or to
+declare valid settings is reported and left out, unless ``strict``), keeps the capability names
+and data sets plugins register, and calls each component hook on exactly the plugin chosen for
+it. The rest of the code calls typed methods here rather than ``pm.hook.x(...)``.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import logging
+import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -21,6 +23,8 @@ import pluggy
 from torch import nn
 
 from sslplug import hookspecs
+from sslplug.augment import MultiViewGenerator
+from sslplug.capabilities import Capability, check_compatible
 from sslplug.components import (
     CAPABILITIES,
     Augmentations,
@@ -29,7 +33,8 @@ from sslplug.components import (
     ViewGenerator,
 )
 from sslplug.config import COMPONENTS, NO_TARGET, RunConfig, RunContext
-from sslplug.errors import ComponentMismatchError, ConfigError, PluginError, SslplugError
+from sslplug.errors import ComponentMismatchError, ConfigError, PluginError
+from sslplug.lifecycle import LIFECYCLE_HOOKS, Lifecycle
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -39,16 +44,14 @@ __all__ = [
     "PluginFailure",
     "PluginInfo",
     "PluginRegistry",
+    "check_compatible",
+    "qualified_name",
 ]
 
 ENTRY_POINT_GROUP = "sslplug"
 CORE = "sslplug"  # who registers the core's capabilities and lifecycle plugins
 
 _HOOK_OF = {name: f"sslplug_{name}" for name in COMPONENTS}
-_LIFECYCLE_HOOKS = frozenset(
-    f"sslplug_{hook}" for hook in ("run_start", "step_end", "evaluate", "epoch_end", "run_end")
-)
-
 _RETURN_TYPE: dict[str, type | tuple[type, ...]] = {
     "augmentation": (list, tuple),
     "views": ViewGenerator,
@@ -88,15 +91,7 @@ class PluginInfo:
     version: str | None
     components: tuple[str, ...]
     has_settings: bool
-
-
-@attrs.frozen
-class Capability:
-    """A capability name, what it promises, and the plugin that registered it."""
-
-    name: str
-    description: str
-    plugin: str
+    module: str = ""  # the code that runs under this name: the entry point's module (or object)
 
 
 @attrs.define
@@ -109,6 +104,8 @@ class Components:
     loss: nn.Module
     target_update: TargetUpdate | None
     sources: dict[str, str]
+    # the code behind each component's plugin (``PluginRegistry.origin``), which a run records
+    code: dict[str, str] = attrs.Factory(dict)
 
     def modules(self) -> dict[str, nn.Module | None]:
         """The components whose ``state_dict`` a checkpoint holds, by name."""
@@ -137,7 +134,8 @@ class PluginRegistry:
         strict: raise ``PluginError`` on the first plugin that fails to load, instead of
             reporting it in ``failures`` and carrying on without it.
         internal: register the core's lifecycle plugins (``tensorboard``, ``progress``,
-            ``knn``, ``view_grid``) first, as pytest registers its own.
+            ``knn``, ``health``, ``view_grid``) first, as pytest registers its own, with the
+            settings they declare (``[knn]``, ``[health]``, ``[tensorboard]``).
     """
 
     def __init__(self, strict: bool = False, internal: bool = True) -> None:
@@ -147,6 +145,7 @@ class PluginRegistry:
         self.failures: list[PluginFailure] = []
         self._distributions: dict[str, tuple[str | None, str | None]] = {}
         self._settings: dict[str, type] = {}
+        self._modules: dict[str, str] = {}
         self._internal: list[str] = []
         self.capabilities: dict[str, Capability] = {
             name: Capability(name, text, CORE) for name, text in CAPABILITIES.items()
@@ -157,35 +156,52 @@ class PluginRegistry:
             for name, plugin in internal_plugins():
                 self.pm.register(plugin, name=name)
                 self._internal.append(name)
+                settings = _check_settings(self._call_one("sslplug_settings", name, {}))
+                if settings is not None:
+                    self._settings[name] = settings
 
     # loading -------------------------------------------------------------------------------
 
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
-        """Import and register every plugin advertised in the entry-point group."""
+        """Import and register every plugin advertised in the entry-point group.
+
+        A name claimed twice goes to sslplug's own plugin, then to the first distribution in
+        alphabetical order; every other claimant is registered under its qualified name
+        ``DISTRIBUTION:NAME`` (``sslplug-dino-plus:dino``), so that a name always means one
+        piece of code and the other stays usable.
+        """
 
         def order(ep: importlib.metadata.EntryPoint) -> tuple[str, bool, str]:
-            # a name claimed twice goes to sslplug's own plugin, then to the first distribution
             dist = ep.dist.name if ep.dist is not None else ""
             return ep.name, dist != "sslplug", dist
 
         for ep in sorted(importlib.metadata.entry_points(group=group), key=order):
             dist = ep.dist.name if ep.dist is not None else None
             version = ep.dist.version if ep.dist is not None else None
-            if ep.name in self._internal:
-                self._fail(ep.name, dist, "the name is taken by one of sslplug's own plugins")
-                continue
-            if self.pm.has_plugin(ep.name):
-                other = self._distributions[ep.name][0]
-                if other == dist:  # the same distribution seen twice on sys.path
+            name = ep.name
+            if name in self._internal or self.pm.has_plugin(name):
+                if name not in self._internal and self._distributions[name][0] == dist:
+                    continue  # the same distribution seen twice on sys.path
+                name = qualified_name(dist, ep.name)
+                if self.pm.has_plugin(name):
                     continue
-                self._fail(ep.name, dist, f"the name is already taken by distribution {other!r}")
-                continue
             try:
                 plugin = ep.load()
             except Exception as exc:
-                self._fail(ep.name, dist, f"import of {ep.value!r} failed: {exc!r}")
+                self._fail(name, dist, f"import of {ep.value!r} failed: {exc!r}")
                 continue
-            self.register(plugin, ep.name, distribution=dist, version=version)
+            if self.register(plugin, name, distribution=dist, version=version):
+                self._modules[name] = ep.value
+                if name != ep.name:
+                    holder = self._distributions.get(ep.name, (CORE, None))[0] or "sslplug"
+                    log.warning(
+                        "plugin name %r of distribution %r is taken by %r; it is registered as "
+                        "%r: choose it with that name",
+                        ep.name,
+                        dist,
+                        holder,
+                        name,
+                    )
 
     def register(
         self,
@@ -207,6 +223,7 @@ class PluginRegistry:
             self.pm.check_pending()
             settings = _check_settings(self._call_one("sslplug_settings", name, {}))
             capabilities = self._collect_capabilities(name)
+            self._add_data_sources(name)
         except Exception as exc:
             self.pm.unregister(name=name)
             self._fail(name, distribution, str(exc))
@@ -241,6 +258,20 @@ class PluginRegistry:
         self._call_one("sslplug_capabilities", name, {"register": register})
         return found
 
+    def _add_data_sources(self, name: str) -> None:
+        """The data sets plugin ``name`` adds through ``sslplug_data_sources``."""
+        from sslplug.data.sources import SOURCES, register_source
+
+        def register(source: str, builder: Any, description: str) -> None:
+            known = SOURCES.get(source)
+            if known is not None and known.builder is builder:
+                return  # the same plugin, loaded again by another registry of this process
+            if not callable(builder):
+                raise PluginError(f"sslplug_data_sources gave {builder!r} for {source!r}")
+            register_source(source, builder, str(description))
+
+        self._call_one("sslplug_data_sources", name, {"register": register})
+
     def _fail(self, name: str, distribution: str | None, error: str) -> None:
         failure = PluginFailure(name, distribution, error)
         if self.strict:
@@ -260,8 +291,13 @@ class PluginRegistry:
 
     def provides(self, name: str) -> tuple[str, ...]:
         """The components plugin ``name`` implements, in data-flow order."""
-        hooks = {caller.name for caller in self.pm.get_hookcallers(self.pm.get_plugin(name)) or []}
-        return tuple(c for c in COMPONENTS if _HOOK_OF[c] in hooks)
+        provided = {c for c in COMPONENTS if _HOOK_OF[c] in self._hooks_of(name)}
+        if "augmentation" in provided:
+            provided.add("views")  # its pipelines come with the default view generator
+        return tuple(c for c in COMPONENTS if c in provided)
+
+    def _hooks_of(self, name: str) -> set[str]:
+        return {caller.name for caller in self.pm.get_hookcallers(self.pm.get_plugin(name)) or []}
 
     def info(self) -> list[PluginInfo]:
         return [
@@ -271,9 +307,27 @@ class PluginRegistry:
                 version=self._distributions[name][1],
                 components=self.provides(name),
                 has_settings=name in self._settings,
+                module=self.module_of(name),
             )
             for name in self.names()
         ]
+
+    def module_of(self, name: str) -> str:
+        """The code registered as plugin ``name``: its entry point's value
+        (``sslplug_methods.dino``), or the module of an object registered by hand."""
+        if name in self._modules:
+            return self._modules[name]
+        plugin = self.pm.get_plugin(name)
+        module = getattr(plugin, "__name__", None) if plugin is not None else None
+        return module if isinstance(module, str) else type(plugin).__module__
+
+    def origin(self, name: str) -> str:
+        """One line saying which code runs as plugin ``name``: its module and distribution."""
+        distribution, version = self._distributions.get(name, (None, None))
+        if distribution is None:
+            return self.module_of(name)
+        release = f" {version}" if version else ""
+        return f"{self.module_of(name)} (distribution {distribution}{release})"
 
     def settings_classes(self) -> dict[str, type]:
         """The settings class of every plugin that declares one, by plugin name."""
@@ -294,7 +348,7 @@ class PluginRegistry:
             return result
         return result[0] if result else None
 
-    def _resolve(self, config: RunConfig) -> dict[str, str]:
+    def resolve(self, config: RunConfig) -> dict[str, str]:
         """The plugin for each component, checked: installed, and implementing the hook."""
         sources = config.components.resolved()
         for component, name in sources.items():
@@ -326,6 +380,9 @@ class PluginRegistry:
         """Call the hook of ``component`` on its plugin and check what comes back."""
         name = sources[component]
         kwargs["settings"] = config.plugins.get(name)
+        if component == "views" and _HOOK_OF["views"] not in self._hooks_of(name):
+            # the default views: one augmented copy of the batch per pipeline
+            return MultiViewGenerator(kwargs["augmentations"])
         try:
             result = self._call_one(_HOOK_OF[component], name, kwargs)
         except ComponentMismatchError as exc:
@@ -363,13 +420,13 @@ class PluginRegistry:
     ) -> Components:
         """Build every component of a run and check that they fit together.
 
-        Raises ``PluginError`` for an unknown plugin, one that does not provide a component
-        asked of it, or a capability nobody registered, and ``ComponentMismatchError`` for
-        components that cannot work together.
+        The components are returned, never stored in ``run``: the engine, which owns the run's
+        state, sets ``run.backbone`` and ``run.components`` before (``resolve``) and
+        ``run.parts`` after. Raises ``PluginError`` for an unknown plugin or one that does not
+        provide a component asked of it, and ``ComponentMismatchError`` for components that
+        cannot work together.
         """
-        sources = self._resolve(config)
-        run.components = sources
-        run.backbone = backbone
+        sources = self.resolve(config)
 
         def make(component: str, **kwargs: Any) -> Any:
             return self._make(component, config, sources, run=run, **kwargs)
@@ -383,9 +440,11 @@ class PluginRegistry:
         if target_update is None:
             sources["target_update"] = NO_TARGET
         loss = make("loss", encoder=encoder)
-        parts = Components(augmentations, views, encoder, loss, target_update, sources)
+        code = {c: self.origin(n) for c, n in sources.items() if n != NO_TARGET}
+        if _HOOK_OF["views"] not in self._hooks_of(sources["views"]):
+            code["views"] = f"sslplug.MultiViewGenerator, the default views of {code['views']}"
+        parts = Components(augmentations, views, encoder, loss, target_update, sources, code)
         check_compatible(parts, self.capabilities, backbone=f"--backbone {config.model.backbone}")
-        run.parts = parts
         return parts
 
     # lifecycle -----------------------------------------------------------------------------
@@ -413,67 +472,18 @@ class PluginRegistry:
             for name in self.names()
             if name not in disabled
             and any(
-                caller.name in _LIFECYCLE_HOOKS
+                caller.name in LIFECYCLE_HOOKS
                 for caller in self.pm.get_hookcallers(self.pm.get_plugin(name)) or []
             )
         ]
         return Lifecycle(self.pm, [self.pm.get_plugin(name) for name in disabled], taking_part)
 
 
-class Lifecycle:
-    """The lifecycle hooks of one run, typed, without the plugins the user switched off.
-
-    An exception raised inside a lifecycle plugin becomes a ``PluginError`` that names the
-    plugin and the hook; an interruption (``KeyboardInterrupt``) and sslplug's own errors pass
-    through unchanged.
-    """
-
-    def __init__(
-        self, pm: pluggy.PluginManager, disabled: Sequence[Any], plugins: Sequence[str] = ()
-    ) -> None:
-        # the installed plugins taking part, whose settings a run saves
-        self.plugins = tuple(plugins)
-        self._callers = {
-            hook.removeprefix("sslplug_"): pm.subset_hook_caller(hook, remove_plugins=disabled)
-            for hook in _LIFECYCLE_HOOKS
-        }
-
-    def _call(self, hook: str, **kwargs: Any) -> Any:
-        caller = self._callers[hook]
-        try:
-            return caller(**kwargs)
-        except SslplugError:
-            raise
-        except Exception as exc:
-            codes = {impl.function.__code__: impl.plugin_name for impl in caller.get_hookimpls()}
-            frame, name = exc.__traceback__, "?"
-            while frame is not None:
-                name = codes.get(frame.tb_frame.f_code, name)
-                frame = frame.tb_next
-            raise PluginError(
-                f"lifecycle plugin {name!r} raised in sslplug_{hook}: {exc!r}; switch it off "
-                f"with --disable {name} or fix it"
-            ) from exc
-
-    def run_start(self, run: RunContext) -> None:
-        self._call("run_start", run=run)
-
-    def step_end(self, run: RunContext, step: int, metrics: dict[str, float]) -> None:
-        self._call("step_end", run=run, step=step, metrics=metrics)
-
-    def evaluate(self, run: RunContext, epoch: int) -> dict[str, float]:
-        merged: dict[str, float] = {}
-        for result in reversed(self._call("evaluate", run=run, epoch=epoch)):
-            merged.update(result or {})
-        return merged
-
-    def epoch_end(self, run: RunContext, epoch: int, metrics: dict[str, float]) -> None:
-        self._call("epoch_end", run=run, epoch=epoch, metrics=metrics)
-
-    def run_end(
-        self, run: RunContext, summary: dict[str, Any], error: BaseException | None = None
-    ) -> None:
-        self._call("run_end", run=run, summary=summary, error=error)
+def qualified_name(distribution: str | None, name: str) -> str:
+    """``DISTRIBUTION:NAME``: the name under which a plugin is registered when its plain name is
+    taken. The distribution's name is normalised as pip writes it (``Sslplug_Dino`` ->
+    ``sslplug-dino``), so it holds no dot and ``--set DISTRIBUTION:NAME.key=value`` parses."""
+    return f"{re.sub(r'[-_.]+', '-', distribution or 'unknown').lower()}:{name}"
 
 
 def _check_settings(settings: Any) -> type | None:
@@ -491,50 +501,3 @@ def _check_settings(settings: Any) -> type | None:
             f"({exc}); give every field a default"
         ) from None
     return settings
-
-
-def check_compatible(
-    parts: Components, capabilities: dict[str, Capability], backbone: str = "the backbone"
-) -> None:
-    """Check every component's ``requires`` against what the components before it provide,
-    and that every name is a registered capability.
-
-    Order of the data flow: the backbone (``patch_tokens`` for a ViT, under the name
-    ``backbone``), augmentation, views, encoder, target update, loss. A component may require
-    what any component before it provides.
-    """
-    sources = parts.sources
-    chain: Sequence[tuple[str, Any]] = [
-        ("augmentation", parts.augmentations),
-        ("views", parts.views),
-        ("encoder", parts.encoder),
-        ("target_update", parts.target_update),
-        ("loss", parts.loss),
-    ]
-    available: dict[str, str] = {
-        cap: backbone for cap in getattr(getattr(parts.encoder, "backbone", None), "provides", ())
-    }
-    for component, obj in chain:
-        if obj is None:
-            continue
-        requires = set(getattr(obj, "requires", ()))
-        provides = set(getattr(obj, "provides", ()))
-        unknown = sorted((requires | provides) - set(capabilities))
-        if unknown:
-            raise PluginError(
-                f"the {component} of plugin {sources[component]!r} declares the capability "
-                f"{', '.join(map(repr, unknown))}, which no plugin registers; register it with "
-                f"the sslplug_capabilities hook. Registered: {', '.join(sorted(capabilities))}"
-            )
-        missing = sorted(requires - set(available))
-        if missing:
-            have = ", ".join(f"{cap} (from {available[cap]})" for cap in sorted(available))
-            raise ComponentMismatchError(
-                f"the {component} from plugin {sources[component]!r} requires "
-                f"{', '.join(missing)}, which no component before it provides "
-                f"({backbone}, augmentation from {sources['augmentation']!r}, views from "
-                f"{sources['views']!r}, encoder from {sources['encoder']!r}, target update from "
-                f"{sources['target_update']!r}). Available: {have or '(nothing)'}"
-            )
-        for cap in provides:
-            available[cap] = f"{component} of {sources[component]!r}"

@@ -152,6 +152,73 @@ def build_views(
     return views.to(device)
 
 
+def _note_path(run: Run, out: Path, force: bool) -> Path:
+    """The path of the settings note beside the backbone ``out``, once both paths are known
+    free to write (see ``export_backbone``); raises ``OutputError`` otherwise."""
+    if out.suffix.lower() == ".json" and not out.is_dir():
+        raise OutputError(
+            f"{str(out)!r} ends in .json, the name of the settings note written beside the "
+            f"backbone (the backbone's path with the suffix .json); name the backbone "
+            f"{str(out.with_suffix('.pt'))!r}, for instance"
+        )
+    run_files = (run.checkpoint, *(run.run_dir / name for name in MARKERS))
+    check_new_file(out, force, keep=run_files)
+    note_path = out.with_suffix(".json")
+    check_new_file(note_path, force, keep=run_files)
+    return note_path
+
+
+def _state_bytes(net: nn.Module) -> bytes:
+    """The backbone's state dict (its ``exported_state_dict`` where it has one) on the CPU,
+    saved with ``torch.save`` in memory first, so that a failed write is an ``OSError``."""
+    exported = getattr(net, "exported_state_dict", net.state_dict)()
+    state = {k: v.detach().cpu().clone() for k, v in exported.items()}
+    backbone_file = io.BytesIO()
+    torch.save(state, backbone_file)
+    return backbone_file.getvalue()
+
+
+def _timm_recipe(net: nn.Module, timm_name: str) -> tuple[list[str], dict[str, Any]]:
+    """The lines that rebuild a timm backbone, and the note's entries on the timm model and
+    how to read its features."""
+    args: dict[str, Any] = dict(getattr(net, "timm_args", {}))
+    load = [
+        "import timm",
+        f"net = timm.create_model({timm_name!r}, num_classes=0, **{args!r})",
+    ]
+    extra: dict[str, Any] = {"timm_name": timm_name, "timm_args": args}
+    pool = getattr(net, "pool", None)
+    if pool == "token":
+        extra["features"] = "the class token: net.forward_features(x)[:, 0]"
+    elif pool == "avg":
+        extra["features"] = (
+            "the mean patch token: net.forward_features(x)[:, net.num_prefix_tokens:].mean(1)"
+        )
+    return load, extra
+
+
+def _load_recipe(
+    net: nn.Module, backbone: str, cifar_stem: bool, filename: str
+) -> tuple[list[str], dict[str, Any]]:
+    """The lines of Python that load the exported backbone ``filename`` into a fresh network,
+    and the note's extra entries (for a timm backbone)."""
+    timm_name = getattr(net, "timm_name", None)
+    extra: dict[str, Any] = {}
+    if timm_name is not None:
+        load, extra = _timm_recipe(net, timm_name)
+    elif backbone == "small":
+        load = ["from sslplug.nn import SmallConvNet", "net = SmallConvNet()"]
+    else:
+        load = [f"net = torchvision.models.{backbone}()"]
+        if cifar_stem:
+            load.append(
+                "net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False); net.maxpool = nn.Identity()"
+            )
+        load.append("net.fc = nn.Identity()")
+    load.append(f"net.load_state_dict(torch.load({filename!r}, weights_only=True))")
+    return load, extra
+
+
 def export_backbone(
     run: Run, encoder: Encoder, out: str | Path, image_size: int, force: bool = False
 ) -> Path:
@@ -165,54 +232,17 @@ def export_backbone(
     ``OutputError`` saying which file could not be written and why.
     """
     out = Path(out)
-    if out.suffix.lower() == ".json" and not out.is_dir():
-        raise OutputError(
-            f"{str(out)!r} ends in .json, the name of the settings note written beside the "
-            f"backbone (the backbone's path with the suffix .json); name the backbone "
-            f"{str(out.with_suffix('.pt'))!r}, for instance"
-        )
-    run_files = (run.checkpoint, *(run.run_dir / name for name in MARKERS))
-    check_new_file(out, force, keep=run_files)
-    note_path = out.with_suffix(".json")
-    check_new_file(note_path, force, keep=run_files)
+    note_path = _note_path(run, out, force)
     net = encoder.backbone
-    exported = getattr(net, "exported_state_dict", net.state_dict)()
-    state = {k: v.detach().cpu().clone() for k, v in exported.items()}
-    backbone_file = io.BytesIO()  # in memory first, so that a failed write is an OSError
-    torch.save(state, backbone_file)
+    backbone_bytes = _state_bytes(net)
     config = run.config
     backbone = config.model.backbone
-    timm_name = getattr(net, "timm_name", None)
     cifar_stem = (
-        timm_name is None
+        getattr(net, "timm_name", None) is None
         and backbone != "small"
         and uses_cifar_stem(config.model.cifar_stem, image_size)
     )
-    extra: dict[str, Any] = {}
-    if timm_name is not None:
-        args: dict[str, Any] = dict(getattr(net, "timm_args", {}))
-        load = [
-            "import timm",
-            f"net = timm.create_model({timm_name!r}, num_classes=0, **{args!r})",
-        ]
-        extra = {"timm_name": timm_name, "timm_args": args}
-        pool = getattr(net, "pool", None)
-        if pool == "token":
-            extra["features"] = "the class token: net.forward_features(x)[:, 0]"
-        elif pool == "avg":
-            extra["features"] = (
-                "the mean patch token: net.forward_features(x)[:, net.num_prefix_tokens:].mean(1)"
-            )
-    elif backbone == "small":
-        load = ["from sslplug.nn import SmallConvNet", "net = SmallConvNet()"]
-    else:
-        load = [f"net = torchvision.models.{backbone}()"]
-        if cifar_stem:
-            load.append(
-                "net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False); net.maxpool = nn.Identity()"
-            )
-        load.append("net.fc = nn.Identity()")
-    load.append(f"net.load_state_dict(torch.load({out.name!r}, weights_only=True))")
+    load, extra = _load_recipe(net, backbone, cifar_stem, out.name)
     note = {
         "format": "sslplug-backbone",
         "backbone": backbone,
@@ -227,7 +257,5 @@ def export_backbone(
         "load": load,
         "settings": config.to_dict(config.used_plugin_sections()),
     }
-    write_atomically(
-        {out: backbone_file.getvalue(), note_path: (json.dumps(note, indent=2) + "\n").encode()}
-    )
+    write_atomically({out: backbone_bytes, note_path: (json.dumps(note, indent=2) + "\n").encode()})
     return note_path

@@ -16,32 +16,40 @@ from pathlib import Path
 from sslplug.config import COMPONENTS
 from sslplug.errors import ConfigError
 
-__all__ = ["write_plugin"]
+__all__ = ["HOOK_ORDER", "PART_ORDER", "write_plugin"]
 
-_HOOKS = {
-    "augmentation": '''
-@sslplug.hookimpl
-def sslplug_augmentation(settings: Settings, run: sslplug.RunContext) -> sslplug.Augmentations:
-    """Two augmentation pipelines, batched on the device (here SimCLR's), and what they
-    produce: ``sslplug.Augmentations(pipelines, provides={"normalized_views"})``."""
-    return sslplug.simclr_recipe(run.image_size, views=2)
-''',
-    "views": '''
-@sslplug.hookimpl
-def sslplug_views(augmentations: tuple[nn.Module, ...]) -> sslplug.ViewGenerator:
-    """One augmented view per pipeline."""
-    return sslplug.MultiViewGenerator(augmentations)
-''',
+# The shape of a method module (docs/tutorial.md, "The shape of a method module"): every
+# built-in method and every module this scaffold writes defines its parts, then its hooks, in
+# these orders. A part or hook a module does not need is left out.
+PART_ORDER = ("settings", "augmentation", "encoder", "loss", "target_update")
+HOOK_ORDER = (
+    "sslplug_settings",
+    "sslplug_capabilities",
+    "sslplug_augmentation",
+    "sslplug_views",
+    "sslplug_encoder",
+    "sslplug_target_update",
+    "sslplug_loss",
+)
+
+# the parts of each component, as working placeholders
+_PARTS = {
     "encoder": '''
-@sslplug.hookimpl
-def sslplug_encoder(settings: Settings, backbone: nn.Module, feature_dim: int) -> sslplug.Encoder:
-    """The backbone and a projector head."""
-    projector = sslplug.MLP(feature_dim, [feature_dim], settings.projection_dim)
-    return sslplug.ProjectorEncoder(backbone, feature_dim, projector, settings.projection_dim)
+class Encoder(sslplug.ProjectorEncoder):
+    """The backbone and a projector head: replace with your method's encoder."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, settings: Settings) -> None:
+        projector = sslplug.MLP(feature_dim, [feature_dim], settings.projection_dim)
+        super().__init__(backbone, feature_dim, projector, settings.projection_dim)
 ''',
     "loss": '''
+def negative_cosine(z1: Tensor, z2: Tensor) -> Tensor:
+    """``L = -mean_i cos(z1_i, z2_i)`` over the batch: replace with your method's formula."""
+    return -F.cosine_similarity(z1, z2, dim=-1).mean()
+
+
 class Loss(sslplug.Loss):
-    """Negative cosine similarity of the two views' projections: replace with your loss."""
+    """The loss of the first two views' projections; ``requires`` says what it reads."""
 
     requires = frozenset({"two_views", "projection"})
 
@@ -49,13 +57,29 @@ class Loss(sslplug.Loss):
         self, outputs: sslplug.Outputs, views: sslplug.Views, target: sslplug.Outputs | None
     ) -> sslplug.LossResult:
         z1, z2 = outputs.projections[:2]
-        loss = -F.cosine_similarity(z1, z2, dim=-1).mean()
+        loss = negative_cosine(z1, z2)
         return sslplug.LossResult(loss, {"cosine": -loss.detach()})
+''',
+}
 
-
+_HOOKS = {
+    "augmentation": '''
 @sslplug.hookimpl
-def sslplug_loss(settings: Settings) -> nn.Module:
-    return Loss()
+def sslplug_augmentation(settings: Settings, run: sslplug.RunContext) -> sslplug.Augmentations:
+    """Two augmentation pipelines from a shared recipe (here SimCLR's), batched on the device;
+    the core makes one view of each (``sslplug.MultiViewGenerator``)."""
+    return sslplug.simclr_recipe(run.image_size, views=2)
+''',
+    "views": '''
+@sslplug.hookimpl
+def sslplug_views(augmentations: sslplug.Augmentations) -> sslplug.ViewGenerator:
+    """One augmented view per pipeline of the run's augmentation."""
+    return sslplug.MultiViewGenerator(augmentations)
+''',
+    "encoder": '''
+@sslplug.hookimpl
+def sslplug_encoder(settings: Settings, backbone: nn.Module, feature_dim: int) -> sslplug.Encoder:
+    return Encoder(backbone, feature_dim, settings)
 ''',
     "target_update": '''
 @sslplug.hookimpl
@@ -63,28 +87,44 @@ def sslplug_target_update(settings: Settings) -> sslplug.TargetUpdate | None:
     """No target network; return a ``sslplug.TargetUpdate`` to have one (see BYOL's)."""
     return None
 ''',
+    "loss": '''
+@sslplug.hookimpl
+def sslplug_loss(settings: Settings) -> sslplug.Loss:
+    return Loss()
+''',
 }
 
 _MODULE = '''"""{title}: an sslplug plugin providing {provides}.
 
-Replace the body of each hook with your method's; ``docs/hooks.md`` of sslplug describes every
-hook, its arguments and what it must return.
+The method: Author et al. YEAR, "Title of the paper", arXiv:NNNN.NNNNN. Its loss, as the paper
+writes it (Section N, eq. N); here the placeholder's::
+
+    L = -mean_i cos(z1_i, z2_i)
+
+Usage::
+
+    {usage}
+
+The parts come in the order of sslplug's built-in methods: settings (the published recipe,
+cited), augmentation, encoder, loss (the formula as a function, then the ``Loss`` module) and
+target update, then the hooks. Replace the placeholders with your method's; ``docs/hooks.md``
+of sslplug describes every hook, its arguments and what it must return.
 """
 
 from __future__ import annotations
 
-{imports}import attrs
-{torch_import}
-
+import attrs
+{torch_imports}
 import sslplug
 
 
 @attrs.define
 class Settings:
-    """The plugin's settings, with their defaults: ``--set {name}.projection_dim=64``."""
+    """The plugin's settings, with their defaults (your method's published recipe, cited):
+    ``--set {name}.projection_dim=64``."""
 
-    projection_dim: int = 128
-
+    projection_dim: int = attrs.field(default=128, validator=sslplug.positive)
+{parts}
 
 @sslplug.hookimpl
 def sslplug_settings() -> type:
@@ -138,8 +178,9 @@ CHOICE = [{choice}]
 
 def test_one_step_with_the_plugin(tmp_path):
     args = ["run", *CHOICE, "--epochs", "1", "--batch-size", "32", "--out", str(tmp_path)]
-    for setting in ("train.max_steps_per_epoch=1", "eval.baseline=false", "eval.every=0",
-                    "eval.embedding_samples=0", "train.progress=false"):
+    for setting in ("train.max_steps_per_epoch=1", "knn.baseline=false", "health.baseline=false",
+                    "knn.every=0", "health.every=0", "tensorboard.embedding_samples=0",
+                    "train.disable=['progress']"):
         args += ["--set", setting]
     done = _sslplug(*args)
     assert done.returncode == 0, done.stderr
@@ -178,6 +219,27 @@ def _check_name_is_free(name: str, module: str) -> None:
         )
 
 
+def _body(components: list[str]) -> tuple[str, str, str]:
+    """The parts, the hooks and the torch imports of a module providing ``components``.
+
+    An augmentation comes with the core's default views (``sslplug.MultiViewGenerator``), so a
+    views hook is written only for a plugin that provides views without an augmentation.
+    """
+    hooked = sorted(
+        (c for c in components if not (c == "views" and "augmentation" in components)),
+        key=lambda c: HOOK_ORDER.index(f"sslplug_{c}"),
+    )
+    parts = "".join("\n" + _PARTS[c] for c in components if c in _PARTS)
+    hooks = "".join("\n" + _HOOKS[c] for c in hooked)
+    imports = []
+    if "loss" in components:
+        imports.append("import torch.nn.functional as F")
+    names = [n for n, c in (("Tensor", "loss"), ("nn", "encoder")) if c in components]
+    if names:
+        imports.append(f"from torch import {', '.join(names)}")
+    return parts, hooks, "".join(line + "\n" for line in imports)
+
+
 def write_plugin(name: str, components: list[str], parent: Path) -> Path:
     """Write the package of plugin ``name`` under ``parent``; return its folder."""
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or keyword.iskeyword(name):
@@ -208,17 +270,12 @@ def write_plugin(name: str, components: list[str], parent: Path) -> Path:
         usage = "sslplug run --plugin simclr " + " ".join(
             f"--{c.replace('_', '-')} {name}" for c in components
         )
-    hooks = "".join("\n" + _HOOKS[c] for c in components)
-    loss = "loss" in components
-    imports = ""
-    torch_import = "import torch.nn.functional as F\nfrom torch import nn" if loss else (
-        "from torch import nn"
-    )
+    parts, hooks, torch_imports = _body(components)
     (folder / "tests").mkdir(parents=True)
     fields = {
         "name": name, "dist": dist, "module": module, "title": title, "provides": provides,
-        "choice": choice, "expected": expected, "usage": usage, "hooks": hooks,
-        "imports": imports, "torch_import": torch_import,
+        "choice": choice, "expected": expected, "usage": usage, "parts": parts,
+        "hooks": hooks, "torch_imports": torch_imports,
     }  # fmt: skip
     (folder / f"{module}.py").write_text(_MODULE.format(**fields))
     (folder / "pyproject.toml").write_text(_PYPROJECT.format(**fields))

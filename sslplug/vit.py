@@ -244,7 +244,7 @@ def _width(net: nn.Module) -> int:
     return int(getattr(net, "num_features"))  # noqa: B009 - an attribute typed Tensor | Module
 
 
-def token_backbone(backbone: nn.Module, who: str) -> ViTBackbone:
+def token_backbone(backbone: nn.Module | None, who: str) -> ViTBackbone:
     """``backbone`` as a ``ViTBackbone``, or a ``ComponentMismatchError`` saying that ``who``
     needs patch tokens and which backbones give them."""
     if isinstance(backbone, ViTBackbone):

@@ -32,12 +32,13 @@ collect_ignore = ["fixtures"]
 # BYOL with narrow heads and a handful of steps: enough to exercise every part of the loop.
 FAST = [
     "train.batch_size=32",
-    "train.progress=false",
+    "train.disable=['progress']",
     "train.log_every=1",
     "data.workers=0",
-    "eval.knn_k=10",
-    "eval.every=1",
-    "eval.health_samples=256",
+    "knn.k=10",
+    "knn.every=1",
+    "health.every=1",
+    "health.samples=256",
     "byol.projector_hidden_dim=64",
     "byol.predictor_hidden_dim=64",
     "byol.projection_dim=32",
@@ -46,7 +47,8 @@ FAST = [
 
 @pytest.fixture(autouse=True)
 def _few_threads() -> None:
-    torch.set_num_threads(2)
+    # two threads, or one in each of pytest-xdist's workers (``-n 2`` shares the two cores)
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture
@@ -72,9 +74,9 @@ def with_plugin(monkeypatch: pytest.MonkeyPatch):
     """``with with_plugin(plugin, name): main([...])``: the command line runs with one more
     plugin registered beside the installed ones (a real plugin object, through the registry's
     own ``register``)."""
-    import sslplug.cli
+    import sslplug.commands
 
-    load = sslplug.cli._load_registry
+    load = sslplug.commands._load_registry
 
     @contextlib.contextmanager
     def extra(plugin: object, name: str) -> Iterator[None]:
@@ -84,7 +86,7 @@ def with_plugin(monkeypatch: pytest.MonkeyPatch):
             return registry
 
         with monkeypatch.context() as patch:
-            patch.setattr(sslplug.cli, "_load_registry", load_with_extra)
+            patch.setattr(sslplug.commands, "_load_registry", load_with_extra)
             yield
 
     return extra
@@ -287,3 +289,17 @@ def run_cli(tmp_path_factory: pytest.TempPathFactory):
         )
 
     return run
+
+
+def fake_distribution(root: Path, name: str, plugins: dict[str, str]) -> Path:
+    """Lay out distribution ``name`` in ``root`` as pip would: one module per plugin,
+    ``{plugin}_plugin.py`` with the given source, and a ``.dist-info`` folder whose
+    ``entry_points.txt`` advertises them. Put ``root`` on ``sys.path`` to install it."""
+    info = root / f"{name.replace('-', '_')}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    lines = [f"{plugin} = {plugin}_plugin" for plugin in plugins]
+    (info / "entry_points.txt").write_text("[sslplug]\n" + "\n".join(lines) + "\n")
+    for plugin, source in plugins.items():
+        (root / f"{plugin}_plugin.py").write_text(source)
+    return root

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from sslplug_methods import barlow_twins as bt
 import torch
+from sslplug_methods import barlow_twins as bt
 
 from sslplug import Outputs, Views
 from sslplug.nn import SmallConvNet
@@ -63,7 +63,7 @@ def test_identical_decorrelated_views_give_zero_and_collapse_is_penalised():
 
 def test_projector_is_three_layers_four_times_the_feature_width():
     backbone = SmallConvNet(width=4)
-    encoder = bt.barlow_twins_encoder(backbone, backbone.out_dim, bt.BarlowTwinsSettings())
+    encoder = bt.BarlowTwinsEncoder(backbone, backbone.out_dim, bt.BarlowTwinsSettings())
     linears = [m for m in encoder.projector if isinstance(m, torch.nn.Linear)]
     assert [m.out_features for m in linears] == [4 * backbone.out_dim] * 3
     assert encoder.projection_dim == 4 * backbone.out_dim

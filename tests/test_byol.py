@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from sslplug_methods import byol
 import torch
+from sslplug_methods import byol
 
 from sslplug import Outputs, Views
 from sslplug.nn import SmallConvNet, cosine_tau

@@ -9,7 +9,7 @@ import sys
 import pytest
 import tomli_w
 
-from sslplug.cli import _parser, main
+from sslplug.commands import build_parser, main
 
 
 def test_list_shows_byol_with_distribution_and_components(capsys):
@@ -79,7 +79,7 @@ def test_info_of_an_unknown_plugin_lists_the_installed(capsys):
 
 
 def _subcommands() -> list[str]:
-    parser = _parser()
+    parser = build_parser()
     (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return sorted(sub.choices)
 
@@ -127,3 +127,60 @@ def test_resume_reads_the_run_settings_without_the_tomllib_module(tmp_path, monk
     (config, resume), = seen
     assert resume == tmp_path
     assert (config.optim.name, config.train.epochs) == ("sgd", 9)
+
+
+def test_no_progress_is_deprecated_and_the_same_as_disable_progress(tmp_path, monkeypatch, capsys):
+    """--no-progress still works: it says once that --disable progress replaces it, then
+    builds the settings --disable progress builds."""
+    import sslplug.engine
+
+    seen = []
+
+    def train(config, registry, resume=None, ignore_collapse=False, overwrite=False):
+        seen.append(config)
+        raise _Stop
+
+    monkeypatch.setattr(sslplug.engine, "train", train)
+    for flags in (["--no-progress"], ["--disable", "progress"]):
+        with pytest.raises(_Stop):
+            main(["run", "--out", str(tmp_path / "run"), *flags])
+    deprecated, disabled = seen
+    assert deprecated.to_dict() == disabled.to_dict()
+    assert deprecated.train.disable == ("progress",)
+    err = capsys.readouterr().err
+    assert err == (
+        "sslplug: warning: --no-progress is deprecated and will be removed; use "
+        "--disable progress instead\n"
+    )
+
+
+def test_settings_under_their_old_names_build_the_same_run_with_a_warning_line_each(
+    tmp_path, monkeypatch, capsys
+):
+    """``--set eval.knn_k`` and ``--set train.progress=false`` still work: each says once what
+    replaces it, then the settings are those of the new names."""
+    import sslplug.engine
+
+    seen = []
+
+    def train(config, registry, resume=None, ignore_collapse=False, overwrite=False):
+        seen.append(config)
+        raise _Stop
+
+    monkeypatch.setattr(sslplug.engine, "train", train)
+    out = ["run", "--out", str(tmp_path / "run")]
+    for settings in (
+        ["eval.knn_k=10", "eval.every=1", "train.progress=false"],
+        ["knn.k=10", "knn.every=1", "health.every=1", "train.disable=['progress']"],
+    ):
+        with pytest.raises(_Stop):
+            main([*out, *(item for setting in settings for item in ("--set", setting))])
+    old, new = seen
+    assert old.to_dict() == new.to_dict() and old.plugins["knn"].k == 10
+    assert capsys.readouterr().err.splitlines() == [
+        "sslplug: warning: --set eval.knn_k is deprecated and will be removed; use knn.k instead",
+        "sslplug: warning: --set eval.every is deprecated and will be removed; use knn.every "
+        "and health.every instead",
+        "sslplug: warning: --set train.progress is deprecated and will be removed; use "
+        "--disable progress instead",
+    ]

@@ -19,16 +19,16 @@ import torch
 
 from sslplug.cli import main
 from sslplug.config import DataSettings
-from sslplug.data import load_data
+from sslplug.data import PREPARE_LOCK, load_data, read_store
 from sslplug.engine import data_line
 from sslplug.errors import DataError
 from sslplug.health import spread, uniformity
 from sslplug.outputs import check_outside_data
-from sslplug.store import PREPARE_LOCK, read_store
 
 # a run of a few steps: narrow heads, no progress bar, no workers
 QUICK = [
-    "--set", "train.progress=false", "--set", "data.workers=0", "--set", "eval.every=1",
+    "--set", "train.disable=['progress']", "--set", "data.workers=0",
+    "--set", "knn.every=1", "--set", "health.every=1",
     "--set", "byol.projector_hidden_dim=16", "--set", "byol.predictor_hidden_dim=16",
     "--set", "byol.projection_dim=8",
 ]  # fmt: skip
@@ -139,16 +139,16 @@ def test_a_partial_folder_that_an_interrupted_prepare_did_not_leave_is_refused_a
 # READY, then sleeps (holding OUT.partial) until it is killed
 _SLOW_PREPARE = """
 import sys, time
-import sslplug.cli, sslplug.store
+import sslplug.cli, sslplug.data.write
 
-add = sslplug.store._SplitWriter.add
+add = sslplug.data.write._SplitWriter.add
 
 def add_then_sleep(self, image, label):
     add(self, image, label)
     open(READY, "w").close()
     time.sleep(600)
 
-sslplug.store._SplitWriter.add = add_then_sleep
+sslplug.data.write._SplitWriter.add = add_then_sleep
 sys.exit(sslplug.cli.main(sys.argv[1:]))
 """
 

@@ -31,8 +31,13 @@ SHORT = [
     [
         ("sslplug-vicreg-0.1", "vicreg_v01", ["--plugin", "simclr", "--loss", "vicreg_v01"]),
         ("sslplug-scaffold-v01", "scaffold_v01", ["--plugin", "scaffold_v01"]),
+        (
+            "sslplug-multicrop-v01",
+            "multicrop_v01",
+            ["--plugin", "multicrop_v01", "--encoder", "simclr"],
+        ),
     ],
-    ids=["vicreg-0.1", "new-plugin-0.1"],
+    ids=["vicreg-0.1", "new-plugin-0.1", "free-capability-0.1"],
 )
 def test_a_plugin_of_version_0_1_trains_and_resumes(
     plugin_venv: ThrowawayVenv, tmp_path, folder, plugin, choice
@@ -42,6 +47,9 @@ def test_a_plugin_of_version_0_1_trains_and_resumes(
         assert plugin in {name for name, _ in plugin_venv.entry_points()}
         first = plugin_venv.sslplug("run", *choice, "--epochs", "2", "--out", str(out), *SHORT)
         assert first.returncode == 0, first.stderr[-3000:]
+        if plugin == "multicrop_v01":  # its capability is registered on its behalf, with advice
+            assert "declares the capability 'multi_crop', which no plugin registers" in first.stderr
+            assert "sslplug_capabilities" in first.stderr
         summary = json.loads((out / "summary.json").read_text())
         assert plugin in summary["components"].values()
         assert (summary["epochs"], summary["steps"]) == (2, 6)

@@ -113,7 +113,7 @@ def test_cpuinfo_without_flags_or_file_means_no_flags(tmp_path):
 @pytest.mark.slow  # three sessions of one run: 3 epochs of 2 steps in all
 def test_a_time_limit_stops_after_the_epoch_and_the_run_resumes(fast_args, tmp_path, capsys):
     run = tmp_path / "run"
-    args = [*_with(fast_args, "--epochs", "3"), "--set", "eval.every=0"]
+    args = [*_with(fast_args, "--epochs", "3"), "--set", "knn.every=0", "--set", "health.every=0"]
     assert main([*args, "--set", "train.max_minutes=0.0001"]) == 0
     err = capsys.readouterr().err
     assert "train.max_minutes=0.0001: stopped after epoch 1 of 3" in err

@@ -66,7 +66,8 @@ def test_byol_with_the_cpc_augmentation_is_refused_before_the_first_step(registr
     assert "requires normalized_views" in capsys.readouterr().err
 
 
-def test_an_unregistered_capability_is_an_error_naming_plugin_and_name(registry):
+def test_an_unregistered_capability_is_registered_on_behalf_with_a_warning(registry):
+    # capability names were free strings in the first API: such a plugin keeps working
     class Encoder(sslplug.ProjectorEncoder):
         provides = frozenset({"projection", "made_up_thing"})
 
@@ -74,8 +75,10 @@ def test_an_unregistered_capability_is_an_error_naming_plugin_and_name(registry)
         return Encoder(backbone, feature_dim, nn.Linear(feature_dim, 8), 8)
 
     registry.register(_plugin("odd", sslplug_encoder=sslplug_encoder), "odd")
-    with pytest.raises(PluginError, match=r"encoder of plugin 'odd'.*'made_up_thing'.*register"):
-        _build(registry, "components.plugin=simclr", "components.encoder=odd")
+    with pytest.warns(DeprecationWarning, match=r"encoder of plugin 'odd'.*'made_up_thing'.*regi"):
+        parts = _build(registry, "components.plugin=simclr", "components.encoder=odd")
+    assert "made_up_thing" in parts.encoder.provides
+    assert [c.name for c in registry.capabilities_of("odd")] == ["made_up_thing"]
 
 
 def test_hook_capabilities_registers_names_that_components_may_then_use(registry, capsys):
@@ -220,8 +223,13 @@ def test_a_target_update_returning_none_from_step_is_fine_on_logged_steps(
 ):
     registry.register(_plugin("silent", sslplug_target_update=lambda: _Silent()), "silent")
     summary = _train(
-        registry, shapes_folder, tmp_path, "components.plugin=simclr",
-        "components.target_update=silent", "eval.baseline=false",
+        registry,
+        shapes_folder,
+        tmp_path,
+        "components.plugin=simclr",
+        "components.target_update=silent",
+        "knn.baseline=false",
+        "health.baseline=false",
     )
     assert summary["steps"] == 2 and summary["components"]["target_update"] == "silent"
 
@@ -251,8 +259,12 @@ def test_hook_loss_faults_name_the_plugin_and_what_the_contract_expects(
     registry.register(_plugin("bad", sslplug_loss=lambda: loss()), "bad")
     with pytest.raises(ComponentFailure, match=expected):
         _train(
-            registry, shapes_folder, tmp_path, "components.plugin=simclr",
-            "components.loss=bad", "train.log_every=100",  # only the epoch's last step logs
+            registry,
+            shapes_folder,
+            tmp_path,
+            "components.plugin=simclr",
+            "components.loss=bad",
+            "train.log_every=100",  # only the epoch's last step logs
         )
 
 
@@ -292,16 +304,16 @@ def test_hook_run_end_is_called_with_the_error_when_a_run_fails(registry, shapes
     registry.register(recorder, "recorder")
     registry.register(_plugin("bad", sslplug_loss=lambda: _BareTensor()), "bad")
     with pytest.raises(ComponentFailure):
-        _train(
-            registry, shapes_folder, tmp_path, "components.plugin=simclr", "components.loss=bad"
-        )
-    (summary, error), = recorder.ends
+        _train(registry, shapes_folder, tmp_path, "components.plugin=simclr", "components.loss=bad")
+    ((summary, error),) = recorder.ends
     assert isinstance(error, ComponentFailure) and summary["steps"] == 0
 
 
 def test_disabled_lifecycle_plugins_do_not_run(registry, shapes_folder, tmp_path):
     summary = _train(
-        registry, shapes_folder, tmp_path,
+        registry,
+        shapes_folder,
+        tmp_path,
         'train.disable=["tensorboard", "view_grid", "knn", "health"]',
     )
     assert not (tmp_path / "tensorboard").exists() and not (tmp_path / "views.png").exists()
@@ -314,7 +326,8 @@ def test_disable_on_the_command_line_and_its_errors(fast_args, tmp_path, capsys)
     run = tmp_path / "run"
     assert main([*fast_args, "--disable", "tensorboard", "--epochs", "1"]) == 0
     assert not (run / "tensorboard").exists() and (run / "views.png").is_file()
-    assert read_toml(run / "settings.toml")["train"]["disable"] == ["tensorboard"]
+    # FAST switches the bar off (train.disable); --disable adds to that list
+    assert read_toml(run / "settings.toml")["train"]["disable"] == ["progress", "tensorboard"]
     assert main([*fast_args, "--disable", "tensorbored"]) == 2
     assert "--disable 'tensorbored': no plugin of that name" in capsys.readouterr().err
     assert main([*fast_args, "--disable", "byol"]) == 2
@@ -322,7 +335,7 @@ def test_disable_on_the_command_line_and_its_errors(fast_args, tmp_path, capsys)
 
 
 def test_the_view_generator_state_is_checkpointed(registry, shapes_folder, tmp_path):
-    _train(registry, shapes_folder, tmp_path, "eval.baseline=false")
+    _train(registry, shapes_folder, tmp_path, "knn.baseline=false", "health.baseline=false")
     state = load_checkpoint(tmp_path)
     assert "views" in state and isinstance(state["views"], dict)
 
@@ -363,14 +376,16 @@ def test_a_lifecycle_plugin_that_raises_is_named(registry, shapes_folder, tmp_pa
     registry.register(_Crashing(), "crashing")
     expected = r"lifecycle plugin 'crashing' raised in sslplug_epoch_end"
     with pytest.raises(PluginError, match=expected):
-        _train(registry, shapes_folder, tmp_path, "eval.baseline=false")
+        _train(registry, shapes_folder, tmp_path, "knn.baseline=false", "health.baseline=false")
     assert load_checkpoint(tmp_path)["epoch"] == 1  # the epoch it ended was saved first
 
 
 def test_disable_adds_to_the_config_file(fast_args, tmp_path):
     config = tmp_path / "run.toml"
     config.write_text('[train]\ndisable = ["knn"]\n')
-    args = [*fast_args, "--config", str(config), "--disable", "tensorboard", "--epochs", "1"]
+    at = fast_args.index("train.disable=['progress']")  # a --set would replace the file's list
+    args = [*fast_args[: at - 1], *fast_args[at + 1 :], "--config", str(config)]
+    args += ["--disable", "tensorboard", "--epochs", "1"]
     assert main(args) == 0
     saved = read_toml(tmp_path / "run" / "settings.toml")["train"]["disable"]
     assert saved == ["knn", "tensorboard"]
@@ -397,7 +412,14 @@ def test_the_settings_of_a_lifecycle_plugin_are_saved_with_the_run(
     registry, shapes_folder, tmp_path
 ):
     assert registry.register(_Watcher(), "watcher")
-    _train(registry, shapes_folder, tmp_path, "watcher.every=3", "eval.baseline=false")
+    _train(
+        registry,
+        shapes_folder,
+        tmp_path,
+        "watcher.every=3",
+        "knn.baseline=false",
+        "health.baseline=false",
+    )
     assert read_toml(tmp_path / "settings.toml")["watcher"] == {"every": 3}
     assert load_checkpoint(tmp_path)["settings"]["watcher"] == {"every": 3}
     assert "simclr" not in read_toml(tmp_path / "settings.toml")  # plugins the run does not use

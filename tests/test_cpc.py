@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from sslplug_methods import cpc
 import torch
+from sslplug_methods import cpc
 from torch import nn
 
 from sslplug import Views
@@ -67,7 +67,7 @@ def test_info_nce_matches_the_formula_with_every_patch_a_candidate():
     g = torch.Generator().manual_seed(3)
     predictions = torch.randn(2, 2, 4, 3, 5, generator=g)
     patches = torch.randn(2, 4, 3, 5, generator=g)
-    assert cpc.info_nce(predictions, patches).item() == pytest.approx(
+    assert cpc.patch_info_nce(predictions, patches).item() == pytest.approx(
         reference_info_nce(predictions, patches), rel=1e-5
     )
 
@@ -77,9 +77,9 @@ def test_info_nce_is_small_when_predictions_point_at_their_patches():
     predictions = torch.zeros(2, 2, 5, 3, 30)
     for k in (1, 2):
         predictions[k - 1, :, : 5 - k] = patches[:, k:]
-    assert cpc.info_nce(predictions, patches).item() < 1e-3
-    assert cpc.info_nce(predictions, patches, num_negatives=8).item() < 1e-3
-    assert cpc.info_nce(torch.zeros_like(predictions), patches).item() == pytest.approx(
+    assert cpc.patch_info_nce(predictions, patches).item() < 1e-3
+    assert cpc.patch_info_nce(predictions, patches, num_negatives=8).item() < 1e-3
+    assert cpc.patch_info_nce(torch.zeros_like(predictions), patches).item() == pytest.approx(
         math.log(30), rel=1e-5
     )
 

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sslplug_methods import dino
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from sslplug_methods import dino
 from torch import Tensor, nn
 
 import sslplug
@@ -311,10 +311,11 @@ ENGINE = [
     f"train.batch_size={BATCH}",
     f"train.max_steps_per_epoch={STEPS}",
     "train.log_every=1",
-    "train.progress=false",
-    'train.disable=["knn", "health", "view_grid", "tensorboard"]',
-    "eval.baseline=false",
-    "eval.every=0",
+    'train.disable=["progress", "knn", "health", "view_grid", "tensorboard"]',
+    "knn.baseline=false",
+    "health.baseline=false",
+    "knn.every=0",
+    "health.every=0",
     "data.workers=0",
     "dino.warmup_teacher_temp_epochs=1",
     *NARROW,
@@ -471,9 +472,9 @@ def _short_run(
             f"train.max_steps_per_epoch={steps}",
             "train.batch_size=32",
             "train.log_every=1",
-            "train.progress=false",
-            'train.disable=["knn", "health", "view_grid", "tensorboard"]',
-            "eval.baseline=false",
+            'train.disable=["progress", "knn", "health", "view_grid", "tensorboard"]',
+            "knn.baseline=false",
+            "health.baseline=false",
             "data.workers=0",
             f"train.out={out}",
         ],

@@ -12,12 +12,10 @@ import os
 from pathlib import Path
 
 import pytest
-from sslplug_methods import barlow_twins
-from sslplug_methods import byol
-from sslplug_methods import simclr
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from sslplug_methods import barlow_twins, byol, simclr
 
 import sslplug
 

@@ -137,9 +137,11 @@ def test_export_resnet18_loads_into_torchvision_with_strict(shapes_folder, tmp_p
         "--set",
         "train.max_steps_per_epoch=1",
         "--set",
-        "eval.baseline=false",
+        "knn.baseline=false",
         "--set",
-        "eval.embedding_samples=0",
+        "health.baseline=false",
+        "--set",
+        "tensorboard.embedding_samples=0",
     )
     out = tmp_path / "r18.pt"
     assert main(["export", str(run), str(out)]) == 0

@@ -15,8 +15,12 @@ from sslplug.cli import main
 from sslplug.errors import CheckpointError
 
 
-def test_short_run_leaves_settings_checkpoint_logs_and_summary(fast_args, tmp_path):
-    assert main(fast_args) == 0
+def test_short_run_leaves_settings_checkpoint_logs_and_summary(fast_args, tmp_path, capsys):
+    assert main(fast_args) == 0  # with the progress bar switched off (conftest's FAST)
+    # the epoch lines are the core's report: they stay without the bar
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("epoch ")]
+    assert [x.split(":")[0] for x in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert ", kNN top-1 " in lines[0] and ", rank " in lines[0] and ", spread " in lines[0]
     run = tmp_path / "run"
     for name in ("settings.toml", "last.pt", "summary.json", "views.png"):
         assert (run / name).is_file(), name
@@ -30,7 +34,9 @@ def test_short_run_leaves_settings_checkpoint_logs_and_summary(fast_args, tmp_pa
     state = load_checkpoint(run)
     assert state["epoch"] == 2 and state["step"] == 4
     assert state["target_update"] is not None and state["optimizer"]["state"]
-    assert 'target_update = "byol"' in (run / "settings.toml").read_text()
+    saved = (run / "settings.toml").read_text()
+    assert 'target_update = "byol"' in saved
+    assert "[knn]\nk = 10\n" in saved and "[health]\n" in saved  # the monitors' sections
 
 
 def _with(args: list[str], flag: str, value: str) -> list[str]:
@@ -182,7 +188,8 @@ def test_lifecycle_hooks_and_a_mixed_in_augmentation_during_a_real_run(
     ):
         setattr(plugin, fn.__name__, fn)
     assert registry.register(plugin, "listener")
-    assert registry.provides("listener") == ("augmentation", "target_update")
+    # its augmentation comes with the default views
+    assert registry.provides("listener") == ("augmentation", "views", "target_update")
 
     def one_epoch(out: str, choice: str) -> dict:
         config = load_config(

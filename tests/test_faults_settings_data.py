@@ -15,19 +15,19 @@ from pathlib import Path
 
 import attrs
 import pytest
-from sslplug_methods import byol
 import torch
+from sslplug_methods import byol
 
-from sslplug.cli import _torch_threads, main
+from sslplug.commands import _torch_threads, main
 from sslplug.config import (
     CORE_SECTIONS,
     SEED_RANGE,
-    EvalSettings,
     OptimSettings,
     load_config,
 )
 from sslplug.data import load_data, make_shapes
 from sslplug.errors import ConfigError, DataError
+from sslplug.monitors.knn import KNNSettings
 from sslplug.plugins import PluginRegistry
 from sslplug.runtime import seed_everything
 
@@ -51,7 +51,7 @@ def _float_settings(registry: PluginRegistry) -> dict[str, typing.Any]:
 
 def test_every_float_setting_of_the_core_and_the_plugins_refuses_nan_and_infinities(registry):
     types = _float_settings(registry)
-    assert {"optim.lr", "optim.warmup_epochs", "eval.knn_temperature", "byol.tau_base"} <= set(
+    assert {"optim.lr", "optim.warmup_epochs", "knn.temperature", "byol.tau_base"} <= set(
         types
     )
     assert typing.get_origin(types["byol.crop_scale"]) is tuple
@@ -68,12 +68,12 @@ def test_every_float_setting_of_the_core_and_the_plugins_refuses_nan_and_infinit
 
 @pytest.mark.parametrize(
     "assignment",
-    ["optim.lr=nan", "optim.warmup_epochs=nan", "eval.knn_temperature=nan", "optim.lr=inf"],
+    ["optim.lr=nan", "optim.warmup_epochs=nan", "knn.temperature=nan", "optim.lr=inf"],
 )
 def test_the_issue_s_non_finite_settings_are_refused_naming_key_and_value(assignment):
     key, value = assignment.split("=")
     with pytest.raises(ConfigError, match=rf"^{key} must be a finite number, got {value}$"):
-        load_config(assignments=[assignment])
+        load_config(assignments=[assignment], plugin_settings={"knn": KNNSettings})
 
 
 def test_a_tuple_with_nan_names_the_whole_value():
@@ -87,9 +87,9 @@ def test_a_tuple_with_nan_names_the_whole_value():
 
 def test_nan_in_a_config_file_and_a_whole_number_past_the_float_range_are_refused(tmp_path):
     config = tmp_path / "run.toml"
-    config.write_text("[eval]\nknn_temperature = nan\n")
-    with pytest.raises(ConfigError, match=r"eval\.knn_temperature must be a finite number"):
-        load_config(config)
+    config.write_text("[knn]\ntemperature = nan\n")
+    with pytest.raises(ConfigError, match=r"knn\.temperature must be a finite number"):
+        load_config(config, plugin_settings={"knn": KNNSettings})
     with pytest.raises(ConfigError, match=r"optim\.lr must be a finite number, got 1000"):
         load_config(assignments=[f"optim.lr={10**400}"])  # float() of it overflows
 
@@ -99,8 +99,8 @@ def test_validators_refuse_nan_in_settings_built_in_python():
         OptimSettings(lr=float("nan"))
     with pytest.raises(ConfigError, match=r"warmup_epochs must be 0 or more, got nan"):
         OptimSettings(warmup_epochs=float("nan"))
-    with pytest.raises(ConfigError, match=r"knn_temperature must be greater than 0, got nan"):
-        EvalSettings(knn_temperature=float("nan"))
+    with pytest.raises(ConfigError, match=r"temperature must be greater than 0, got nan"):
+        KNNSettings(temperature=float("nan"))
 
 
 @pytest.mark.parametrize("seed", [99999999999999999999, 2**32, -1])

@@ -75,10 +75,30 @@ def test_the_collapse_rule_needs_two_low_epochs_in_a_row_that_do_not_recover():
     assert collapse({"spread_projections": 0.02}, {"spread_projections": 0.3}) is None
 
 
+def test_the_collapse_warning_names_the_causes_the_method_s_loss_gives():
+    from sslplug_methods import byol, simclr
+
+    from sslplug.monitors.health import collapse_warning
+
+    hint = byol.BYOLLoss.collapse_hint
+    assert hint == (
+        "BYOL needs its predictor and its EMA target: check the target update (not 'none', "
+        "byol.tau not far below 0.99), that the predictor is used, and the learning rate"
+    )
+    warned = collapse_warning("spread_projections", 0.01, 4, hint)
+    assert f"Likely causes: {hint}. Set train.stop_on_collapse=true" in warned
+    # a loss that names none: the causes common to every method
+    assert simclr.NTXentLoss.collapse_hint == ""
+    assert "Likely causes: a learning rate too high, a missing predictor" in collapse_warning(
+        "spread_features", 0.01, 4, ""
+    )
+
+
 SMALL = [
-    "--no-progress", "--set", "train.batch_size=128", "--set", "train.max_steps_per_epoch=15",
-    "--set", "eval.every=1", "--set", "eval.health_samples=256", "--set", "eval.knn_k=20",
-    "--set", "eval.embedding_samples=0", "--set", "data.workers=0",
+    "--disable", "progress", "--set", "train.batch_size=128",
+    "--set", "train.max_steps_per_epoch=15",
+    "--set", "knn.every=1", "--set", "health.every=1", "--set", "health.samples=256",
+    "--set", "knn.k=20", "--set", "tensorboard.embedding_samples=0", "--set", "data.workers=0",
     "--set", "byol.projector_hidden_dim=256", "--set", "byol.predictor_hidden_dim=256",
 ]
 COLLAPSING = ["--plugin", "byol", "--target-update", "none", "--set", "byol.predictor=false"]
@@ -110,7 +130,8 @@ def test_a_run_made_to_collapse_is_warned_and_stop_on_collapse_keeps_the_last_go
     ])
     assert done.returncode == 0, done.stderr
     assert "warning: the embeddings have collapsed after epoch" in done.stderr
-    assert "spread_projections is 0.0" in done.stderr and "predictor" in done.stderr
+    assert "spread_projections is 0.0" in done.stderr
+    assert "Likely causes: BYOL needs its predictor and its EMA target" in done.stderr
     summary = json.loads((out / "summary.json").read_text())
     stopped_at = summary["epochs"]
     assert stopped_at < 6 and "collapsed" in summary["stopped"]
@@ -176,8 +197,8 @@ def test_unlabelled_data_shows_the_label_free_measures_and_says_why_no_knn(
     out = tmp_path / "run"
     done = run_cli([
         "run", "--plugin", "simclr", "--data", tmp_path / "flat", "--epochs", "1",
-        "--out", out, "--set", "train.batch_size=50", "--no-progress",
-        "--set", "eval.health_samples=100", "--set", "data.workers=0",
+        "--out", out, "--set", "train.batch_size=50", "--disable", "progress",
+        "--set", "health.samples=100", "--set", "data.workers=0",
     ])
     assert done.returncode == 0, done.stderr
     assert "has no labels: no kNN accuracy can be computed" in done.stderr
@@ -216,11 +237,10 @@ def test_no_built_in_method_is_called_collapsed_at_the_start_of_its_default_run(
             "train.epochs=2",
             "train.batch_size=16",
             "train.max_steps_per_epoch=16",  # 32 steps: the rule judges from step 30
-            "train.progress=false",
-            "eval.every=1",
-            "eval.health_samples=128",
+            "health.every=1",
+            "health.samples=128",
             f"train.out={tmp_path}",
-            'train.disable=["knn", "view_grid", "tensorboard"]',
+            'train.disable=["progress", "knn", "view_grid", "tensorboard"]',
             *(["model.backbone=vit_micro"] if method in ("mae", "ijepa") else []),
         ],
         plugin_settings=registry.settings_classes(),

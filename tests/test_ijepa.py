@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sslplug_methods import ijepa
 import torch
+from sslplug_methods import ijepa
 from torch import Tensor
 
 import sslplug
@@ -174,7 +174,9 @@ def _build(registry: PluginRegistry, *assignments: str, backbone: str = "vit_mic
         None, ["components.plugin=ijepa", *assignments], registry.settings_classes()
     )
     net, dim = build_backbone(backbone, SIZE, pool=config.model.pool)
-    run = RunContext(config=config, image_size=SIZE, steps_per_epoch=5, total_steps=100)
+    run = RunContext(
+        config=config, image_size=SIZE, steps_per_epoch=5, total_steps=100, backbone=net
+    )
     return registry.build(config, run, net, dim)
 
 
@@ -434,7 +436,7 @@ def test_short_run_on_vit_micro_finishes_and_moves_the_target(
     out = tmp_path / "run"
     args = ["run", "--plugin", "ijepa", "--backbone", "vit_micro", "--data", str(shapes_folder)]
     args += ["--epochs", "1", "--out", str(out)]
-    for item in [*FAST, "eval.baseline=false"]:
+    for item in [*FAST, "knn.baseline=false", "health.baseline=false"]:
         args += ["--set", item]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -475,10 +477,11 @@ def _three_epochs(shapes_folder: Path, out: Path, *extra: object) -> tuple[Any, 
             "data.workers=0",
             "train.epochs=3",
             "train.batch_size=32",
-            "train.progress=false",
-            'train.disable=["knn", "health", "view_grid", "tensorboard"]',
-            "eval.baseline=false",
-            "eval.every=0",
+            'train.disable=["progress", "knn", "health", "view_grid", "tensorboard"]',
+            "knn.baseline=false",
+            "health.baseline=false",
+            "knn.every=0",
+            "health.every=0",
             f"train.out={out}",
         ],
         registry.settings_classes(),

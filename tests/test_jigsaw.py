@@ -5,8 +5,8 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from sslplug_methods import jigsaw
 import torch
+from sslplug_methods import jigsaw
 from torch import nn
 
 from sslplug import Outputs, Views
@@ -83,7 +83,8 @@ def test_upsampling_gives_larger_tiles():
 
 def test_encoder_concatenates_tile_features_in_order():
     backbone = SmallConvNet(width=4)
-    encoder = jigsaw.JigsawEncoder(backbone, backbone.out_dim, permutations=10, hidden_dim=16)
+    settings = jigsaw.JigsawSettings(num_permutations=10, classifier_hidden_dim=16)
+    encoder = jigsaw.JigsawEncoder(backbone, backbone.out_dim, settings)
     tiles = torch.randn(18, 3, 8, 8)
     out = encoder(Views(images=(tiles,)))
     assert out.logits.shape == (2, 10)
@@ -97,7 +98,8 @@ def test_encoder_concatenates_tile_features_in_order():
 
 def test_evaluation_features_are_the_unshuffled_tile_grid():
     backbone = SmallConvNet(width=4)
-    encoder = jigsaw.JigsawEncoder(backbone, backbone.out_dim, permutations=10, hidden_dim=16)
+    settings = jigsaw.JigsawSettings(num_permutations=10, classifier_hidden_dim=16)
+    encoder = jigsaw.JigsawEncoder(backbone, backbone.out_dim, settings)
     encoder.eval()
     images = torch.randn(2, 3, 32, 32)
     features = encoder.features(images)

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sslplug_methods import mae
 import torch
+from sslplug_methods import mae
 from torch import Tensor
 
 import sslplug
@@ -291,7 +291,7 @@ def test_weight_decay_is_the_papers_whatever_the_optimisers_default() -> None:
 def _build(registry: PluginRegistry, backbone: str, *choice: str) -> Any:
     config = load_config(None, [*choice, f"model.backbone={backbone}"], registry.settings_classes())
     net, dim = build_backbone(backbone, 32)
-    return registry.build(config, RunContext(config=config, image_size=32), net, dim)
+    return registry.build(config, RunContext(config=config, image_size=32, backbone=net), net, dim)
 
 
 def test_mae_assembles_on_a_vit_and_registers_pixel_predictions(registry: PluginRegistry) -> None:
@@ -395,10 +395,11 @@ def _three_epochs(shapes_folder: Path, out: Path, *extra: object) -> None:
             "train.epochs=3",
             "train.max_steps_per_epoch=3",
             "train.batch_size=16",
-            "train.progress=false",
-            'train.disable=["knn", "health", "view_grid", "tensorboard"]',
-            "eval.baseline=false",
-            "eval.every=0",
+            'train.disable=["progress", "knn", "health", "view_grid", "tensorboard"]',
+            "knn.baseline=false",
+            "health.baseline=false",
+            "knn.every=0",
+            "health.every=0",
             f"train.out={out}",
         ],
         registry.settings_classes(),

@@ -9,12 +9,11 @@ import os
 from pathlib import Path
 
 import pytest
-from sslplug_methods import moco_v2
-from sslplug_methods import moco_v3
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from sslplug_methods import moco_v2, moco_v3
 from torch import nn
 
 import sslplug
@@ -131,7 +130,7 @@ def test_moco_v2_step_moves_the_key_encoder_and_enqueues_the_keys_the_loss_saw(s
 
 def test_moco_v2_head_is_two_layers_without_batch_norm_as_wide_as_the_features():
     backbone = SmallConvNet(width=4)
-    encoder = moco_v2.moco_v2_encoder(backbone, backbone.out_dim, moco_v2.MoCoV2Settings())
+    encoder = moco_v2.MoCoV2Encoder(backbone, backbone.out_dim, moco_v2.MoCoV2Settings())
     layers = list(encoder.projector)
     assert [type(m) for m in layers] == [nn.Linear, nn.ReLU, nn.Linear]
     assert (layers[0].out_features, layers[2].out_features) == (backbone.out_dim, 128)
@@ -342,10 +341,11 @@ BATCH, STEPS, EPOCHS = 64, 3, 3
 _COMMON = [
     f"train.batch_size={BATCH}",
     "train.log_every=1",
-    "train.progress=false",
-    'train.disable=["knn", "health", "view_grid", "tensorboard"]',
-    "eval.baseline=false",
-    "eval.every=0",
+    'train.disable=["progress", "knn", "health", "view_grid", "tensorboard"]',
+    "knn.baseline=false",
+    "health.baseline=false",
+    "knn.every=0",
+    "health.every=0",
     "data.workers=0",
 ]
 _NARROW = {  # heads narrow enough for a few seconds a run

@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sslplug_methods import nnclr
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from sslplug_methods import nnclr
 
 import sslplug
 from sslplug import Outputs, Views
@@ -278,10 +278,11 @@ _COMMON = [
     *NARROW,
     "train.batch_size=64",
     "train.log_every=1",
-    "train.progress=false",
-    'train.disable=["knn", "health", "view_grid", "tensorboard"]',
-    "eval.baseline=false",
-    "eval.every=0",
+    'train.disable=["progress", "knn", "health", "view_grid", "tensorboard"]',
+    "knn.baseline=false",
+    "health.baseline=false",
+    "knn.every=0",
+    "health.every=0",
     "data.workers=0",
 ]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import types
-from pathlib import Path
 from typing import ClassVar
 
 import attrs
@@ -20,19 +19,7 @@ from sslplug.nn import build_backbone
 from sslplug.plugins import PluginRegistry
 
 from .conftest import FAST
-
-
-def _distribution(root: Path, name: str, plugins: dict[str, str]) -> Path:
-    """Lay out distribution ``name`` in ``root`` as pip would: one module per plugin, with the
-    given source, and a ``.dist-info`` folder whose ``entry_points.txt`` advertises them."""
-    info = root / f"{name.replace('-', '_')}-1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
-    lines = [f"{plugin} = {plugin}_plugin" for plugin in plugins]
-    (info / "entry_points.txt").write_text("[sslplug]\n" + "\n".join(lines) + "\n")
-    for plugin, source in plugins.items():
-        (root / f"{plugin}_plugin.py").write_text(source)
-    return root
+from .conftest import fake_distribution as _distribution
 
 
 def _module(name: str, **functions) -> types.ModuleType:
@@ -298,9 +285,11 @@ def lifecycle(shapes_folder, tmp_path_factory) -> tuple[list[tuple[str, dict]], 
             *FAST,
             f"data.name={shapes_folder}",  # 80 images: two steps of 32 an epoch
             "train.epochs=2",
-            "eval.baseline=false",
-            "eval.every=0",
-            "eval.embedding_samples=0",
+            "knn.baseline=false",
+            "health.baseline=false",
+            "knn.every=0",
+            "health.every=0",
+            "tensorboard.embedding_samples=0",
             f"train.out={tmp_path_factory.mktemp('lifecycle') / 'run'}",
         ],
         plugin_settings=registry.settings_classes(),

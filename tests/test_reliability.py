@@ -84,7 +84,7 @@ def _faulty_plugin(component: str) -> types.ModuleType:
 
     @sslplug.hookimpl
     def sslplug_views(augmentations):
-        return faulty(sslplug_byol.sslplug_views(augmentations))
+        return faulty(sslplug.MultiViewGenerator(augmentations))  # the default views
 
     @sslplug.hookimpl
     def sslplug_encoder(backbone, feature_dim):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from sslplug_methods import rotnet
 import torch
+from sslplug_methods import rotnet
 from torch import nn
 
 from sslplug import Outputs, Views
@@ -52,7 +52,7 @@ def test_loss_is_cross_entropy_written_out():
 
 def test_encoder_classifies_rotations_from_backbone_features():
     backbone = SmallConvNet(width=4)
-    encoder = rotnet.RotNetEncoder(backbone, backbone.out_dim, hidden_dim=0)
+    encoder = rotnet.RotNetEncoder(backbone, backbone.out_dim, rotnet.RotNetSettings())
     out = encoder(Views(images=(torch.randn(8, 3, 16, 16),)))
     assert out.logits.shape == (8, 4) and out.features[0].shape == (8, 32)
     assert torch.equal(

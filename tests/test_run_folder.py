@@ -40,7 +40,7 @@ def _events(run: Path) -> list[str]:
 # folder.
 _CHILD = """
 import os, signal, sys, time
-import sslplug, sslplug.cli
+import sslplug, sslplug.commands
 
 class AtStep1:
     @sslplug.hookimpl
@@ -48,15 +48,15 @@ class AtStep1:
         if step == AT_STEP:
             ACTION
 
-load = sslplug.cli._load_registry
+load = sslplug.commands._load_registry
 
 def with_plugin(strict):
     registry = load(strict)
     registry.register(AtStep1(), "at_step_1")
     return registry
 
-sslplug.cli._load_registry = with_plugin
-sys.exit(sslplug.cli.main(sys.argv[1:]))
+sslplug.commands._load_registry = with_plugin
+sys.exit(sslplug.commands.main(sys.argv[1:]))
 """
 KILL = "os.kill(os.getpid(), signal.SIGKILL)"
 SLEEP = "time.sleep(600)"
@@ -322,17 +322,17 @@ def test_resume_that_changes_the_steps_of_an_epoch_is_refused(fast_args, tmp_pat
     err = capsys.readouterr().err
     assert "its batch size is 32, these settings make it 16; its epochs have 2 steps, " in err
 
-    state = load_checkpoint(run)  # as written before the steps of an epoch were saved
-    del state["steps_per_epoch"], state["batch_size"], state["format"], state["version"]
-    save_checkpoint(state, run / "last.pt")
+    state = load_checkpoint(run)  # as version 1 wrote it before the steps of an epoch were saved
+    del state["steps_per_epoch"], state["batch_size"]
+    save_checkpoint({**state, "version": 1}, run / "last.pt")
     assert main(fewer) == 2  # 2 steps in 1 epoch: told by the step and the epoch
     assert "its epochs have 2 steps, these settings make them 1" in capsys.readouterr().err
     state = load_checkpoint(run)
     assert (state["epoch"], state["step"]) == (1, 2)
 
     # inside an epoch, an old checkpoint does not tell its steps: accepted
-    state.update(step=3, epoch_loss_sum=4.0)
-    del state["format"], state["version"]
+    state.update(step=3, epoch_loss_sum=4.0, version=1)
+    del state["steps_per_epoch"], state["batch_size"]
     save_checkpoint(state, run / "last.pt")
     assert main(_resume(run, "--epochs", "2")) == 0
     assert load_checkpoint(run)["step"] == 4

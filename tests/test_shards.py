@@ -328,7 +328,7 @@ def test_a_truncated_shard_is_refused_naming_it(tmp_path, capsys, where):
 def test_a_run_on_a_truncated_shard_stops_with_one_line(tmp_path, capsys):
     bad = _cut(_labelled(tmp_path / "good.tar", 4), tmp_path / "bad.tar", "inside a header")
     code = main(["run", "--data", str(bad), "--epochs", "1", "--out", str(tmp_path / "run"),
-                 "--set", "data.workers=0", "--set", "train.progress=false"])
+                 "--set", "data.workers=0", "--set", "train.disable=['progress']"])
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith(f"sslplug: error: the WebDataset shard '{bad}' is truncated") and (

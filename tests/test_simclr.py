@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from sslplug_methods import simclr
 import torch
+from sslplug_methods import simclr
 
 from sslplug import Outputs, Views
 from sslplug.config import RunContext, load_config
@@ -62,7 +62,7 @@ def _views(n):
 
 def test_encoder_projector_is_as_wide_as_the_features_by_default():
     backbone = SmallConvNet(width=4)
-    encoder = simclr.simclr_encoder(backbone, backbone.out_dim, simclr.SimCLRSettings())
+    encoder = simclr.SimCLREncoder(backbone, backbone.out_dim, simclr.SimCLRSettings())
     assert encoder.projector[0].out_features == backbone.out_dim
     out = encoder(Views(images=(torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16))))
     assert [z.shape for z in out.projections] == [(3, 128), (3, 128)]

@@ -8,8 +8,8 @@ import types
 from pathlib import Path
 
 import pytest
-from sslplug_methods import simsiam
 import torch
+from sslplug_methods import simsiam
 from torch import nn
 
 import sslplug
@@ -152,10 +152,11 @@ def _run(registry, out: Path, *assignments: str, steps: int = 12) -> dict:
             f"train.max_steps_per_epoch={steps}",
             "train.batch_size=64",
             "train.log_every=1",
-            "train.progress=false",
-            'train.disable=["knn", "health", "view_grid", "tensorboard"]',
-            "eval.baseline=false",
-            "eval.every=0",
+            'train.disable=["progress", "knn", "health", "view_grid", "tensorboard"]',
+            "knn.baseline=false",
+            "health.baseline=false",
+            "knn.every=0",
+            "health.every=0",
             "optim.warmup_epochs=0",
             "data.workers=0",
             f"train.out={out}",
@@ -249,10 +250,11 @@ def _three_epochs(registry, out: Path) -> RunConfig:
             "train.epochs=3",
             "train.max_steps_per_epoch=3",
             "train.batch_size=32",
-            "train.progress=false",
-            'train.disable=["knn", "health", "view_grid", "tensorboard"]',
-            "eval.baseline=false",
-            "eval.every=0",
+            'train.disable=["progress", "knn", "health", "view_grid", "tensorboard"]',
+            "knn.baseline=false",
+            "health.baseline=false",
+            "knn.every=0",
+            "health.every=0",
             "data.workers=0",
             f"train.out={out}",
         ],

@@ -17,10 +17,21 @@ from PIL import Image
 import sslplug
 from sslplug.cli import main
 from sslplug.config import DataSettings
-from sslplug.crops import center_boxes, fit_batch, resized_crops, sample_boxes
-from sslplug.data import Loader, load_data, prepare
+from sslplug.data import (
+    ImageStore,
+    Loader,
+    center_boxes,
+    decode_image,
+    fit_batch,
+    load_data,
+    pad_batch,
+    prepare,
+    read_store,
+    resized_crops,
+    sample_boxes,
+    write_store,
+)
 from sslplug.errors import ConfigError, DataError
-from sslplug.store import ImageStore, decode_image, pad_batch, read_store, write_store
 
 CPU = torch.device("cpu")
 
@@ -315,8 +326,8 @@ def _run_on(data, tmp_path, capsys, *more):
     code = main([
         "run", "--plugin", "simclr", "--data", str(data), "--epochs", "1",
         "--out", str(tmp_path / "run"), "--set", "train.batch_size=4",
-        "--set", "train.progress=false", "--set", "data.workers=0",
-        "--set", "train.max_steps_per_epoch=1", "--set", "eval.knn_k=3", *more,
+        "--set", "train.disable=['progress']", "--set", "data.workers=0",
+        "--set", "train.max_steps_per_epoch=1", "--set", "knn.k=3", *more,
     ])
     return code, capsys.readouterr().err
 
@@ -493,8 +504,8 @@ def test_a_run_on_prepared_photos_crops_at_the_stored_resolution(tmp_path, monke
     code = main([
         "run", "--plugin", "simclr", "--data", str(tmp_path / "p"), "--epochs", "1",
         "--out", str(tmp_path / "run"), "--set", "train.batch_size=4",
-        "--set", "train.progress=false", "--set", "data.workers=0", "--set", "eval.knn_k=3",
-        "--set", "eval.embedding_samples=0",
+        "--set", "train.disable=['progress']", "--set", "data.workers=0", "--set", "knn.k=3",
+        "--set", "tensorboard.embedding_samples=0",
     ])
     assert code == 0
     # the view grid of the first eight, then the steps; the health monitor's views of its

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sslplug_methods import swav
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from sslplug_methods import swav
 
 import sslplug
 from sslplug import Outputs, Views
@@ -252,9 +252,9 @@ def test_prototypes_are_a_frozen_parameter_group():
 
 def test_views_are_two_global_and_six_local_crops_of_swav_scales():
     settings = swav.SwAVSettings()
-    augmentations = settings.augmentations(32)
+    augmentations = swav.sslplug_augmentation(settings, RunContext(load_config(), image_size=32))
     assert augmentations.groups == ("global", "global") + ("local",) * 6
-    generator = swav.sslplug_views(augmentations)
+    generator = sslplug.MultiViewGenerator(augmentations)  # the default views
     views = generator(torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8))
     assert [tuple(v.shape) for v in views.images] == [(5, 3, 32, 32)] * 2 + [(5, 3, 14, 14)] * 6
     assert {"two_views", "view_groups"} <= generator.provides
@@ -266,12 +266,13 @@ def test_views_are_two_global_and_six_local_crops_of_swav_scales():
     )
     blur = [type(m).__name__ for m in augmentations[0]]
     assert "RandomGaussianBlur" not in blur  # 32 px: no blur (blur="auto")
-    assert "RandomGaussianBlur" in [type(m).__name__ for m in settings.augmentations(96)[0]]
+    large = swav.sslplug_augmentation(settings, RunContext(load_config(), image_size=96))
+    assert "RandomGaussianBlur" in [type(m).__name__ for m in large[0]]
 
 
 def test_encoder_projects_every_crop():
     backbone, dim = build_backbone("small", 32)
-    encoder = swav.swav_encoder(backbone, dim, swav.SwAVSettings())
+    encoder = swav.SwAVEncoder(backbone, dim, swav.SwAVSettings())
     out = encoder(_views(3, (32, 32, 14)))
     assert [tuple(p.shape) for p in out.projections] == [(3, 128)] * 3
     assert encoder.projector[0].out_features == dim  # hidden width: the backbone's
@@ -404,10 +405,11 @@ def _common(out: Path) -> list[str]:
         f"train.batch_size={BATCH}",
         f"train.max_steps_per_epoch={STEPS}",
         "train.log_every=1",
-        "train.progress=false",
-        'train.disable=["knn", "health", "view_grid", "tensorboard"]',
-        "eval.baseline=false",
-        "eval.every=0",
+        'train.disable=["progress", "knn", "health", "view_grid", "tensorboard"]',
+        "knn.baseline=false",
+        "health.baseline=false",
+        "knn.every=0",
+        "health.every=0",
         "data.workers=0",
         *SMALL,
     ]
@@ -519,9 +521,9 @@ def _losses(registry: PluginRegistry, out: Path, choice: list[str]) -> tuple[dic
             "train.max_steps_per_epoch=12",
             "train.batch_size=32",
             "train.log_every=1",
-            "train.progress=false",
-            'train.disable=["knn", "health", "view_grid", "tensorboard"]',
-            "eval.baseline=false",
+            'train.disable=["progress", "knn", "health", "view_grid", "tensorboard"]',
+            "knn.baseline=false",
+            "health.baseline=false",
             "data.workers=0",
             "swav.freeze_prototypes_epochs=0",
             "simclr.projector_hidden_dim=64",
@@ -560,7 +562,9 @@ def test_trains_on_the_default_data_and_the_loss_falls(registry, tmp_path, choic
 def _build(registry: PluginRegistry, choice: list[str]) -> Any:
     config = load_config(None, choice, registry.settings_classes())
     backbone, dim = build_backbone("small", 32)
-    return registry.build(config, RunContext(config=config, image_size=32), backbone, dim)
+    run = RunContext(config=config, image_size=32)
+    run.components = registry.resolve(config)  # as the engine sets it before building
+    return registry.build(config, run, backbone, dim)
 
 
 def test_swav_views_with_a_pretext_loss_are_refused_naming_both_plugins(registry):

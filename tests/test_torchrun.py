@@ -62,7 +62,9 @@ def test_vit_methods_train_on_two_ranks(shapes_folder, tmp_path, plugin):
         "--backbone",
         "vit_micro",
         "--set",
-        "eval.baseline=false",
+        "knn.baseline=false",
+        "--set",
+        "health.baseline=false",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / plugin / "summary.json").read_text())

@@ -11,10 +11,10 @@ import types
 from pathlib import Path
 
 import pytest
-from sslplug_methods import vicreg
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from sslplug_methods import vicreg
 
 import sslplug
 from sslplug import Outputs, Views
@@ -105,7 +105,7 @@ def test_spread_decorrelated_identical_views_cost_nothing_and_collapse_costs_mu(
 
 def test_expander_is_three_layers_four_times_the_feature_width():
     backbone = SmallConvNet(width=4)
-    encoder = vicreg.vicreg_encoder(backbone, backbone.out_dim, vicreg.VICRegSettings())
+    encoder = vicreg.VICRegEncoder(backbone, backbone.out_dim, vicreg.VICRegSettings())
     linears = [m for m in encoder.projector if isinstance(m, torch.nn.Linear)]
     assert [m.out_features for m in linears] == [4 * backbone.out_dim] * 3
     assert encoder.projection_dim == 4 * backbone.out_dim
@@ -206,10 +206,11 @@ def _run(registry, tmp_path: Path, *assignments: str, steps: int = 12) -> dict:
             f"train.max_steps_per_epoch={steps}",
             "train.batch_size=64",
             "train.log_every=1",
-            "train.progress=false",
-            'train.disable=["knn", "health", "view_grid", "tensorboard"]',
-            "eval.baseline=false",
-            "eval.every=0",
+            'train.disable=["progress", "knn", "health", "view_grid", "tensorboard"]',
+            "knn.baseline=false",
+            "health.baseline=false",
+            "knn.every=0",
+            "health.every=0",
             "optim.warmup_epochs=0",
             "data.workers=0",
             f"train.out={tmp_path / 'run'}",

@@ -171,7 +171,9 @@ def test_dino_trains_on_a_timm_vit_tiny_and_exports_into_timm(shapes_folder, tmp
         "--set",
         "dino.local_crops_number=2",
         "--set",
-        "eval.baseline=false",
+        "knn.baseline=false",
+        "--set",
+        "health.baseline=false",
     )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs"] == 1 and summary["steps"] == 2 and math.isfinite(summary["final_loss"])

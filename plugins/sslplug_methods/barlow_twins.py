@@ -38,14 +38,14 @@ class BarlowTwinsSettings(sslplug.BYOLAugmentation):
     lambda_offdiag: float = 5e-3
 
 
-def barlow_twins_encoder(
-    backbone: nn.Module, feature_dim: int, settings: BarlowTwinsSettings
-) -> Encoder:
+class BarlowTwinsEncoder(sslplug.ProjectorEncoder):
     """Backbone and the three-layer projector."""
-    width = settings.projector_dim or 4 * feature_dim
-    return sslplug.ProjectorEncoder(
-        backbone, feature_dim, MLP(feature_dim, [width, width], width), width
-    )
+
+    def __init__(
+        self, backbone: nn.Module, feature_dim: int, settings: BarlowTwinsSettings
+    ) -> None:
+        width = settings.projector_dim or 4 * feature_dim
+        super().__init__(backbone, feature_dim, MLP(feature_dim, [width, width], width), width)
 
 
 def cross_correlation(z1: Tensor, z2: Tensor, eps: float = 1e-5) -> Tensor:
@@ -66,6 +66,11 @@ def cross_correlation(z1: Tensor, z2: Tensor, eps: float = 1e-5) -> Tensor:
 
 class BarlowTwinsLoss(sslplug.Loss):
     """Invariance on the diagonal of the cross-correlation, redundancy reduction off it."""
+
+    collapse_hint = (
+        "Barlow Twins' off-diagonal weight (barlow_twins.lambda_offdiag) may be too small, or the "
+        "learning rate too high"
+    )
 
     requires = frozenset({"two_views", "projection"})
 
@@ -99,15 +104,10 @@ def sslplug_augmentation(settings: BarlowTwinsSettings, run: RunContext) -> sslp
 
 
 @sslplug.hookimpl
-def sslplug_views(augmentations: tuple[nn.Module, ...]) -> sslplug.ViewGenerator:
-    return sslplug.MultiViewGenerator(augmentations)
-
-
-@sslplug.hookimpl
 def sslplug_encoder(
     settings: BarlowTwinsSettings, backbone: nn.Module, feature_dim: int
 ) -> Encoder:
-    return barlow_twins_encoder(backbone, feature_dim, settings)
+    return BarlowTwinsEncoder(backbone, feature_dim, settings)
 
 
 @sslplug.hookimpl

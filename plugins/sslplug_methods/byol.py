@@ -26,17 +26,11 @@ Usage::
 from __future__ import annotations
 
 import attrs
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import sslplug
 from sslplug import MLP, Encoder, Outputs, RunContext, TargetUpdate, Views
-
-
-def _unit_interval(instance: object, attribute: attrs.Attribute, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise sslplug.ConfigError(f"{attribute.name} must be between 0 and 1, got {value!r}")
 
 
 @attrs.define
@@ -55,8 +49,13 @@ class BYOLSettings(sslplug.BYOLAugmentation):
     projector_hidden_dim: int = 4096
     projection_dim: int = 256
     predictor_hidden_dim: int = 4096
-    tau_base: float = attrs.field(default=0.996, validator=_unit_interval)
+    tau_base: float = attrs.field(default=0.996, validator=sslplug.unit_interval)
     predictor: bool = True
+
+
+def byol_predictor(dim: int, settings: BYOLSettings) -> MLP:
+    """Linear(4096)-BN-ReLU-Linear(dim), the encoder's or the one the loss brings."""
+    return MLP(dim, [settings.predictor_hidden_dim], dim)
 
 
 class BYOLEncoder(sslplug.PredictorEncoder):
@@ -65,10 +64,43 @@ class BYOLEncoder(sslplug.PredictorEncoder):
     def __init__(self, backbone: nn.Module, feature_dim: int, settings: BYOLSettings) -> None:
         dim = settings.projection_dim
         projector = MLP(feature_dim, [settings.projector_hidden_dim], dim)
-        predictor = (
-            MLP(dim, [settings.predictor_hidden_dim], dim) if settings.predictor else nn.Identity()
-        )
-        super().__init__(backbone, feature_dim, projector, dim, predictor)
+        head = byol_predictor(dim, settings) if settings.predictor else nn.Identity()
+        super().__init__(backbone, feature_dim, projector, dim, head)
+
+
+def regression_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """``2 - 2 cos(prediction, target)`` averaged over the batch (eq. 2 of the paper)."""
+    return (2.0 - 2.0 * F.cosine_similarity(prediction, target.detach(), dim=-1)).mean()
+
+
+class BYOLLoss(sslplug.Loss):
+    """The symmetrised BYOL loss.
+
+    Without a target network it regresses onto the stop-gradient online projections (SimSiam).
+    Given a ``predictor`` (``sslplug.loss_predictor``), it applies it to the projections
+    itself: for encoders that have none.
+    """
+
+    collapse_hint = (
+        "BYOL needs its predictor and its EMA target: check the target update (not 'none', "
+        "byol.tau not far below 0.99), that the predictor is used, and the learning rate"
+    )
+
+    requires = frozenset({"two_views", "projection", "prediction"})
+
+    def __init__(self, predictor: nn.Module | None = None) -> None:
+        super().__init__()
+        self.predictor = predictor
+        if predictor is not None:
+            self.requires = frozenset({"two_views", "projection"})
+
+    def forward(
+        self, outputs: Outputs, views: Views, target: Outputs | None
+    ) -> sslplug.LossResult:
+        p1, p2 = sslplug.loss_predictions(outputs, self.predictor)
+        z1, z2 = (target if target is not None and target.projections else outputs).projections[:2]
+        loss = regression_loss(p1, z2) + regression_loss(p2, z1)
+        return sslplug.LossResult(loss, {"cosine": 1.0 - loss.detach() / 4.0})
 
 
 class BYOLTarget(sslplug.MomentumTarget):
@@ -82,39 +114,6 @@ class BYOLTarget(sslplug.MomentumTarget):
         self.tau_base = tau_base
 
 
-def regression_loss(prediction: Tensor, target: Tensor) -> Tensor:
-    """``2 - 2 cos(prediction, target)`` averaged over the batch (eq. 2 of the paper)."""
-    return (2.0 - 2.0 * F.cosine_similarity(prediction, target.detach(), dim=-1)).mean()
-
-
-class BYOLLoss(sslplug.Loss):
-    """The symmetrised BYOL loss.
-
-    Without a target network it regresses onto the stop-gradient online projections (SimSiam).
-    Given a ``predictor``, it applies it to the projections itself: for encoders that have none.
-    """
-
-    requires = frozenset({"two_views", "projection", "prediction"})
-
-    def __init__(self, predictor: nn.Module | None = None) -> None:
-        super().__init__()
-        self.predictor = predictor
-        if predictor is not None:
-            self.requires = frozenset({"two_views", "projection"})
-
-    def forward(
-        self, outputs: Outputs, views: Views, target: Outputs | None
-    ) -> sslplug.LossResult:
-        if self.predictor is not None:
-            sizes = [z.shape[0] for z in outputs.projections[:2]]
-            p1, p2 = self.predictor(torch.cat(outputs.projections[:2])).split(sizes)
-        else:
-            p1, p2 = outputs.predictions[:2]
-        z1, z2 = (target if target is not None and target.projections else outputs).projections[:2]
-        loss = regression_loss(p1, z2) + regression_loss(p2, z1)
-        return sslplug.LossResult(loss, {"cosine": 1.0 - loss.detach() / 4.0})
-
-
 @sslplug.hookimpl
 def sslplug_settings() -> type:
     return BYOLSettings
@@ -126,28 +125,15 @@ def sslplug_augmentation(settings: BYOLSettings, run: RunContext) -> sslplug.Aug
 
 
 @sslplug.hookimpl
-def sslplug_views(augmentations: tuple[nn.Module, ...]) -> sslplug.ViewGenerator:
-    return sslplug.MultiViewGenerator(augmentations)
-
-
-@sslplug.hookimpl
 def sslplug_encoder(settings: BYOLSettings, backbone: nn.Module, feature_dim: int) -> Encoder:
     return BYOLEncoder(backbone, feature_dim, settings)
 
 
 @sslplug.hookimpl
-def sslplug_loss(settings: BYOLSettings, encoder: Encoder) -> nn.Module:
-    if "prediction" in encoder.provides:
-        return BYOLLoss()
-    if not encoder.projection_dim:
-        raise sslplug.ComponentMismatchError(
-            f"the BYOL loss needs projections: the encoder {type(encoder).__name__} provides "
-            f"{sorted(encoder.provides) or 'nothing'} and no projection_dim"
-        )
-    dim = encoder.projection_dim
-    return BYOLLoss(predictor=MLP(dim, [settings.predictor_hidden_dim], dim))
+def sslplug_target_update(settings: BYOLSettings, encoder: Encoder) -> TargetUpdate:
+    return BYOLTarget(encoder, settings.tau_base)
 
 
 @sslplug.hookimpl
-def sslplug_target_update(settings: BYOLSettings, encoder: Encoder) -> TargetUpdate:
-    return BYOLTarget(encoder, settings.tau_base)
+def sslplug_loss(settings: BYOLSettings, encoder: Encoder) -> nn.Module:
+    return BYOLLoss(sslplug.loss_predictor(encoder, "BYOL", lambda d: byol_predictor(d, settings)))

@@ -168,9 +168,12 @@ class CPCEncoder(Encoder):
         return z.mean(dim=(2, 3))
 
 
-def info_nce(predictions: Tensor, patches: Tensor, num_negatives: int = 0) -> Tensor:
-    """InfoNCE of CPC over a patch grid.
+def patch_info_nce(predictions: Tensor, patches: Tensor, num_negatives: int = 0) -> Tensor:
+    """InfoNCE of CPC over a patch grid: each prediction against the patch vectors of the batch::
 
+        L = mean over k of  -mean over (b, r) of  log( exp(p . z+) / sum_{z in Z} exp(p . z) )
+
+    with ``p = W_k c[r]`` a prediction, ``z+`` its true patch vector and ``Z`` the candidates.
     ``predictions[k - 1, b, r]`` predicts ``patches[b, r + k]`` (``k`` = 1..K) for context rows
     ``r`` = 1 .. gh - 1 - k (row 0's context has seen nothing). With ``num_negatives = 0`` every
     patch vector of the batch is a candidate and the true one must score highest; otherwise the
@@ -200,7 +203,7 @@ def info_nce(predictions: Tensor, patches: Tensor, num_negatives: int = 0) -> Te
     return torch.stack(losses).mean()
 
 
-class InfoNCELoss(sslplug.Loss):
+class PatchInfoNCELoss(sslplug.Loss):
     """CPC's InfoNCE, averaged over the prediction steps."""
 
     requires = frozenset({"patch_grid", "patch_predictions"})
@@ -213,7 +216,7 @@ class InfoNCELoss(sslplug.Loss):
         self, outputs: Outputs, views: Views, target: Outputs | None
     ) -> sslplug.LossResult:
         with torch.autocast(outputs.predictions[0].device.type, enabled=False):
-            loss = info_nce(
+            loss = patch_info_nce(
                 outputs.predictions[0].float(),
                 outputs.extras["patches"].float(),
                 self.num_negatives,
@@ -269,4 +272,4 @@ def sslplug_encoder(
 
 @sslplug.hookimpl
 def sslplug_loss(settings: CPCSettings) -> nn.Module:
-    return InfoNCELoss(settings.num_negatives)
+    return PatchInfoNCELoss(settings.num_negatives)

@@ -198,6 +198,66 @@ class DINOEncoder(sslplug.ProjectorEncoder):
         return sslplug.OptimRules(groups=groups, clip_grad_norm=s.clip_grad, weight_decay_end=end)
 
 
+def dino_cross_entropy(
+    teacher: Tensor, student_logits: tuple[Tensor, ...], teacher_index: tuple[int, ...], temp: float
+) -> Tensor:
+    """Eq. 3: the mean, over pairs (teacher crop ``n`` at view position ``teacher_index[n]``, any
+    other view ``j``), of the batch mean of ``H(teacher[n], softmax(student_logits[j] / temp))``.
+    """
+    log_student = [F.log_softmax(z.float() / temp, dim=-1) for z in student_logits]
+    terms = [
+        -(probs * log_student[j]).sum(dim=-1).mean()
+        for probs, i in zip(teacher, teacher_index, strict=True)
+        for j in range(len(log_student))
+        if j != i
+    ]
+    return torch.stack(terms).mean()
+
+
+class DINOLoss(sslplug.Loss):
+    """The cross-entropy of eq. 3 between the teacher's distributions for the global crops and
+    the student's for every other crop.
+
+    Logs the mean entropy of the teacher's distributions (``teacher_entropy``, ``log K`` when
+    uniform: collapse by centring), the number of prototypes the teacher's argmax uses in the
+    batch (``teacher_prototypes``, 1: collapse by sharpening), and the mean KL divergence of
+    the student from the teacher (``kl``): each teacher crop is in the same number of pairs, so
+    the loss is ``teacher_entropy + kl``. The loss itself rises while the teacher's temperature
+    warms up; ``kl`` is what the student drives down.
+    """
+
+    collapse_hint = (
+        "DINO avoids collapse by centring and sharpening the teacher: check dino.center_momentum, "
+        "the teacher temperature and the target update"
+    )
+
+    requires = frozenset({"two_views", "projection", TEACHER_DISTRIBUTION})
+
+    def __init__(self, student_temp: float) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+
+    def forward(self, outputs: Outputs, views: Views, target: Outputs | None) -> sslplug.LossResult:
+        assert target is not None  # required capability: dino_teacher_distribution
+        teacher = target.extras["teacher_distribution"]
+        global_index = views.indices("global")
+        if len(global_index) != teacher.shape[0]:
+            raise ValueError(
+                f"the teacher gave distributions for {teacher.shape[0]} views but the views "
+                f"hold {len(global_index)} global crops at positions {global_index}"
+            )
+        with torch.autocast(teacher.device.type, enabled=False):
+            loss = dino_cross_entropy(teacher, outputs.projections, global_index, self.student_temp)
+        entropy = -torch.special.xlogy(teacher, teacher).sum(dim=-1).mean()
+        used = teacher.argmax(dim=-1).unique().numel()
+        metrics = {
+            "teacher_entropy": entropy.detach(),
+            "kl": (loss - entropy).detach(),
+            "teacher_prototypes": torch.tensor(float(used)),
+        }
+        return sslplug.LossResult(loss, metrics)
+
+
 class DINOTeacher(sslplug.MomentumTarget):
     """The teacher: an EMA copy of the student's backbone and head, and the centre ``c``.
 
@@ -259,61 +319,6 @@ class DINOTeacher(sslplug.MomentumTarget):
         return {"tau": tau, "teacher_temperature": self._temperature}
 
 
-def dino_cross_entropy(
-    teacher: Tensor, student_logits: tuple[Tensor, ...], teacher_index: tuple[int, ...], temp: float
-) -> Tensor:
-    """Eq. 3: the mean, over pairs (teacher crop ``n`` at view position ``teacher_index[n]``, any
-    other view ``j``), of the batch mean of ``H(teacher[n], softmax(student_logits[j] / temp))``.
-    """
-    log_student = [F.log_softmax(z.float() / temp, dim=-1) for z in student_logits]
-    terms = [
-        -(probs * log_student[j]).sum(dim=-1).mean()
-        for probs, i in zip(teacher, teacher_index, strict=True)
-        for j in range(len(log_student))
-        if j != i
-    ]
-    return torch.stack(terms).mean()
-
-
-class DINOLoss(sslplug.Loss):
-    """The cross-entropy of eq. 3 between the teacher's distributions for the global crops and
-    the student's for every other crop.
-
-    Logs the mean entropy of the teacher's distributions (``teacher_entropy``, ``log K`` when
-    uniform: collapse by centring), the number of prototypes the teacher's argmax uses in the
-    batch (``teacher_prototypes``, 1: collapse by sharpening), and the mean KL divergence of
-    the student from the teacher (``kl``): each teacher crop is in the same number of pairs, so
-    the loss is ``teacher_entropy + kl``. The loss itself rises while the teacher's temperature
-    warms up; ``kl`` is what the student drives down.
-    """
-
-    requires = frozenset({"two_views", "projection", TEACHER_DISTRIBUTION})
-
-    def __init__(self, student_temp: float) -> None:
-        super().__init__()
-        self.student_temp = student_temp
-
-    def forward(self, outputs: Outputs, views: Views, target: Outputs | None) -> sslplug.LossResult:
-        assert target is not None  # required capability: dino_teacher_distribution
-        teacher = target.extras["teacher_distribution"]
-        global_index = views.indices("global")
-        if len(global_index) != teacher.shape[0]:
-            raise ValueError(
-                f"the teacher gave distributions for {teacher.shape[0]} views but the views "
-                f"hold {len(global_index)} global crops at positions {global_index}"
-            )
-        with torch.autocast(teacher.device.type, enabled=False):
-            loss = dino_cross_entropy(teacher, outputs.projections, global_index, self.student_temp)
-        entropy = -torch.special.xlogy(teacher, teacher).sum(dim=-1).mean()
-        used = teacher.argmax(dim=-1).unique().numel()
-        metrics = {
-            "teacher_entropy": entropy.detach(),
-            "kl": (loss - entropy).detach(),
-            "teacher_prototypes": torch.tensor(float(used)),
-        }
-        return sslplug.LossResult(loss, metrics)
-
-
 @sslplug.hookimpl
 def sslplug_settings() -> type:
     return DINOSettings
@@ -342,11 +347,6 @@ def sslplug_augmentation(settings: DINOSettings, run: RunContext) -> sslplug.Aug
 
 
 @sslplug.hookimpl
-def sslplug_views(augmentations: sslplug.Augmentations) -> sslplug.ViewGenerator:
-    return sslplug.MultiViewGenerator(augmentations)
-
-
-@sslplug.hookimpl
 def sslplug_encoder(
     settings: DINOSettings, run: RunContext, backbone: nn.Module, feature_dim: int
 ) -> Encoder:
@@ -354,12 +354,12 @@ def sslplug_encoder(
 
 
 @sslplug.hookimpl
-def sslplug_loss(settings: DINOSettings) -> sslplug.Loss:
-    return DINOLoss(settings.student_temp)
-
-
-@sslplug.hookimpl
 def sslplug_target_update(
     settings: DINOSettings, run: RunContext, encoder: Encoder
 ) -> TargetUpdate:
     return DINOTeacher(encoder, settings, run)
+
+
+@sslplug.hookimpl
+def sslplug_loss(settings: DINOSettings) -> sslplug.Loss:
+    return DINOLoss(settings.student_temp)

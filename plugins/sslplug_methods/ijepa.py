@@ -54,13 +54,6 @@ BLOCK_PREDICTIONS = "block_predictions"
 BLOCK_TARGETS = "block_targets"
 
 
-class LayerNorm(nn.LayerNorm):
-    """The official code's LayerNorm (``src/models/vision_transformer.py``): eps 1e-6."""
-
-    def __init__(self, dim: int, **factory: Any) -> None:  # timm passes device and dtype
-        super().__init__(dim, eps=1e-6, **factory)
-
-
 def _aspect_range(instance: object, attribute: attrs.Attribute, value: Any) -> None:
     low, high = value
     if not 0.0 < low <= high:
@@ -191,6 +184,13 @@ class IJEPAViews(sslplug.MultiViewGenerator):
         return views
 
 
+class LayerNorm(nn.LayerNorm):
+    """The official code's LayerNorm (``src/models/vision_transformer.py``): eps 1e-6."""
+
+    def __init__(self, dim: int, **factory: Any) -> None:  # timm passes device and dtype
+        super().__init__(dim, eps=1e-6, **factory)
+
+
 def _init_weights(module: nn.Module) -> None:
     """The official predictor's initialisation: truncated normal (std 0.02) weights and zero
     biases in linear layers, unit LayerNorms."""
@@ -310,6 +310,43 @@ class IJEPAEncoder(Encoder):
         return sslplug.OptimRules(groups=(group,), weight_decay_end=end)
 
 
+class IJEPALoss(sslplug.Loss):
+    """The smooth L1 distance between predictions and targets, over every patch of every block.
+
+    The paper writes the average squared L2 distance (Section 3, "Loss"); the official code,
+    which trained the published models, uses ``F.smooth_l1_loss`` (``src/train.py``), chosen
+    here: with ``beta`` = 1 it is half the squared difference wherever the two differ by less
+    than 1, which is most of the time on layer-normalised targets, and the absolute
+    difference beyond, which keeps outliers from dominating. The mean runs over every element;
+    all blocks have the same size, so it is the average over blocks of each block's mean, as
+    the paper's ``1/M sum_i``.
+
+    Logged: ``context_patches`` and ``target_patches``, the patches of each context and each
+    block (the official log's ``mask-A`` and ``mask-B``), and ``target_std``, the mean over
+    features of the targets' standard deviation over the batch's patches: 1 for layer-normed
+    tokens that differ, 0 when the target encoder collapses to one output.
+    """
+
+    collapse_hint = (
+        "I-JEPA needs its EMA target encoder: check the target update, ijepa.lr_scale and the "
+        "learning rate"
+    )
+
+    requires = frozenset({BLOCK_PREDICTIONS, BLOCK_TARGETS})
+
+    def forward(self, outputs: Outputs, views: Views, target: Outputs | None) -> sslplug.LossResult:
+        assert target is not None  # required capability: block_targets
+        prediction = outputs.predictions[0].float()
+        goal = target.extras["block_targets"].float()
+        loss = F.smooth_l1_loss(prediction, goal)
+        metrics = {
+            "context_patches": torch.tensor(float(views.targets["context"].shape[1])),
+            "target_patches": torch.tensor(float(views.targets["target_blocks"].shape[2])),
+            "target_std": goal.detach().flatten(0, 2).std(dim=0).mean(),
+        }
+        return sslplug.LossResult(loss, metrics)
+
+
 def gather_blocks(tokens: Tensor, blocks: Tensor) -> Tensor:
     """The tokens ``(B, N, D)`` at the patches ``blocks`` ``(B, M, T)``: ``(B, M, T, D)``."""
     b, m, t = blocks.shape
@@ -354,38 +391,6 @@ class IJEPATarget(TargetUpdate):
         momentum = self.momentum(step, total_steps)
         sslplug.ema_update(self.network, encoder.backbone, momentum)
         return {"momentum": momentum}
-
-
-class IJEPALoss(sslplug.Loss):
-    """The smooth L1 distance between predictions and targets, over every patch of every block.
-
-    The paper writes the average squared L2 distance (Section 3, "Loss"); the official code,
-    which trained the published models, uses ``F.smooth_l1_loss`` (``src/train.py``), chosen
-    here: with ``beta`` = 1 it is half the squared difference wherever the two differ by less
-    than 1, which is most of the time on layer-normalised targets, and the absolute
-    difference beyond, which keeps outliers from dominating. The mean runs over every element;
-    all blocks have the same size, so it is the average over blocks of each block's mean, as
-    the paper's ``1/M sum_i``.
-
-    Logged: ``context_patches`` and ``target_patches``, the patches of each context and each
-    block (the official log's ``mask-A`` and ``mask-B``), and ``target_std``, the mean over
-    features of the targets' standard deviation over the batch's patches: 1 for layer-normed
-    tokens that differ, 0 when the target encoder collapses to one output.
-    """
-
-    requires = frozenset({BLOCK_PREDICTIONS, BLOCK_TARGETS})
-
-    def forward(self, outputs: Outputs, views: Views, target: Outputs | None) -> sslplug.LossResult:
-        assert target is not None  # required capability: block_targets
-        prediction = outputs.predictions[0].float()
-        goal = target.extras["block_targets"].float()
-        loss = F.smooth_l1_loss(prediction, goal)
-        metrics = {
-            "context_patches": torch.tensor(float(views.targets["context"].shape[1])),
-            "target_patches": torch.tensor(float(views.targets["target_blocks"].shape[2])),
-            "target_std": goal.detach().flatten(0, 2).std(dim=0).mean(),
-        }
-        return sslplug.LossResult(loss, metrics)
 
 
 @sslplug.hookimpl
@@ -433,10 +438,10 @@ def sslplug_encoder(
 
 
 @sslplug.hookimpl
-def sslplug_loss() -> sslplug.Loss:
-    return IJEPALoss()
+def sslplug_target_update(settings: IJEPASettings, encoder: Encoder) -> TargetUpdate:
+    return IJEPATarget(encoder, settings.ema)
 
 
 @sslplug.hookimpl
-def sslplug_target_update(settings: IJEPASettings, encoder: Encoder) -> TargetUpdate:
-    return IJEPATarget(encoder, settings.ema)
+def sslplug_loss() -> sslplug.Loss:
+    return IJEPALoss()

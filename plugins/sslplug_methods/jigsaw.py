@@ -5,7 +5,9 @@ so that gaps between tiles keep edges and lines from giving the order away, and 
 standardised on its own, so that its colour and brightness do not either (Section 3.2). The
 nine tiles are shuffled by one permutation from a fixed set; a shared backbone encodes every
 tile, the features are concatenated in the shuffled order, and a classifier names the
-permutation.
+permutation, with cross-entropy::
+
+    L(x) = -log p(P | tiles of x shuffled by P),    P drawn from the permutation set
 
 The permutation set is chosen greedily from all 9! orders for large Hamming distances between
 its members (Section 3.3): start from the identity, then repeatedly add the permutation whose
@@ -170,18 +172,12 @@ class JigsawEncoder(Encoder):
 
     provides = frozenset({"logits"})
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        feature_dim: int,
-        permutations: int,
-        hidden_dim: int,
-        tile_fraction: float = 0.8,
-        upsample_to: int = 0,
-    ) -> None:
+    def __init__(self, backbone: nn.Module, feature_dim: int, settings: JigsawSettings) -> None:
         super().__init__(backbone, TILES * feature_dim)
-        self.classifier = MLP(TILES * feature_dim, [hidden_dim], permutations)
-        self.tile_fraction, self.upsample_to = tile_fraction, upsample_to
+        self.classifier = MLP(
+            TILES * feature_dim, [settings.classifier_hidden_dim], settings.num_permutations
+        )
+        self.tile_fraction, self.upsample_to = settings.tile_fraction, settings.upsample_to
 
     def forward(self, views: Views) -> Outputs:
         features = self.backbone(views.images[0])  # (9B, D)
@@ -221,14 +217,7 @@ def sslplug_views(
 
 @sslplug.hookimpl
 def sslplug_encoder(settings: JigsawSettings, backbone: nn.Module, feature_dim: int) -> Encoder:
-    return JigsawEncoder(
-        backbone,
-        feature_dim,
-        settings.num_permutations,
-        settings.classifier_hidden_dim,
-        settings.tile_fraction,
-        settings.upsample_to,
-    )
+    return JigsawEncoder(backbone, feature_dim, settings)
 
 
 @sslplug.hookimpl

@@ -98,41 +98,6 @@ class MAESettings:
             )
 
 
-def patchify(images: Tensor, patch_size: int) -> Tensor:
-    """``(B, C, H, W)`` images as ``(B, N, patch_size**2 * C)`` patches, row-major over the
-    grid, each patch's pixels in (row, column, channel) order, as the official ``patchify``.
-
-    A side that is not a whole number of patches is padded with zeros at the bottom and right,
-    as the backbone pads (timm's ``dynamic_img_pad``), so patch ``k`` is the one the encoder
-    saw at ``k``.
-    """
-    p = patch_size
-    b, c, h, w = images.shape
-    images = F.pad(images, (0, -w % p, 0, -h % p))
-    rows, cols = images.shape[-2] // p, images.shape[-1] // p
-    grid = images.reshape(b, c, rows, p, cols, p).permute(0, 2, 4, 3, 5, 1)
-    return grid.reshape(b, rows * cols, p * p * c)
-
-
-def unpatchify(patches: Tensor, grid: tuple[int, int], channels: int = 3) -> Tensor:
-    """The inverse of ``patchify``: ``(B, N, p*p*C)`` to images ``(B, C, rows*p, cols*p)``, to
-    look at the decoder's reconstructions."""
-    rows, cols = grid
-    b = patches.shape[0]
-    p = isqrt(patches.shape[-1] // channels)
-    images = patches.reshape(b, rows, cols, p, p, channels).permute(0, 5, 1, 3, 2, 4)
-    return images.reshape(b, channels, rows * p, cols * p)
-
-
-def normalize_patches(patches: Tensor, eps: float = 1e-6) -> Tensor:
-    """Each patch minus the mean of its pixels, over ``sqrt(var + eps)`` (Section 3,
-    "Reconstruction target"; the variance is the unbiased one, as the official
-    ``forward_loss`` takes ``Tensor.var``)."""
-    mean = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, keepdim=True)
-    return (patches - mean) / (var + eps).sqrt()
-
-
 class MaskedViewGenerator(sslplug.MultiViewGenerator):
     """The augmented view(s) and a random mask over the patches of ``Views.images[0]``.
 
@@ -247,6 +212,49 @@ class MAEEncoder(Encoder):
         return sslplug.OptimRules(groups=(group,))
 
 
+def patchify(images: Tensor, patch_size: int) -> Tensor:
+    """``(B, C, H, W)`` images as ``(B, N, patch_size**2 * C)`` patches, row-major over the
+    grid, each patch's pixels in (row, column, channel) order, as the official ``patchify``.
+
+    A side that is not a whole number of patches is padded with zeros at the bottom and right,
+    as the backbone pads (timm's ``dynamic_img_pad``), so patch ``k`` is the one the encoder
+    saw at ``k``.
+    """
+    p = patch_size
+    b, c, h, w = images.shape
+    images = F.pad(images, (0, -w % p, 0, -h % p))
+    rows, cols = images.shape[-2] // p, images.shape[-1] // p
+    grid = images.reshape(b, c, rows, p, cols, p).permute(0, 2, 4, 3, 5, 1)
+    return grid.reshape(b, rows * cols, p * p * c)
+
+
+def unpatchify(patches: Tensor, grid: tuple[int, int], channels: int = 3) -> Tensor:
+    """The inverse of ``patchify``: ``(B, N, p*p*C)`` to images ``(B, C, rows*p, cols*p)``, to
+    look at the decoder's reconstructions."""
+    rows, cols = grid
+    b = patches.shape[0]
+    p = isqrt(patches.shape[-1] // channels)
+    images = patches.reshape(b, rows, cols, p, p, channels).permute(0, 5, 1, 3, 2, 4)
+    return images.reshape(b, channels, rows * p, cols * p)
+
+
+def normalize_patches(patches: Tensor, eps: float = 1e-6) -> Tensor:
+    """Each patch minus the mean of its pixels, over ``sqrt(var + eps)`` (Section 3,
+    "Reconstruction target"; the variance is the unbiased one, as the official
+    ``forward_loss`` takes ``Tensor.var``)."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
+    return (patches - mean) / (var + eps).sqrt()
+
+
+def masked_mse(prediction: Tensor, target: Tensor, masked: Tensor) -> Tensor:
+    """The loss of Section 3: the mean, over images ``b`` and hidden patches ``k`` in ``masked``
+    ``(B, M)``, of ``|| prediction[b, k] - target[b, k] ||^2 / D``, for patches ``(B, N, D)``."""
+    index = masked.unsqueeze(-1).expand(-1, -1, prediction.shape[-1])
+    error = torch.gather(prediction, 1, index) - torch.gather(target, 1, index)
+    return error.square().mean()
+
+
 class MAELoss(sslplug.Loss):
     """Mean squared error between the predicted and the true pixels of the hidden patches
     (Section 3, "Reconstruction target"); visible patches do not count.
@@ -285,9 +293,7 @@ class MAELoss(sslplug.Loss):
             )
         if self.norm_pix_loss:
             pixels = normalize_patches(pixels)
-        index = masked.unsqueeze(-1).expand(-1, -1, width)
-        error = torch.gather(prediction, 1, index) - torch.gather(pixels, 1, index)
-        return sslplug.LossResult(error.square().mean())
+        return sslplug.LossResult(masked_mse(prediction, pixels, masked))
 
 
 @sslplug.hookimpl

@@ -80,11 +80,53 @@ class MoCoV2Settings:
     blur: Literal["auto", "on", "off"] = "auto"
 
 
-def moco_v2_encoder(backbone: nn.Module, feature_dim: int, settings: MoCoV2Settings) -> Encoder:
+class MoCoV2Encoder(sslplug.ProjectorEncoder):
     """Backbone and MoCo v2's head, Linear(d)-ReLU-Linear(128) without batch norm."""
-    hidden = settings.hidden_dim or feature_dim
-    head = MLP(feature_dim, [hidden], settings.projection_dim, batch_norm=False)
-    return sslplug.ProjectorEncoder(backbone, feature_dim, head, settings.projection_dim)
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, settings: MoCoV2Settings) -> None:
+        hidden = settings.hidden_dim or feature_dim
+        head = MLP(feature_dim, [hidden], settings.projection_dim, batch_norm=False)
+        super().__init__(backbone, feature_dim, head, settings.projection_dim)
+
+
+def queue_info_nce(
+    query: Tensor, key: Tensor, queue: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Eq. 1 of He et al. 2020 for L2-normalised ``query`` and ``key`` ``(B, D)`` against the
+    negatives ``queue`` ``(K, D)``: the mean loss, and how often the positive scores highest."""
+    positive = (query * key).sum(dim=-1, keepdim=True)
+    negative = query @ queue.T
+    logits = torch.cat([positive, negative], dim=1) / temperature
+    labels = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
+    accuracy = (logits.detach().argmax(dim=1) == 0).float().mean()
+    return F.cross_entropy(logits, labels), accuracy
+
+
+class QueueInfoNCELoss(sslplug.Loss):
+    """InfoNCE of the queries against the other view's key and the queue of earlier keys.
+
+    Symmetric: ``L(q1, k2) + L(q2, k1)``; one-way: ``L(q1, k2)``. Each rank averages over its
+    own queries; the queue is the same on every rank, so DDP's mean is the whole batch's loss.
+    """
+
+    requires = frozenset({"two_views", "projection", "target_projection", QUEUE})
+
+    def __init__(self, temperature: float, symmetric: bool = True) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.symmetric = symmetric
+
+    def forward(self, outputs: Outputs, views: Views, target: Outputs | None) -> sslplug.LossResult:
+        assert target is not None  # required capabilities: target_projection, key_queue
+        queue = target.extras["queue"]
+        k1, k2 = target.projections[:2]
+        with torch.autocast(queue.device.type, enabled=False):  # logits at t = 0.2 need fp32
+            q1, q2 = (F.normalize(z.float(), dim=-1) for z in outputs.projections[:2])
+            loss, accuracy = queue_info_nce(q1, k2, queue, self.temperature)
+            if self.symmetric:
+                loss_21, accuracy_21 = queue_info_nce(q2, k1, queue, self.temperature)
+                loss, accuracy = loss + loss_21, (accuracy + accuracy_21) / 2
+        return sslplug.LossResult(loss, {"positive_accuracy": accuracy})
 
 
 class KeyEncoder(sslplug.MomentumTarget):
@@ -141,46 +183,6 @@ class KeyEncoder(sslplug.MomentumTarget):
         return {"momentum": self.momentum_base}
 
 
-def info_nce(
-    query: Tensor, key: Tensor, queue: Tensor, temperature: float
-) -> tuple[Tensor, Tensor]:
-    """Eq. 1 of He et al. 2020 for L2-normalised ``query`` and ``key`` ``(B, D)`` against the
-    negatives ``queue`` ``(K, D)``: the mean loss, and how often the positive scores highest."""
-    positive = (query * key).sum(dim=-1, keepdim=True)
-    negative = query @ queue.T
-    logits = torch.cat([positive, negative], dim=1) / temperature
-    labels = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
-    accuracy = (logits.detach().argmax(dim=1) == 0).float().mean()
-    return F.cross_entropy(logits, labels), accuracy
-
-
-class QueueInfoNCELoss(sslplug.Loss):
-    """InfoNCE of the queries against the other view's key and the queue of earlier keys.
-
-    Symmetric: ``L(q1, k2) + L(q2, k1)``; one-way: ``L(q1, k2)``. Each rank averages over its
-    own queries; the queue is the same on every rank, so DDP's mean is the whole batch's loss.
-    """
-
-    requires = frozenset({"two_views", "projection", "target_projection", QUEUE})
-
-    def __init__(self, temperature: float, symmetric: bool = True) -> None:
-        super().__init__()
-        self.temperature = temperature
-        self.symmetric = symmetric
-
-    def forward(self, outputs: Outputs, views: Views, target: Outputs | None) -> sslplug.LossResult:
-        assert target is not None  # required capabilities: target_projection, key_queue
-        queue = target.extras["queue"]
-        k1, k2 = target.projections[:2]
-        with torch.autocast(queue.device.type, enabled=False):  # logits at t = 0.2 need fp32
-            q1, q2 = (F.normalize(z.float(), dim=-1) for z in outputs.projections[:2])
-            loss, accuracy = info_nce(q1, k2, queue, self.temperature)
-            if self.symmetric:
-                loss_21, accuracy_21 = info_nce(q2, k1, queue, self.temperature)
-                loss, accuracy = loss + loss_21, (accuracy + accuracy_21) / 2
-        return sslplug.LossResult(loss, {"positive_accuracy": accuracy})
-
-
 @sslplug.hookimpl
 def sslplug_settings() -> type:
     return MoCoV2Settings
@@ -197,7 +199,7 @@ def sslplug_capabilities(register: Callable[[str, str], None]) -> None:
 
 @sslplug.hookimpl
 def sslplug_augmentation(settings: MoCoV2Settings, run: RunContext) -> sslplug.Augmentations:
-    blur = settings.blur == "on" or (settings.blur == "auto" and run.image_size > 64)
+    blur = sslplug.blur_on(settings.blur, run.image_size)
     return sslplug.byol_recipe(
         run.image_size,
         crop_scale=settings.crop_scale,
@@ -210,20 +212,15 @@ def sslplug_augmentation(settings: MoCoV2Settings, run: RunContext) -> sslplug.A
 
 
 @sslplug.hookimpl
-def sslplug_views(augmentations: sslplug.Augmentations) -> sslplug.ViewGenerator:
-    return sslplug.MultiViewGenerator(augmentations)
-
-
-@sslplug.hookimpl
 def sslplug_encoder(settings: MoCoV2Settings, backbone: nn.Module, feature_dim: int) -> Encoder:
-    return moco_v2_encoder(backbone, feature_dim, settings)
-
-
-@sslplug.hookimpl
-def sslplug_loss(settings: MoCoV2Settings) -> sslplug.Loss:
-    return QueueInfoNCELoss(settings.temperature, settings.symmetric)
+    return MoCoV2Encoder(backbone, feature_dim, settings)
 
 
 @sslplug.hookimpl
 def sslplug_target_update(settings: MoCoV2Settings, encoder: Encoder) -> TargetUpdate:
     return KeyEncoder(encoder, settings.queue_size, settings.momentum, settings.symmetric)
+
+
+@sslplug.hookimpl
+def sslplug_loss(settings: MoCoV2Settings) -> sslplug.Loss:
+    return QueueInfoNCELoss(settings.temperature, settings.symmetric)

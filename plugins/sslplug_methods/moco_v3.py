@@ -67,13 +67,13 @@ class MoCoV3Settings(sslplug.BYOLAugmentation):
     momentum_base: float = attrs.field(default=0.99, validator=sslplug.unit_interval)
 
 
-def projector(in_dim: int, settings: MoCoV3Settings) -> MLP:
+def moco_v3_projector(in_dim: int, settings: MoCoV3Settings) -> MLP:
     """``projector_layers`` Linear layers, BN-ReLU between them and an affine-free BN at the end."""
     hidden = [settings.projector_hidden_dim] * (settings.projector_layers - 1)
     return MLP(in_dim, hidden, settings.projection_dim, last_batch_norm=True)
 
 
-def predictor(dim: int, settings: MoCoV3Settings) -> MLP:
+def moco_v3_predictor(dim: int, settings: MoCoV3Settings) -> MLP:
     """Linear-BN-ReLU-Linear, without BN at the output (the ResNet predictor of the code)."""
     return MLP(dim, [settings.predictor_hidden_dim], dim)
 
@@ -82,20 +82,9 @@ class MoCoV3Encoder(sslplug.PredictorEncoder):
     """Backbone, projector and predictor; all views of a size pass through in one call."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, settings: MoCoV3Settings) -> None:
-        head = projector(feature_dim, settings)
+        head = moco_v3_projector(feature_dim, settings)
         dim = settings.projection_dim
-        super().__init__(backbone, feature_dim, head, dim, predictor(dim, settings))
-
-
-class MomentumEncoder(sslplug.MomentumTarget):
-    """A copy of the query encoder's backbone and projector, moved by a cosine momentum; it
-    encodes the first two views, the ones the loss pairs."""
-
-    def __init__(self, encoder: Encoder, momentum_base: float) -> None:
-        super().__init__(encoder, momentum_base, name="the MoCo v3 momentum encoder")
-
-    def forward(self, views: Views) -> Outputs:
-        return Outputs(projections=sslplug.run_by_resolution(self.network, views.images[:2]))
+        super().__init__(backbone, feature_dim, head, dim, moco_v3_predictor(dim, settings))
 
 
 def contrastive_loss(query: Tensor, key: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -115,7 +104,13 @@ def contrastive_loss(query: Tensor, key: Tensor, temperature: float) -> tuple[Te
 
 
 class MoCoV3Loss(sslplug.Loss):
-    """``ctr(q1, k2) + ctr(q2, k1)``; given a ``predictor``, it makes the queries itself."""
+    """``ctr(q1, k2) + ctr(q2, k1)``; given a ``predictor`` (``sslplug.loss_predictor``), it
+    makes the queries itself."""
+
+    collapse_hint = (
+        "MoCo v3 needs its predictor and momentum encoder: check the target update and the "
+        "learning rate"
+    )
 
     requires = frozenset({"two_views", "prediction", "target_projection"})
 
@@ -128,17 +123,24 @@ class MoCoV3Loss(sslplug.Loss):
 
     def forward(self, outputs: Outputs, views: Views, target: Outputs | None) -> sslplug.LossResult:
         assert target is not None  # required capability: target_projection
-        if self.predictor is not None:
-            sizes = [z.shape[0] for z in outputs.projections[:2]]
-            q1, q2 = self.predictor(torch.cat(outputs.projections[:2])).split(sizes)
-        else:
-            q1, q2 = outputs.predictions[:2]
+        q1, q2 = sslplug.loss_predictions(outputs, self.predictor)
         k1, k2 = target.projections[:2]
         with torch.autocast(q1.device.type, enabled=False):  # logits at t = 0.2 need fp32
             loss_12, accuracy_12 = contrastive_loss(q1.float(), k2.float(), self.temperature)
             loss_21, accuracy_21 = contrastive_loss(q2.float(), k1.float(), self.temperature)
         accuracy = (accuracy_12 + accuracy_21) / 2
         return sslplug.LossResult(loss_12 + loss_21, {"positive_accuracy": accuracy})
+
+
+class MomentumEncoder(sslplug.MomentumTarget):
+    """A copy of the query encoder's backbone and projector, moved by a cosine momentum; it
+    encodes the first two views, the ones the loss pairs."""
+
+    def __init__(self, encoder: Encoder, momentum_base: float) -> None:
+        super().__init__(encoder, momentum_base, name="the MoCo v3 momentum encoder")
+
+    def forward(self, views: Views) -> Outputs:
+        return Outputs(projections=sslplug.run_by_resolution(self.network, views.images[:2]))
 
 
 @sslplug.hookimpl
@@ -152,27 +154,18 @@ def sslplug_augmentation(settings: MoCoV3Settings, run: RunContext) -> sslplug.A
 
 
 @sslplug.hookimpl
-def sslplug_views(augmentations: sslplug.Augmentations) -> sslplug.ViewGenerator:
-    return sslplug.MultiViewGenerator(augmentations)
-
-
-@sslplug.hookimpl
 def sslplug_encoder(settings: MoCoV3Settings, backbone: nn.Module, feature_dim: int) -> Encoder:
     return MoCoV3Encoder(backbone, feature_dim, settings)
 
 
 @sslplug.hookimpl
-def sslplug_loss(settings: MoCoV3Settings, encoder: Encoder) -> sslplug.Loss:
-    if "prediction" in encoder.provides:
-        return MoCoV3Loss(settings.temperature)
-    if not encoder.projection_dim:
-        raise sslplug.ComponentMismatchError(
-            f"the MoCo v3 loss needs projections: the encoder {type(encoder).__name__} provides "
-            f"{sorted(encoder.provides) or 'nothing'} and no projection_dim"
-        )
-    return MoCoV3Loss(settings.temperature, predictor(encoder.projection_dim, settings))
+def sslplug_target_update(settings: MoCoV3Settings, encoder: Encoder) -> TargetUpdate:
+    return MomentumEncoder(encoder, settings.momentum_base)
 
 
 @sslplug.hookimpl
-def sslplug_target_update(settings: MoCoV3Settings, encoder: Encoder) -> TargetUpdate:
-    return MomentumEncoder(encoder, settings.momentum_base)
+def sslplug_loss(settings: MoCoV3Settings, encoder: Encoder) -> sslplug.Loss:
+    predictor = sslplug.loss_predictor(
+        encoder, "MoCo v3", lambda dim: moco_v3_predictor(dim, settings)
+    )
+    return MoCoV3Loss(settings.temperature, predictor)

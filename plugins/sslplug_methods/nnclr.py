@@ -91,6 +91,21 @@ class NNCLREncoder(sslplug.PredictorEncoder):
         super().__init__(backbone, feature_dim, projector, dim, nnclr_predictor(dim, settings))
 
 
+def nnclr_loss(neighbours: Tensor, predictions: Tensor, temperature: float) -> Tensor:
+    """Eq. 2: cross-entropy of each neighbour against every prediction of the global batch,
+    its own image's being the positive.
+
+    ``neighbours`` ``(N, D)`` are this rank's; ``predictions`` ``(N, D)`` are gathered from every
+    rank with gradient, and the labels are offset by the rank, so the mean over ranks of this
+    loss is the loss of the whole batch.
+    """
+    neighbours = F.normalize(neighbours, dim=1)
+    candidates = sslplug.gather(F.normalize(predictions, dim=1))
+    n = neighbours.shape[0]
+    labels = torch.arange(n, device=neighbours.device) + sslplug.rank() * n
+    return F.cross_entropy(neighbours @ candidates.T / temperature, labels)
+
+
 class SupportSet(nn.Module):
     """A FIFO queue of L2-normalised projections and its nearest-neighbour lookup (eq. 3).
 
@@ -131,27 +146,18 @@ class SupportSet(nn.Module):
         self.filled.add_(z.shape[0]).clamp_(max=size)
 
 
-def nnclr_loss(neighbours: Tensor, predictions: Tensor, temperature: float) -> Tensor:
-    """Eq. 2: cross-entropy of each neighbour against every prediction of the global batch,
-    its own image's being the positive.
-
-    ``neighbours`` ``(N, D)`` are this rank's; ``predictions`` ``(N, D)`` are gathered from every
-    rank with gradient, and the labels are offset by the rank, so the mean over ranks of this
-    loss is the loss of the whole batch.
-    """
-    neighbours = F.normalize(neighbours, dim=1)
-    candidates = sslplug.gather(F.normalize(predictions, dim=1))
-    n = neighbours.shape[0]
-    labels = torch.arange(n, device=neighbours.device) + sslplug.rank() * n
-    return F.cross_entropy(neighbours @ candidates.T / temperature, labels)
-
-
 class NNCLRLoss(sslplug.Loss):
     """The symmetrised NNCLR loss, and the support set it searches and fills.
 
-    Given a ``predictor``, it applies it to the projections itself: for encoders that have none.
+    Given a ``predictor`` (``sslplug.loss_predictor``), it applies it to the projections itself:
+    for encoders that have none.
     In training mode each call pushes the first view's projections into the support set.
     """
+
+    collapse_hint = (
+        "NNCLR needs its predictor and a queue of varied neighbours: check the learning rate and "
+        "the queue size"
+    )
 
     requires = frozenset({"two_views", "projection", "prediction"})
 
@@ -171,10 +177,7 @@ class NNCLRLoss(sslplug.Loss):
 
     def forward(self, outputs: Outputs, views: Views, target: Outputs | None) -> sslplug.LossResult:
         z1, z2 = outputs.projections[:2]
-        if self.predictor is not None:
-            p1, p2 = self.predictor(torch.cat([z1, z2])).split([z1.shape[0], z2.shape[0]])
-        else:
-            p1, p2 = outputs.predictions[:2]
+        p1, p2 = sslplug.loss_predictions(outputs, self.predictor)
         # similarities at temperature 0.1 need more precision than bf16 autocast gives
         with torch.autocast(z1.device.type, enabled=False):
             z1, z2 = (F.normalize(z.detach().float(), dim=1) for z in (z1, z2))
@@ -198,22 +201,12 @@ def sslplug_augmentation(settings: NNCLRSettings, run: RunContext) -> sslplug.Au
 
 
 @sslplug.hookimpl
-def sslplug_views(augmentations: sslplug.Augmentations) -> sslplug.ViewGenerator:
-    return sslplug.MultiViewGenerator(augmentations)
-
-
-@sslplug.hookimpl
 def sslplug_encoder(settings: NNCLRSettings, backbone: nn.Module, feature_dim: int) -> Encoder:
     return NNCLREncoder(backbone, feature_dim, settings)
 
 
 @sslplug.hookimpl
 def sslplug_loss(settings: NNCLRSettings, encoder: Encoder) -> sslplug.Loss:
-    dim = encoder.projection_dim
-    if not dim:
-        raise sslplug.ComponentMismatchError(
-            f"the NNCLR loss needs projections: the encoder {type(encoder).__name__} provides "
-            f"{sorted(encoder.provides) or 'nothing'} and no projection_dim"
-        )
-    predictor = None if "prediction" in encoder.provides else nnclr_predictor(dim, settings)
+    dim = sslplug.projection_dim_for(encoder, "NNCLR")  # the support set's width
+    predictor = sslplug.loss_predictor(encoder, "NNCLR", lambda d: nnclr_predictor(d, settings))
     return NNCLRLoss(settings.temperature, settings.support_set_size, dim, predictor)

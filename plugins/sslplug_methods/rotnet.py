@@ -5,7 +5,10 @@ Every image of the batch appears in all four rotations, 0, 90, 180 and 270 degre
 classifier learn to tell which rotation each copy received, with cross-entropy. Recognising
 "upright" needs knowing what objects look like, which is the representation being learned.
 Before rotating, a light augmentation (random resized crop with scale 0.5-1 and a horizontal
-flip) keeps the task from being solved by memorising images.
+flip) keeps the task from being solved by memorising images. The loss of an image ``x``
+(Section 2.1, eq. 1-2), with ``F_y`` the classifier's probability of rotation ``y``::
+
+    L(x) = -1/4 sum_{y=0..3} log F_y(rot(x, 90 y degrees))
 
 Usage::
 
@@ -55,8 +58,9 @@ class RotNetEncoder(Encoder):
 
     provides = frozenset({"logits"})
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, hidden_dim: int) -> None:
+    def __init__(self, backbone: nn.Module, feature_dim: int, settings: RotNetSettings) -> None:
         super().__init__(backbone, feature_dim)
+        hidden_dim = settings.classifier_hidden_dim
         self.classifier = (
             sslplug.MLP(feature_dim, [hidden_dim], ROTATIONS)
             if hidden_dim
@@ -85,7 +89,7 @@ def sslplug_views(augmentations: tuple[nn.Module, ...]) -> sslplug.ViewGenerator
 
 @sslplug.hookimpl
 def sslplug_encoder(settings: RotNetSettings, backbone: nn.Module, feature_dim: int) -> Encoder:
-    return RotNetEncoder(backbone, feature_dim, settings.classifier_hidden_dim)
+    return RotNetEncoder(backbone, feature_dim, settings)
 
 
 @sslplug.hookimpl

@@ -27,11 +27,6 @@ import sslplug
 from sslplug import MLP, Encoder, Outputs, RunContext, Views
 
 
-def _positive(instance: object, attribute: attrs.Attribute, value: float) -> None:
-    if value <= 0:
-        raise sslplug.ConfigError(f"{attribute.name} must be greater than 0, got {value!r}")
-
-
 @attrs.define
 class SimCLRSettings:
     """SimCLR's CIFAR-10 recipe (Chen et al. 2020, Appendix B.9), used because the default data and
@@ -40,7 +35,7 @@ class SimCLRSettings:
     above 64 px) the ImageNet recipe's blur with p=0.5 is added; its colour strength is 1.0.
     """
 
-    temperature: float = attrs.field(default=0.5, validator=_positive)
+    temperature: float = attrs.field(default=0.5, validator=sslplug.positive)
     projection_dim: int = 128
     projector_hidden_dim: int = 0  # 0: the backbone's feature width
     color_strength: float = 0.5
@@ -50,11 +45,13 @@ class SimCLRSettings:
     blur: Literal["auto", "on", "off"] = "auto"
 
 
-def simclr_encoder(backbone: nn.Module, feature_dim: int, settings: SimCLRSettings) -> Encoder:
+class SimCLREncoder(sslplug.ProjectorEncoder):
     """Backbone and projector Linear(d)-BN-ReLU-Linear(128), ``d`` the backbone's width."""
-    hidden = settings.projector_hidden_dim or feature_dim
-    projector = MLP(feature_dim, [hidden], settings.projection_dim)
-    return sslplug.ProjectorEncoder(backbone, feature_dim, projector, settings.projection_dim)
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, settings: SimCLRSettings) -> None:
+        hidden = settings.projector_hidden_dim or feature_dim
+        projector = MLP(feature_dim, [hidden], settings.projection_dim)
+        super().__init__(backbone, feature_dim, projector, settings.projection_dim)
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
@@ -101,7 +98,7 @@ def sslplug_settings() -> type:
 
 @sslplug.hookimpl
 def sslplug_augmentation(settings: SimCLRSettings, run: RunContext) -> sslplug.Augmentations:
-    blur = settings.blur == "on" or (settings.blur == "auto" and run.image_size > 64)
+    blur = sslplug.blur_on(settings.blur, run.image_size)
     return sslplug.simclr_recipe(
         run.image_size,
         crop_scale=settings.crop_scale,
@@ -113,13 +110,8 @@ def sslplug_augmentation(settings: SimCLRSettings, run: RunContext) -> sslplug.A
 
 
 @sslplug.hookimpl
-def sslplug_views(augmentations: tuple[nn.Module, ...]) -> sslplug.ViewGenerator:
-    return sslplug.MultiViewGenerator(augmentations)
-
-
-@sslplug.hookimpl
 def sslplug_encoder(settings: SimCLRSettings, backbone: nn.Module, feature_dim: int) -> Encoder:
-    return simclr_encoder(backbone, feature_dim, settings)
+    return SimCLREncoder(backbone, feature_dim, settings)
 
 
 @sslplug.hookimpl

@@ -104,6 +104,11 @@ def output_std(z: Tensor) -> Tensor:
 class SimSiamLoss(sslplug.Loss):
     """The symmetrised negative cosine with stop-gradient (eq. 4)."""
 
+    collapse_hint = (
+        "SimSiam needs its predictor and the stop-gradient on the other branch: check that both "
+        "are used, and the learning rate"
+    )
+
     requires = frozenset({"two_views", "projection", "prediction"})
 
     def forward(self, outputs: Outputs, views: Views, target: Outputs | None) -> sslplug.LossResult:
@@ -120,7 +125,7 @@ def sslplug_settings() -> type:
 
 @sslplug.hookimpl
 def sslplug_augmentation(settings: SimSiamSettings, run: RunContext) -> sslplug.Augmentations:
-    blur = settings.blur == "on" or (settings.blur == "auto" and run.image_size > 64)
+    blur = sslplug.blur_on(settings.blur, run.image_size)
     return sslplug.simclr_recipe(
         run.image_size,
         crop_scale=settings.crop_scale,
@@ -129,11 +134,6 @@ def sslplug_augmentation(settings: SimSiamSettings, run: RunContext) -> sslplug.
         grayscale_prob=settings.grayscale_prob,
         blur_prob=0.5 if blur else 0.0,
     )
-
-
-@sslplug.hookimpl
-def sslplug_views(augmentations: tuple[nn.Module, ...]) -> sslplug.ViewGenerator:
-    return sslplug.MultiViewGenerator(augmentations)
 
 
 @sslplug.hookimpl

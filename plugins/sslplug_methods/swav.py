@@ -93,30 +93,14 @@ class SwAVSettings:
     blur_prob: float = attrs.field(default=0.5, validator=sslplug.unit_interval)
     blur: Literal["auto", "on", "off"] = "auto"
 
-    def augmentations(self, image_size: int) -> sslplug.Augmentations:
-        """The multi-crop pipelines, grouped ``global, global, local, ...``."""
-        s = self.color_strength
-        blurred = self.blur == "on" or (self.blur == "auto" and image_size > 64)
-        blur = self.blur_prob if blurred else 0.0
-        return sslplug.multicrop_recipe(
-            image_size,
-            local_crops=self.local_crops,
-            local_size=self.local_crop_size,
-            global_scale=self.global_scale,
-            local_scale=self.local_scale,
-            jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s),
-            jitter_prob=self.jitter_prob,
-            grayscale_prob=self.grayscale_prob,
-            blur_prob=(blur, blur, blur),
-            solarize_prob=(0.0, 0.0, 0.0),
-        )
 
-
-def swav_encoder(backbone: nn.Module, feature_dim: int, settings: SwAVSettings) -> Encoder:
+class SwAVEncoder(sslplug.ProjectorEncoder):
     """Backbone and projection head Linear(d)-BN-ReLU-Linear(128); the loss normalises."""
-    hidden = settings.projector_hidden_dim or feature_dim
-    projector = MLP(feature_dim, [hidden], settings.projection_dim)
-    return sslplug.ProjectorEncoder(backbone, feature_dim, projector, settings.projection_dim)
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, settings: SwAVSettings) -> None:
+        hidden = settings.projector_hidden_dim or feature_dim
+        projector = MLP(feature_dim, [hidden], settings.projection_dim)
+        super().__init__(backbone, feature_dim, projector, settings.projection_dim)
 
 
 @torch.no_grad()
@@ -260,17 +244,26 @@ def sslplug_settings() -> type:
 
 @sslplug.hookimpl
 def sslplug_augmentation(settings: SwAVSettings, run: RunContext) -> sslplug.Augmentations:
-    return settings.augmentations(run.image_size)
-
-
-@sslplug.hookimpl
-def sslplug_views(augmentations: sslplug.Augmentations) -> sslplug.ViewGenerator:
-    return sslplug.MultiViewGenerator(augmentations)
+    """The multi-crop pipelines, grouped ``global, global, local, ...``."""
+    s = settings.color_strength
+    blur = settings.blur_prob if sslplug.blur_on(settings.blur, run.image_size) else 0.0
+    return sslplug.multicrop_recipe(
+        run.image_size,
+        local_crops=settings.local_crops,
+        local_size=settings.local_crop_size,
+        global_scale=settings.global_scale,
+        local_scale=settings.local_scale,
+        jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s),
+        jitter_prob=settings.jitter_prob,
+        grayscale_prob=settings.grayscale_prob,
+        blur_prob=(blur, blur, blur),
+        solarize_prob=(0.0, 0.0, 0.0),
+    )
 
 
 @sslplug.hookimpl
 def sslplug_encoder(settings: SwAVSettings, backbone: nn.Module, feature_dim: int) -> Encoder:
-    return swav_encoder(backbone, feature_dim, settings)
+    return SwAVEncoder(backbone, feature_dim, settings)
 
 
 @sslplug.hookimpl

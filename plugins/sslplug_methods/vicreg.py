@@ -57,11 +57,13 @@ class VICRegSettings(sslplug.BYOLAugmentation):
     eps: float = attrs.field(default=1e-4, validator=sslplug.positive)
 
 
-def vicreg_encoder(backbone: nn.Module, feature_dim: int, settings: VICRegSettings) -> Encoder:
+class VICRegEncoder(sslplug.ProjectorEncoder):
     """Backbone and the three-layer expander Linear-BN-ReLU-Linear-BN-ReLU-Linear."""
-    width = settings.expander_dim or 4 * feature_dim
-    expander = MLP(feature_dim, [width, width], width)
-    return sslplug.ProjectorEncoder(backbone, feature_dim, expander, width)
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, settings: VICRegSettings) -> None:
+        width = settings.expander_dim or 4 * feature_dim
+        expander = MLP(feature_dim, [width, width], width)
+        super().__init__(backbone, feature_dim, expander, width)
 
 
 def variance(z: Tensor, gamma: float = 1.0, eps: float = 1e-4) -> Tensor:
@@ -94,6 +96,10 @@ def vicreg_terms(
 
 class VICRegLoss(sslplug.Loss):
     """The VICReg loss (eq. 6) on the first two views' projections, in float32."""
+
+    collapse_hint = (
+        "VICReg's variance term may be too weak (vicreg.std_coeff), or the learning rate too high"
+    )
 
     requires = frozenset({"two_views", "projection"})
 
@@ -134,13 +140,8 @@ def sslplug_augmentation(settings: VICRegSettings, run: RunContext) -> sslplug.A
 
 
 @sslplug.hookimpl
-def sslplug_views(augmentations: tuple[nn.Module, ...]) -> sslplug.ViewGenerator:
-    return sslplug.MultiViewGenerator(augmentations)
-
-
-@sslplug.hookimpl
 def sslplug_encoder(settings: VICRegSettings, backbone: nn.Module, feature_dim: int) -> Encoder:
-    return vicreg_encoder(backbone, feature_dim, settings)
+    return VICRegEncoder(backbone, feature_dim, settings)
 
 
 @sslplug.hookimpl

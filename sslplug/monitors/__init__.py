@@ -2,17 +2,22 @@
 
 Each is a plugin on the lifecycle hooks like any third-party one, registered by the registry
 before the installed plugins (as pytest registers its terminal reporter), and switched off with
-``sslplug run --disable NAME`` or ``disable = ["NAME"]`` in the ``[train]`` table:
+``sslplug run --disable NAME`` or ``disable = ["NAME"]`` in the ``[train]`` table. Those with
+settings declare them through ``sslplug_settings`` as any plugin does: a section named after
+the plugin (``--set knn.k=20``, ``[health]`` in a config file), saved with every run.
 
 ==============  ===========================================================================
 name            what it does
 ==============  ===========================================================================
-``tensorboard``  scalars, the view grid and test-set embeddings under ``RUN/tensorboard/``
-``progress``     the progress bar with its ETA, and a line per finished epoch
+``tensorboard``  scalars, the view grid and test-set embeddings (``tensorboard.
+                 embedding_samples``) under ``RUN/tensorboard/``
+``progress``     the progress bar with its ETA (the line after every epoch is the core's,
+                 ``sslplug.report``, and stays without it)
 ``knn``          weighted kNN accuracy of the frozen features (before training and every
-                 ``eval.every`` epochs), through ``sslplug_evaluate``
-``health``       label-free measures (effective rank, spread, alignment, uniformity) on the
-                 same epochs as ``knn``, and the collapse warning
+                 ``knn.every`` epochs), through ``sslplug_evaluate``
+``health``       label-free measures (effective rank, spread, alignment, uniformity) on
+                 ``health.samples`` images, on the same epochs as ``knn`` by default
+                 (``health.every``), and the collapse warning
 ``view_grid``    ``RUN/views.png``: eight images of every view the model is shown
 ==============  ===========================================================================
 """

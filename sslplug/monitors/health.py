@@ -1,7 +1,7 @@
 """The health monitor: label-free measures of the representation, and the collapse warning.
 
-On the epochs the kNN monitor runs (before training, every ``eval.every`` epochs, after the
-last), on a fixed sample of ``eval.health_samples`` training images drawn once per run (seeded,
+Before training, every ``health.every`` epochs and after the last (the kNN monitor's epochs by
+default), on a fixed sample of ``health.samples`` training images drawn once per run (seeded,
 un-augmented), it measures the effective rank and the spread of the backbone features and of
 the projections (when the encoder has a projector), and the alignment of two augmented views
 (when the view generator makes two) and the uniformity of the features (``sslplug.health``).
@@ -9,11 +9,14 @@ The measures go to the epoch's metrics, so TensorBoard, the epoch line and ``sum
 show them.
 
 When the measures say the embeddings collapsed (``sslplug.health.collapse``) it prints a
-warning naming the measure, its value and the likely causes for the method in use; with
+warning naming the measure, its value and the likely causes for the method in use (the
+``collapse_hint`` of the run's loss, ``sslplug.Loss``); with
 ``train.stop_on_collapse`` the run stops before that epoch's checkpoint is written, so the
 last checkpoint kept is the last good one, and ``sslplug run --resume`` continues it only with
 ``--ignore-collapse`` (which switches the stop off; the warning stays). On data without labels
 it says once that no kNN accuracy can be computed, and the measures are what the run shows.
+Its settings are the ``[health]`` section, which it declares as any plugin does
+(``eval.health_samples``, ``eval.every`` and ``eval.baseline`` are their old names).
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ import sys
 import time
 from typing import Any
 
+import attrs
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from sslplug.augment import normalize, to_float
-from sslplug.config import RunContext
+from sslplug.context import RunContext
 from sslplug.data import Split
 from sslplug.health import (
     COLLAPSE_MIN_STEPS,
@@ -39,36 +43,36 @@ from sslplug.health import (
 )
 from sslplug.hookspecs import hookimpl
 from sslplug.monitors.knn import evaluation_due
+from sslplug.validate import non_negative
 
-__all__ = ["HealthMonitor", "measure_health", "sample_images"]
+__all__ = [
+    "HealthMonitor",
+    "HealthSettings",
+    "collapse_warning",
+    "measure_health",
+    "sample_images",
+]
 
 _ALIGNMENT_IMAGES = 512
 _QUICK_IMAGES = 256
 _CHUNK = 256
 
-# What usually makes each family collapse, by the plugin that supplies the loss.
-_CAUSES = {
-    "byol": "BYOL needs its predictor and its EMA target: check the target update (not "
-    "'none', byol.tau not far below 0.99), that the predictor is used, and the learning rate",
-    "simsiam": "SimSiam needs its predictor and the stop-gradient on the other branch: check "
-    "that both are used, and the learning rate",
-    "moco_v3": "MoCo v3 needs its predictor and momentum encoder: check the target update and "
-    "the learning rate",
-    "nnclr": "NNCLR needs its predictor and a queue of varied neighbours: check the learning "
-    "rate and the queue size",
-    "dino": "DINO avoids collapse by centring and sharpening the teacher: check "
-    "dino.center_momentum, the teacher temperature and the target update",
-    "barlow_twins": "Barlow Twins' off-diagonal weight (barlow_twins.lambda_offdiag) may be "
-    "too small, or the learning rate too high",
-    "vicreg": "VICReg's variance term may be too weak (vicreg.std_coeff), or the learning rate "
-    "too high",
-    "ijepa": "I-JEPA needs its EMA target encoder: check the target update, ijepa.lr_scale and "
-    "the learning rate",
-}
+# The causes named when the run's loss names none (``sslplug.Loss.collapse_hint``).
 _GENERIC = (
     "a learning rate too high, a missing predictor or stop-gradient, or a target momentum too "
     "low (target updated too fast)"
 )
+
+
+@attrs.define
+class HealthSettings:
+    """The label-free measures (effective rank, spread, alignment, uniformity) of ``samples``
+    training images (0: off), before training (``baseline``), every ``every`` epochs (0: only at
+    the end) and at the end, as the kNN monitor's ``[knn]`` does by default."""
+
+    samples: int = attrs.field(default=1024, validator=non_negative)
+    every: int = attrs.field(default=5, validator=non_negative)
+    baseline: bool = True
 
 
 def sample_images(split: Split, count: int, seed: int) -> Tensor:
@@ -152,11 +156,12 @@ def _alignment(
 
 
 def collapse_warning(
-    measure: str, value: float, epoch: int, loss_plugin: str, stops: bool = False
+    measure: str, value: float, epoch: int, causes: str = "", stops: bool = False
 ) -> str:
-    """The text of the collapse warning, with the causes likely for the method in use; what
-    it advises depends on whether the run ``stops`` for it (``train.stop_on_collapse``)."""
-    causes = _CAUSES.get(loss_plugin, _GENERIC)
+    """The text of the collapse warning, with the ``causes`` likely for the method in use (its
+    loss's ``collapse_hint``; ``""``: the usual ones); what it advises depends on whether the
+    run ``stops`` for it (``train.stop_on_collapse``)."""
+    causes = causes or _GENERIC
     advice = (
         "train.stop_on_collapse is set: the run stops now (docs/health.md)"
         if stops
@@ -185,15 +190,19 @@ class HealthMonitor:
         self._previous: dict[str, float] = {}  # the last epoch's measures (collapse rule)
 
     @hookimpl
+    def sslplug_settings(self) -> type:
+        return HealthSettings
+
+    @hookimpl
     def sslplug_evaluate(self, run: RunContext, epoch: int) -> dict[str, float] | None:
-        settings, data = run.config.eval, run.data
-        due = evaluation_due(run, epoch)
-        if data is None or run.parts is None or not settings.health_samples:
+        settings, data = run.config.settings_of("health", HealthSettings), run.data
+        due = evaluation_due(run, epoch, settings.every, settings.baseline)
+        if data is None or run.parts is None or not settings.samples:
             return None
         if not due and epoch == 0:
             return None
         if self._for is not run:
-            self._images = sample_images(data.train, settings.health_samples, run.config.train.seed)
+            self._images = sample_images(data.train, settings.samples, run.config.train.seed)
             # a resumed run goes on from the epoch before, as if never interrupted
             self._for, self._previous = run, _spreads(run.history[-1] if run.history else {})
             if not data.train.labelled:
@@ -219,9 +228,9 @@ class HealthMonitor:
         self._previous = measures
         if found is not None:
             measures["collapsed"] = 1.0
-            loss_plugin = run.components.get("loss", "")
+            causes = getattr(run.parts.loss, "collapse_hint", "")
             stops = run.config.train.stop_on_collapse
-            tqdm.write(collapse_warning(*found, epoch, loss_plugin, stops), file=sys.stderr)
+            tqdm.write(collapse_warning(*found, epoch, causes, stops), file=sys.stderr)
             if stops:
                 run.request_stop(
                     f"the embeddings collapsed ({found[0]} {found[1]:.4f}) and "

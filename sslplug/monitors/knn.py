@@ -1,40 +1,66 @@
 """The kNN monitor: weighted kNN accuracy of the frozen features on the run's labelled data.
 
-Runs on the random initialisation (``eval.baseline``), every ``eval.every`` epochs and after
-the last one, with the train split as memory bank and the test split as queries (Wu et al.
-2018; ``eval.knn_k`` neighbours, temperature ``eval.knn_temperature``). Returns ``knn_top1``.
+Runs on the random initialisation (``knn.baseline``), every ``knn.every`` epochs and after the
+last one, with the train split as memory bank and the test split as queries (Wu et al. 2018;
+``knn.k`` neighbours, temperature ``knn.temperature``). Returns ``knn_top1``. Its settings are
+the ``[knn]`` section, which it declares as any plugin does (``eval.knn_k``,
+``eval.knn_temperature``, ``eval.every`` and ``eval.baseline`` are their old names).
 """
 
 from __future__ import annotations
 
 import sys
 
+import attrs
 import torch
 from tqdm import tqdm
 
-from sslplug.config import RunContext
+from sslplug.context import RunContext
 from sslplug.evaluate import knn_accuracy
 from sslplug.hookspecs import hookimpl
+from sslplug.validate import non_negative, positive
+
+__all__ = ["KNNMonitor", "KNNSettings", "evaluation_due"]
 
 
-def evaluation_due(run: RunContext, epoch: int) -> bool:
-    """Whether the evaluating monitors (kNN, health) measure after ``epoch``: the random
-    initialisation (epoch 0) with ``eval.baseline``, every ``eval.every`` epochs, and the last
-    (the epoch after which the run's steps are done: ``train.epochs``, or a time limit)."""
-    settings = run.config.eval
+@attrs.define
+class KNNSettings:
+    """Weighted kNN on frozen features (Wu et al. 2018): train split as memory, test as queries.
+
+    ``k`` neighbours vote with weights ``exp(similarity / temperature)``. It runs before
+    training (the randomly initialised encoder, ``baseline``), every ``every`` epochs (0: only
+    at the end) and at the end.
+    """
+
+    k: int = attrs.field(default=200, validator=positive)
+    temperature: float = attrs.field(default=0.1, validator=positive)
+    every: int = attrs.field(default=5, validator=non_negative)
+    baseline: bool = True
+
+
+def evaluation_due(run: RunContext, epoch: int, every: int, baseline: bool) -> bool:
+    """Whether an evaluating monitor (kNN, health) measures after ``epoch``: the random
+    initialisation (epoch 0) with ``baseline``, every ``every`` epochs, and the last (the epoch
+    after which the run's steps are done: ``train.epochs``, or a time limit)."""
     if epoch == 0:
-        return settings.baseline
+        return baseline
     last = run.progress.step >= run.progress.total_steps
-    return last or bool(settings.every and epoch % settings.every == 0)
+    return last or bool(every and epoch % every == 0)
 
 
 class KNNMonitor:
     """``sslplug_evaluate``: ``{"knn_top1": percent}`` when due and the data has labels."""
 
     @hookimpl
+    def sslplug_settings(self) -> type:
+        return KNNSettings
+
+    @hookimpl
     def sslplug_evaluate(self, run: RunContext, epoch: int) -> dict[str, float] | None:
-        settings, data = run.config.eval, run.data
-        if not evaluation_due(run, epoch) or data is None or data.test is None:
+        settings, data = run.config.settings_of("knn", KNNSettings), run.data
+        if not evaluation_due(run, epoch, settings.every, settings.baseline):
+            return None
+        if data is None or data.test is None or run.parts is None:
             return None
         if not data.test.labelled or not data.train.labelled:
             return None
@@ -44,8 +70,8 @@ class KNNMonitor:
             data.test,
             data.num_classes,
             torch.device(run.device),
-            k=settings.knn_k,
-            temperature=settings.knn_temperature,
+            k=settings.k,
+            temperature=settings.temperature,
         )
         if epoch == 0:
             text = f"kNN top-1 of the randomly initialised encoder: {top1:.2f}%"

@@ -1,16 +1,32 @@
 """TensorBoard: the training scalars, evaluation results, the view grid and, at the end, the
-features of test images for the embedding projector, under ``RUN/tensorboard/``."""
+features of test images for the embedding projector, under ``RUN/tensorboard/``.
+
+Its settings are the ``[tensorboard]`` section, which it declares as any plugin does
+(``eval.embedding_samples`` is the old name of ``tensorboard.embedding_samples``).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import torch
 
-from sslplug.config import RunContext
+from sslplug.context import RunContext
 from sslplug.evaluate import extract_features
 from sslplug.hookspecs import hookimpl
 from sslplug.monitors.view_grid import FILENAME as VIEWS_FILE
+from sslplug.validate import non_negative
+
+__all__ = ["TensorBoardLogger", "TensorBoardSettings"]
+
+
+@attrs.define
+class TensorBoardSettings:
+    """At the end of a run, the features of ``embedding_samples`` test images (0: none), with
+    their labels and thumbnails, go to TensorBoard's embedding projector."""
+
+    embedding_samples: int = attrs.field(default=1000, validator=non_negative)
 
 
 def _tag(metric: str) -> str:
@@ -22,6 +38,10 @@ class TensorBoardLogger:
 
     def __init__(self) -> None:
         self.writer: Any = None
+
+    @hookimpl
+    def sslplug_settings(self) -> type:
+        return TensorBoardSettings
 
     @hookimpl
     def sslplug_run_start(self, run: RunContext) -> None:
@@ -73,14 +93,17 @@ class TensorBoardLogger:
 
     def _embeddings(self, run: RunContext) -> None:
         """Test-set features with their labels and thumbnails, for the projector."""
-        data, count = run.data, run.config.eval.embedding_samples
+        data, parts = run.data, run.parts
+        count = run.config.settings_of("tensorboard", TensorBoardSettings).embedding_samples
         if not count or data is None or data.test is None or not data.test.labelled:
+            return
+        if parts is None:
             return
         test = data.test
         index = torch.linspace(0, len(test) - 1, min(count, len(test))).long().unique()
         sample = test.squares(index)
         features, labels = extract_features(
-            run.parts.encoder, sample, torch.device(run.device), workers=0
+            parts.encoder, sample, torch.device(run.device), workers=0
         )
         names = data.classes
         thumbnails = sample.images.float() / 255 if sample.images is not None else None

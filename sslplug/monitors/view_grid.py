@@ -13,7 +13,7 @@ import torchvision
 from torch import Tensor
 
 from sslplug.augment import denormalize
-from sslplug.config import RunContext
+from sslplug.context import RunContext
 from sslplug.data import Loader
 from sslplug.hookspecs import hookimpl
 

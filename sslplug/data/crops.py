@@ -7,8 +7,8 @@ its own image, as torchvision's ``RandomResizedCrop`` does for one image (Szeged
 the area and aspect-ratio ranges of SimCLR, BYOL and the rest), and resamples every box to the
 output size in one ``torchvision.ops.roi_align`` call: bilinear samples averaged over each output
 pixel's footprint, so shrinking a large box does not alias. Portrait images lie on their side
-on the canvas (``extents[:, 2]`` is 1 for them, ``sslplug.store.pad_batch``): their boxes are
-drawn with the inverse aspect ratio, and their crops are turned back upright.
+on the canvas (``extents[:, 2]`` is 1 for them, ``sslplug.data.decode.pad_batch``): their boxes
+are drawn with the inverse aspect ratio, and their crops are turned back upright.
 
 For a batch of equal-size images (in-memory data sets such as the default data and CIFAR),
 ``RandomResizedCrop`` is kornia's, unchanged, so runs on those data draw the same crops as
