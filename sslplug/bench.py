@@ -35,14 +35,13 @@ from typing import Any
 
 import attrs
 import torch
-import torchvision.transforms as T
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from sslplug.assembly import assemble
-from sslplug.augment import MEAN, STD, BYOLAugmentation, blur_kernel_size
+from sslplug.augment import MEAN, STD, BYOLAugmentation, blur_kernel_size, blur_on
 from sslplug.components import Views
 from sslplug.config import load_config
 from sslplug.data import Loader, Split
@@ -91,10 +90,12 @@ def per_image_recipe(
         s = settings.color_strength
         jitter, crop = (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), settings.crop_scale
         jitter_prob, gray = settings.jitter_prob, settings.grayscale_prob
-        blur = 0.5 if settings.blur == "on" or (settings.blur == "auto" and image_size > 64) else 0
+        blur = 0.5 if blur_on(settings.blur, image_size) else 0
         blurs, solarizes = (blur, blur), (0.0, 0.0)
     else:
         return None
+    import torchvision.transforms as T  # loaded when the baseline is built: it takes seconds
+
     kernel = blur_kernel_size(image_size)
     pipelines = []
     for blur_prob, solarize_prob in zip(blurs, solarizes):

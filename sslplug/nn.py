@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
-import torchvision
 from torch import Tensor, nn
 
 from sslplug.errors import ComponentMismatchError, ConfigError
@@ -170,6 +169,8 @@ def build_backbone(
         return net, net.out_dim
     if name not in BACKBONES:
         raise ConfigError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
+    import torchvision.models  # loaded when a ResNet is built: it takes seconds
+
     net = getattr(torchvision.models, name)(weights=None)
     if uses_cifar_stem(cifar_stem, image_size):
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)

@@ -9,12 +9,12 @@ plugin (``blame``, ``expect``, ``scalars``), so a failing plugin is told apart f
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from torch._dynamo.exc import TorchDynamoException
 
 from sslplug.components import LossResult, Outputs, Views
 from sslplug.errors import PluginError, SslplugError
@@ -28,16 +28,23 @@ class ComponentFailure(PluginError):
     """A component raised during training."""
 
 
+def _from_torch_compile(exc: BaseException) -> bool:
+    """Whether ``exc`` is ``torch.compile``'s; its module is only imported when something
+    compiles (importing it takes seconds), and an exception of it cannot exist before."""
+    dynamo = sys.modules.get("torch._dynamo.exc")
+    return dynamo is not None and isinstance(exc, dynamo.TorchDynamoException)
+
+
 @contextlib.contextmanager
 def blame(component: str, names: Mapping[str, str]) -> Iterator[None]:
     """Turn an exception raised inside ``component`` into one that names its plugin; a failure
     of ``torch.compile`` is not the plugin's and passes (``compile_failures`` says what it is)."""
     try:
         yield
-    except (SslplugError, KeyboardInterrupt, TorchDynamoException):
+    except (SslplugError, KeyboardInterrupt):
         raise
     except Exception as exc:
-        if component not in names:
+        if component not in names or _from_torch_compile(exc):
             raise
         raise ComponentFailure(
             f"plugin {names[component]!r} raised in its {component}: {exc!r}"

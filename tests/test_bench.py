@@ -56,7 +56,7 @@ def test_bad_bench_input_is_a_message(capsys):
     assert main(["bench", "--batch-size", "0"]) == 2
     assert "--batch-size 0 must be positive" in capsys.readouterr().err
 
-
+@pytest.mark.slow  # a ViT in bf16 on the CPU
 def test_bench_runs_a_vit_in_bf16(tmp_path, capsys):
     out = tmp_path / "vit.json"
     args = ["bench", "--plugin", "dino", "--backbone", "vit_micro", "--batch-size", "8"]

@@ -26,6 +26,8 @@ from sslplug.nn import SmallConvNet, build_backbone
 from sslplug.optim import Optimization
 from sslplug.plugins import PluginRegistry
 
+from .harness import StopAfterEpoch
+
 # narrow heads and two local crops: the recipe's every part, at a fraction of its cost
 NARROW = [
     "dino.hidden_dim=64",
@@ -358,16 +360,6 @@ class Recorder:
     @sslplug.hookimpl
     def sslplug_epoch_end(self, run: RunContext) -> None:
         self._snapshot(run)
-
-
-class StopAfterEpoch:
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @sslplug.hookimpl
-    def sslplug_epoch_end(self, epoch: int) -> None:
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 def _registry(*extra: object) -> PluginRegistry:

@@ -127,7 +127,7 @@ def test_export_small_backbone_loads_strictly_and_gives_the_same_features(
     x = torch.randn(4, 3, 32, 32)
     assert torch.allclose(net.eval()(x), encoder.features(x), atol=1e-6)
 
-
+@pytest.mark.slow  # a run with a ResNet-18
 def test_export_resnet18_loads_into_torchvision_with_strict(shapes_folder, tmp_path, registry):
     run = _train(
         shapes_folder,

@@ -180,6 +180,7 @@ def _quick_run(data: Path, out: Path) -> list[str]:
     return [str(arg) for arg in args]
 
 
+@pytest.mark.slow  # a subprocess per case
 @pytest.mark.parametrize(
     ("what", "mode", "message"),
     [
@@ -208,7 +209,7 @@ def test_a_folder_that_cannot_be_read_is_an_error_naming_it(
     expected = "sslplug: error: " + message.format(root=re.escape(str(labelled)))
     assert re.search(expected, done.stderr), done.stderr
 
-
+@pytest.mark.slow  # a run in a subprocess
 def test_an_image_that_cannot_be_read_is_skipped_and_counted(tmp_path, run_cli):
     data = tmp_path / "flat"
     write_images(*make_shapes(per_class=1, seed=0), data, classes=False)
@@ -309,6 +310,7 @@ def test_main_sets_torch_threads_to_the_allowed_cores(monkeypatch, capsys):
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow  # subprocesses
 @needs_affinity
 def test_a_command_pinned_to_one_core_uses_one_thread():
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}

@@ -127,6 +127,8 @@ def test_a_run_made_to_collapse_is_warned_and_stop_on_collapse_keeps_the_last_go
     done = run_cli([
         "run", *COLLAPSING, "--epochs", "6", "--out", out, *SMALL,
         "--set", "train.stop_on_collapse=true",
+        # the health monitor alone watches for collapse: no kNN but the last epoch's
+        "--set", "knn.every=0", "--set", "knn.baseline=false",
     ])
     assert done.returncode == 0, done.stderr
     assert "warning: the embeddings have collapsed after epoch" in done.stderr
@@ -185,7 +187,7 @@ def test_the_default_byol_recipe_is_not_called_collapsed_and_shows_the_measures(
         assert h["spread_projections"] > 0.2 and h["rank_features"] > 5
         assert 0 < h["alignment"] < 2 and h["uniformity"] < 0
 
-
+@pytest.mark.slow  # a run of many steps on a folder
 def test_unlabelled_data_shows_the_label_free_measures_and_says_why_no_knn(
     run_cli, tmp_path
 ):
@@ -220,6 +222,7 @@ BUILT_IN = (
 )  # fmt: skip
 
 
+@pytest.mark.slow  # fifteen short runs, one per method
 @pytest.mark.parametrize("method", BUILT_IN)
 def test_no_built_in_method_is_called_collapsed_at_the_start_of_its_default_run(
     registry, tmp_path, method

@@ -27,6 +27,7 @@ from sslplug.optim import Optimization
 from sslplug.plugins import PluginRegistry
 
 from .conftest import FAST
+from .harness import StopAfterEpoch
 
 SIZE = 32  # vit_micro: 4-px patches, an 8x8 grid
 
@@ -449,18 +450,6 @@ def test_short_run_on_vit_micro_finishes_and_moves_the_target(
     target = checkpoint["target_update"][f"network.{key}"]
     assert not torch.equal(online, target)  # the target trails the online encoder
     assert "predictor.mask_token" in checkpoint["encoder"]
-
-
-class StopAfterEpoch:
-    """Interrupts the run once epoch ``epoch`` is saved, as Ctrl-C would."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @sslplug.hookimpl
-    def sslplug_epoch_end(self, epoch: int) -> None:
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 def _three_epochs(shapes_folder: Path, out: Path, *extra: object) -> tuple[Any, PluginRegistry]:

@@ -27,6 +27,8 @@ from sslplug.optim import Optimization
 from sslplug.plugins import PluginRegistry
 from sslplug.vit import ViTBackbone, build_timm_backbone
 
+from .harness import StopAfterEpoch
+
 
 def vit(image_size: int = 32, patch_size: int = 4) -> ViTBackbone:
     backbone, _ = build_timm_backbone("vit_micro", image_size, patch_size=patch_size)
@@ -368,16 +370,6 @@ def test_short_run_lowers_the_loss_and_reports_the_knn(
     assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < first, f"the reconstruction error did not fall: {first:.4f} -> {last:.4f}"
-
-
-class StopAfterEpoch:
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @sslplug.hookimpl
-    def sslplug_epoch_end(self, epoch: int) -> None:
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 def _three_epochs(shapes_folder: Path, out: Path, *extra: object) -> None:

@@ -58,6 +58,7 @@ def _settings(method: str) -> list[str]:
     return [*SHORT, f"components.plugin={method}", *NARROW.get(method, [])]
 
 
+@pytest.mark.slow  # four short runs per method
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_resumes_exports_and_mixes(method, tmp_path):
     settings = _settings(method)

@@ -25,6 +25,8 @@ from sslplug.errors import ComponentMismatchError, ConfigError
 from sslplug.nn import SmallConvNet, build_backbone
 from sslplug.plugins import PluginRegistry
 
+from .harness import StopAfterEpoch
+
 SIZE = 32  # of the default data
 
 
@@ -367,18 +369,6 @@ class LossRecorder:
     @sslplug.hookimpl
     def sslplug_step_end(self, metrics: dict[str, float]) -> None:
         self.metrics.append(dict(metrics))
-
-
-class StopAfterEpoch:
-    """Interrupts the run once epoch ``epoch`` is saved, as Ctrl-C would."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @sslplug.hookimpl
-    def sslplug_epoch_end(self, epoch: int) -> None:
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 def _registry(*extra: object) -> PluginRegistry:

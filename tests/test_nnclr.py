@@ -27,6 +27,8 @@ from sslplug.errors import ComponentMismatchError, ConfigError
 from sslplug.nn import SmallConvNet, build_backbone
 from sslplug.plugins import PluginRegistry
 
+from .harness import StopAfterEpoch
+
 NARROW = [
     "nnclr.projector_hidden_dim=128",
     "nnclr.predictor_hidden_dim=128",
@@ -331,16 +333,6 @@ def test_trains_on_the_default_data_and_the_loss_falls(registry, tmp_path):
     assert last < first, f"the loss did not fall: {first:.4f} -> {last:.4f}"
     support = load_checkpoint(tmp_path / "run")["loss"]
     assert int(support["support_set.filled"]) == min(30 * 64, 4096)
-
-
-class StopAfterEpoch:
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @sslplug.hookimpl
-    def sslplug_epoch_end(self, epoch: int) -> None:
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 def _resume_config(registry: PluginRegistry, out: Path):

@@ -113,7 +113,6 @@ def test_a_real_clash_installed_by_pip_runs_the_built_in_by_name(
         runs = {
             "built-in": ["--plugin", "byol"],
             "qualified": ["--plugin", "simclr", "--loss", "sslplug-dino-plus:dino"],
-            "shadow": ["--plugin", "simclr", "--loss", "byol_shadow"],
         }
         for kind, choice in runs.items():
             out = tmp_path / kind
@@ -126,13 +125,10 @@ def test_a_real_clash_installed_by_pip_runs_the_built_in_by_name(
                 assert set(summary["components"].values()) == {"byol"}
                 assert code["loss"].startswith("sslplug_methods.byol (distribution sslplug ")
                 assert not any("marker" in key for key in loss_state)
-            elif kind == "qualified":
+            else:
                 assert summary["components"]["loss"] == "sslplug-dino-plus:dino"
                 assert code["loss"] == "sslplug_dino_plus (distribution sslplug-dino-plus 1.0.0)"
                 assert set(loss_state) == {"dino_plus_marker"}
-            else:
-                assert code["loss"] == "sslplug_byol (distribution sslplug-byol-shadow 1.0.0)"
-                assert set(loss_state) == {"byol_shadow_marker"}
 
 
 def _code_of_components(settings: Path) -> dict[str, str]:

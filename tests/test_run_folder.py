@@ -237,7 +237,7 @@ def test_a_run_resumed_while_eval_works_in_its_folder_is_refused_naming_eval(
         evaluation.communicate()
     assert load_checkpoint(run)["step"] == before
 
-
+@pytest.mark.slow  # three runs
 def test_evaluations_recorded_in_summary_are_kept_when_the_run_is_resumed(
     fast_args, tmp_path, capsys
 ):

@@ -21,6 +21,8 @@ from sslplug.errors import ComponentMismatchError, ConfigError
 from sslplug.nn import SmallConvNet, build_backbone
 from sslplug.optim import Optimization
 
+from .harness import StopAfterEpoch
+
 
 def reference_loss(p1, p2, z1, z2):
     """Chen & He 2021, eq. 1 and 4: D(p, z) = -p/|p| . z/|z|, L = D(p1, z2)/2 + D(p2, z1)/2."""
@@ -227,19 +229,6 @@ def test_bad_settings_are_refused_naming_the_value(registry, setting, value, wor
             assignments=["components.plugin=simsiam", f"simsiam.{setting}={value}"],
             plugin_settings=registry.settings_classes(),
         )
-
-
-class StopAfterEpoch:
-    """A lifecycle plugin that interrupts the run once epoch ``epoch`` is saved, as Ctrl-C
-    would."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @sslplug.hookimpl
-    def sslplug_epoch_end(self, epoch: int) -> None:
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 def _three_epochs(registry, out: Path) -> RunConfig:

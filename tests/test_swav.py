@@ -26,6 +26,8 @@ from sslplug.errors import ComponentMismatchError, ConfigError
 from sslplug.nn import build_backbone
 from sslplug.plugins import PluginRegistry
 
+from .harness import StopAfterEpoch
+
 # reference formulas ---------------------------------------------------------------------------
 
 
@@ -438,16 +440,6 @@ class Watcher:
     @sslplug.hookimpl
     def sslplug_epoch_end(self, run: RunContext) -> None:
         self._snapshot(run)
-
-
-class StopAfterEpoch:
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @sslplug.hookimpl
-    def sslplug_epoch_end(self, epoch: int) -> None:
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

@@ -43,7 +43,6 @@ from typing import Any
 import attrs
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 import sslplug
@@ -215,6 +214,9 @@ class IJEPAPredictor(nn.Module):
     """
 
     def __init__(self, encoder_dim: int, width: int, depth: int, num_heads: int) -> None:
+        # timm (and torchvision under it) loads when I-JEPA is built, not when plugins are listed
+        from timm.models.vision_transformer import Block
+
         super().__init__()
         self.width = width
         self.embed = nn.Linear(encoder_dim, width)

@@ -37,8 +37,6 @@ from math import isqrt, lcm
 import attrs
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm
-from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 import sslplug
@@ -143,6 +141,10 @@ class MAEDecoder(nn.Module):
     """
 
     def __init__(self, in_dim: int, pixels: int, settings: MAESettings) -> None:
+        # timm (and torchvision under it) loads when MAE is built, not when plugins are listed
+        from timm.layers import LayerNorm
+        from timm.models.vision_transformer import Block
+
         super().__init__()
         dim = settings.decoder_embed_dim
         self.embed = nn.Linear(in_dim, dim)

@@ -22,7 +22,6 @@ import math
 import kornia.augmentation as K
 import torch
 from torch import Tensor, nn
-from torchvision.ops import roi_align
 
 __all__ = [
     "RandomResizedCrop",
@@ -117,6 +116,8 @@ def resized_crops(images: Tensor, boxes: Tensor, size: int | tuple[int, int]) ->
     out = (size, size) if isinstance(size, int) else size
     index = torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype).unsqueeze(1)
     rois = torch.cat([index, boxes], dim=1).to(images.dtype)
+    from torchvision.ops import roi_align  # torchvision loads torch._dynamo: only when cropping
+
     return roi_align(images, rois, out, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 

@@ -7,6 +7,7 @@ machine.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -79,11 +80,19 @@ def make_shapes(per_class: int, seed: int, size: int = 32) -> tuple[Tensor, Tens
     return (image.clamp(0, 1) * 255).round().to(torch.uint8), label
 
 
+@functools.cache
+def _drawn() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The images and labels of both splits, drawn once per process (they take a second and
+    never differ); ``load_shapes`` hands out copies."""
+    train, train_labels = make_shapes(per_class=500, seed=0)
+    test, test_labels = make_shapes(per_class=100, seed=1)
+    return train, train_labels, test, test_labels
+
+
 def load_shapes(settings: DataSettings, seed: int) -> DataSet:
     """The ``shapes`` data set: 500 images of each class to train on, 100 to test on (the
     same whatever the settings and the seed)."""
-    train, train_labels = make_shapes(per_class=500, seed=0)
-    test, test_labels = make_shapes(per_class=100, seed=1)
+    train, train_labels, test, test_labels = (t.clone() for t in _drawn())
     return DataSet(
         name="shapes",
         train=Split(images=train, labels=train_labels),

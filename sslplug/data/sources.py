@@ -20,7 +20,6 @@ from pathlib import Path
 
 import attrs
 import torch
-import torchvision
 from torch import Tensor
 
 from sslplug.config import DataSettings
@@ -52,6 +51,8 @@ class Source:
 def _torchvision(settings: DataSettings, seed: int) -> DataSet:
     """CIFAR-10, CIFAR-100 or STL-10 (``settings.name``) from ``data.root``, downloaded there
     with ``data.download``; resized to ``data.image_size`` when one is set."""
+    import torchvision.datasets  # loaded when asked for: it takes seconds
+
     name = settings.name
     root = Path(settings.root or Path.home() / ".cache" / "sslplug" / "datasets").expanduser()
     splits: dict[str, Split] = {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor
 
 from sslplug.augment import denormalize
@@ -46,6 +45,8 @@ def view_grid(views: tuple[Tensor, ...], count: int = 8) -> Tensor | None:
         r if r.shape[-1] == size else F.interpolate(r, size=(size, size), mode="nearest")
         for r in rows
     ]
+    import torchvision.utils  # loaded when a grid is drawn: it takes seconds
+
     return torchvision.utils.make_grid(torch.cat(rows).clamp(0, 1), nrow=count, padding=1)
 
 
@@ -70,4 +71,6 @@ class ViewGrid:
             )
         grid = view_grid(views.images)
         if grid is not None:
+            import torchvision.utils
+
             torchvision.utils.save_image(grid, run.out_dir / FILENAME)

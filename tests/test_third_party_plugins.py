@@ -40,6 +40,8 @@ from sslplug.errors import ComponentMismatchError
 from sslplug.nn import build_backbone
 from sslplug.plugins import PluginRegistry
 
+from .harness import StopAfterEpoch
+
 FIXTURES = Path(__file__).parent / "fixtures" / "third_party"
 BATCH = 64
 STEPS = 3  # per epoch
@@ -158,19 +160,6 @@ class Recorder:
     @sslplug.hookimpl
     def sslplug_epoch_end(self, run: RunContext) -> None:
         self._snapshot(run)
-
-
-class StopAfterEpoch:
-    """A lifecycle plugin that interrupts the run once epoch ``epoch`` is saved, as Ctrl-C
-    would."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @sslplug.hookimpl
-    def sslplug_epoch_end(self, epoch: int) -> None:
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 @attrs.define
