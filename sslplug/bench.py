@@ -52,6 +52,7 @@ from sslplug.runtime import (
     autocast_context,
     compile_components,
     compile_failures,
+    keep_freed_memory,
     resolve_device,
     resolve_precision,
 )
@@ -191,6 +192,8 @@ def _build(settings: BenchSettings, registry: PluginRegistry, device: torch.devi
         *settings.assignments,
     ]
     config = load_config(None, assignments, registry.settings_classes())
+    if config.train.keep_freed_memory:  # as a run would
+        keep_freed_memory()
     total = settings.warmup + settings.repeats * settings.steps
     assembly = assemble(
         config,

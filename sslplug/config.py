@@ -214,7 +214,10 @@ class TrainSettings:
     ``compile`` runs ``torch.compile`` on the encoder and the target update. ``max_minutes``
     (0: no limit) ends a session after the epoch in which that many minutes of it passed.
     ``stop_on_collapse`` ends a run whose embeddings collapsed (the health monitor's rule),
-    keeping the checkpoint of the last good epoch.
+    keeping the checkpoint of the last good epoch. ``keep_freed_memory`` lets the process keep
+    the large blocks it frees for the next step (glibc's ``mallopt``; see
+    ``sslplug.runtime.keep_freed_memory``), where glibc would hand them back to the system and
+    zero them again at every step.
     """
 
     epochs: int = attrs.field(default=15, validator=positive)
@@ -231,6 +234,7 @@ class TrainSettings:
     compile: bool = False
     max_minutes: float = attrs.field(default=0.0, validator=non_negative)
     stop_on_collapse: bool = False
+    keep_freed_memory: bool = True
 
 
 CORE_SECTIONS: dict[str, type] = {

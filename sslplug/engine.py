@@ -50,6 +50,7 @@ from sslplug.runtime import (
     autocast_context,
     compile_components,
     compile_failures,
+    keep_freed_memory,
     place,
     resolve_device,
     resolve_precision,
@@ -184,6 +185,8 @@ def _set_up(
     _on_main(folder.lock, folder)
     checkpoint, evaluations = resume_point(folder, resume, ignore_collapse)
     seed_everything(config.train.seed)
+    if config.train.keep_freed_memory:
+        keep_freed_memory()
     data = load_data(config.data, seed=config.train.seed)
     loader = _loader(config, data, device)
     assembly = assemble(

@@ -23,8 +23,11 @@ the class that plugin returned from ``sslplug_settings``, filled from the user's
 Lifecycle hooks (``sslplug_run_start`` to ``sslplug_run_end``) are called on every registered
 plugin that the user has not switched off (``--disable NAME``), and only on rank 0 of a
 distributed run: the component objects run on every rank, loggers and monitors on one. The
-core's own TensorBoard logger (``tensorboard``), progress bar (``progress``), kNN monitor
-(``knn``) and view grid (``view_grid``) are such plugins, registered before the installed ones.
+core's own ``tensorboard`` (the TensorBoard logger), ``progress`` (the progress bar), ``knn``
+(the kNN monitor), ``health`` (the label-free health monitor) and ``view_grid`` are such
+plugins, registered before the installed ones. An exception raised in a lifecycle hook stops
+the run as a ``PluginError`` naming the plugin and the hook (``sslplug.lifecycle``); an
+interruption and sslplug's own errors pass through unchanged.
 """
 
 from __future__ import annotations
@@ -234,6 +237,8 @@ def sslplug_run_end(run: RunContext, summary: dict[str, Any], error: BaseExcepti
     """Called when a run ends, however it ends (rank 0 only).
 
     After a normal end ``summary`` is what ``summary.json`` holds and ``error`` is ``None``. When
-    the run stops on an error or an interruption (Ctrl-C, SIGTERM), ``error`` is the exception
-    and ``summary`` holds what is known so far; the last checkpoint is intact. Close files here.
+    the run stops on an error or an interruption (Ctrl-C, SIGTERM, a component or a lifecycle
+    hook that raised), ``error`` is the exception and ``summary`` holds what is known so far;
+    the last checkpoint is intact. It may come without a ``sslplug_run_start`` before it (a
+    checkpoint that fails to restore), so close only what was opened. Close files here.
     """

@@ -1,6 +1,6 @@
 """CPC: contrastive predictive coding on a grid of image patches.
 
-van den Oord et al. 2018 (arXiv:1807.03748), Section 3.2, and Hénaff et al. 2019, CPC v2
+van den Oord et al. 2018 (arXiv:1807.03748), Section 3.2, and Hénaff et al. 2020, CPC v2
 (arXiv:1905.09272). The image becomes a grid of overlapping patches (8-pixel patches at stride 4
 on a 32x32 image: 7x7 of them); the backbone encodes each patch into a vector ``z``; a masked
 context network, in which each position sees only the rows above it, summarises them into ``c``;
@@ -36,7 +36,7 @@ from sslplug import Encoder, Outputs, RunContext, Views
 
 @attrs.define
 class CPCSettings:
-    """CPC v2's patch recipe scaled to small images (Hénaff et al. 2019, Appendix A).
+    """CPC v2's patch recipe scaled to small images (Hénaff et al. 2020, Appendix A).
 
     ``patch_size = 0`` is a quarter of the image side and ``patch_stride = 0`` half a patch, so
     that every image gives a 7x7 grid (the paper: 64-pixel patches at stride 32 on 256 px).
