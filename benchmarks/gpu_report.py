@@ -4,9 +4,15 @@ and written to ``OUT/report.json``.
     python benchmarks/gpu_report.py OUT [--target-epochs 500] [--epoch-images 50000]
         [--baseline-minutes 99]
 
-Reads ``OUT/bench/*.json`` (``sslplug bench`` of each method, without and with compile) and
-``OUT/run/summary.json`` and ``settings.toml`` (the fixed-time run). Three parts:
+Reads ``OUT/methods.jsonl`` and ``OUT/branches.json`` (``benchmarks/gpu_check.py``),
+``OUT/bench/*.json`` (``sslplug bench`` of each method, without and with compile) and
+``OUT/run/summary.json`` and ``settings.toml`` (the fixed-time run). Five parts, each printed
+when the script wrote it:
 
+- **methods**: every built-in method with every backbone, ``ok`` (with its images per second
+  and peak of GPU memory), ``fail`` (with the first line of its error) or ``n/a``, and the
+  count of each;
+- **branches**: each branch only CUDA takes, ``ok`` or ``fail``, and what it measured;
 - **speed**: views/s, model-alone img/s, training-step img/s and the data-wait share of each
   method, with the speed-up that compile gives;
 - **fixed-time run**: epochs done, the kNN top-1 after every epoch against the seconds of
@@ -37,10 +43,42 @@ else:
     import tomli as tomllib
 
 KNN_GOAL = 90.0
+STATUSES = ("ok", "fail", "n/a")
 
 
-def _load(path: Path) -> dict[str, Any] | None:
+def _load(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def methods(path: Path) -> list[dict[str, Any]]:
+    """The rows of ``methods.jsonl``, the last row of each method and backbone (a pair tried
+    again after CUDA was lost has two)."""
+    if not path.is_file():
+        return []
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["method"], row["backbone"]] = row
+    return list(rows.values())
+
+
+def _print_methods(rows: list[dict[str, Any]]) -> None:
+    print(f"{'method':<14}{'backbone':<11}{'status':<7}{'img/s':>8}{'GiB':>7}{'s':>6}  error")
+    for row in rows:
+        rate = f"{row['images_per_second']:.0f}" if "images_per_second" in row else "-"
+        memory = f"{row['peak_memory_gib']:.1f}" if "peak_memory_gib" in row else "-"
+        print(
+            f"{row['method']:<14}{row['backbone']:<11}{row['status']:<7}{rate:>8}{memory:>7}"
+            f"{row['seconds']:>6.0f}  {row.get('error', '')[:110]}"
+        )
+    counts = {status: sum(row["status"] == status for row in rows) for status in STATUSES}
+    print(", ".join(f"{count} {status}" for status, count in counts.items()))
+
+
+def _print_branches(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        print(f"{row['branch']:<15}{row['status']:<6}{row['detail']}")
 
 
 def speed(bench: Path) -> list[dict[str, Any]]:
@@ -178,6 +216,27 @@ def main(argv: list[str] | None = None) -> int:
     device = args.out / "device.txt"
     if device.is_file():
         report["device"] = device.read_text().strip()
+    pairs = methods(args.out / "methods.jsonl")
+    if pairs:
+        report["methods"] = pairs
+        how = _load(args.out / "methods_settings.json")
+        if how:
+            report["methods_settings"] = how
+        print(
+            "== every method with every backbone"
+            + (
+                f": {how['steps']} steps timed after {how['warmup']}, batch "
+                f"{how['batch_size']}, {how['precision']} on {how['device']}"
+                if how
+                else ""
+            )
+        )
+        _print_methods(pairs)
+    branches = _load(args.out / "branches.json")
+    if branches:
+        report["branches"] = branches
+        print("== the branches only CUDA takes")
+        _print_branches(branches)
     rows = speed(args.out / "bench")
     if rows:
         report["speed"] = rows
@@ -194,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_run(report["fixed_time_run"])
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"all figures in {args.out / 'report.json'}")
-    return 0 if rows or summary is not None else 1
+    return 0 if pairs or branches or rows or summary is not None else 1
 
 
 if __name__ == "__main__":
