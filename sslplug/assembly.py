@@ -19,7 +19,7 @@ from torch import nn
 from sslplug import distributed
 from sslplug.config import RunConfig, RunContext
 from sslplug.nn import build_backbone
-from sslplug.optim import Optimization
+from sslplug.optim import Optimization, cycles_of
 from sslplug.plugins import Components, PluginRegistry
 from sslplug.runtime import place, rng_state, set_rng_state, wrap_for_ddp
 
@@ -90,6 +90,10 @@ def assemble(
         steps_per_epoch,
         total_steps,
         rules=parts.optim_rules(),
+        # none: one cycle over the run's total_steps
+        cycles=cycles_of(config.train.cycles, config.train.epochs, steps_per_epoch)
+        if config.train.cycles
+        else None,
     )
     return assembly
 

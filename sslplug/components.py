@@ -426,7 +426,8 @@ class TargetUpdate(_Component):
     ``forward(views)`` is called under ``torch.no_grad()`` with the views of the groups named
     in ``reads`` (``None``: every view; DINO's teacher reads ``("global",)``).
     ``step(encoder, step, total_steps)`` is called after every optimizer step, with ``step``
-    counted from 0 to ``total_steps - 1``; it returns scalar metrics to log (BYOL returns
+    counted from 0 to ``total_steps - 1`` of the schedules' cycle (the whole run, unless a
+    resume added epochs: ``sslplug.optim.Cycles``); it returns scalar metrics to log (BYOL returns
     ``{"tau": ...}``), or ``None``. The target network's parameters must not be trained by the
     optimizer: keep ``requires_grad`` off. State the target shares with the loss (MoCo's queue
     of keys) lives here, and the loss reads it from ``target``'s ``extras``.

@@ -191,13 +191,15 @@ class ModelSettings:
 
 @attrs.define
 class OptimSettings:
-    """Optimizer and schedule: linear warm-up over ``warmup_epochs``, then cosine decay to 0."""
+    """Optimizer and schedule: linear warm-up over ``warmup_epochs``, then cosine decay to
+    ``lr_floor`` times ``lr`` (0 by default), in every cycle of ``train.cycles``."""
 
     name: Literal["adamw", "sgd", "lars"] = "adamw"
     lr: float = attrs.field(default=2e-3, validator=positive)
     weight_decay: float = attrs.field(default=1e-4, validator=non_negative)
     momentum: float = 0.9
     warmup_epochs: float = attrs.field(default=1.0, validator=non_negative)
+    lr_floor: float = attrs.field(default=0.0, validator=_fraction)
 
 
 @attrs.define
@@ -218,6 +220,10 @@ class TrainSettings:
     the large blocks it frees for the next step (glibc's ``mallopt``; see
     ``sslplug.runtime.keep_freed_memory``), where glibc would hand them back to the system and
     zero them again at every step.
+    ``cycles`` are the schedules' cycles, ``[start, end]`` epochs each (empty: one over
+    ``epochs``; ``sslplug.optim.Cycles``); ``extend`` says what ``--resume RUN --epochs N`` does
+    with epochs added to a run's plan: ``restart`` adds a cycle over them (warm-up, cosine),
+    ``continue`` holds the schedules' end values (``sslplug.resume.extended_cycles``).
     """
 
     epochs: int = attrs.field(default=15, validator=positive)
@@ -235,6 +241,8 @@ class TrainSettings:
     max_minutes: float = attrs.field(default=0.0, validator=non_negative)
     stop_on_collapse: bool = False
     keep_freed_memory: bool = True
+    cycles: tuple[tuple[int, int], ...] = ()
+    extend: Literal["restart", "continue"] = "restart"
 
 
 CORE_SECTIONS: dict[str, type] = {

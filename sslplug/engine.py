@@ -43,7 +43,14 @@ from sslplug.errors import ConfigError, SslplugError
 from sslplug.outputs import check_name_lengths, check_outside_data, write_atomically
 from sslplug.plugins import Components, PluginRegistry
 from sslplug.report import data_line, say, say_epoch, say_stopped, say_time_limit, summary
-from sslplug.resume import make_folder_ready, restore, resume_point, resumes_in, run_folder
+from sslplug.resume import (
+    extended_cycles,
+    make_folder_ready,
+    restore,
+    resume_point,
+    resumes_in,
+    run_folder,
+)
 from sslplug.run_state import RunState, write_settings
 from sslplug.rundir import RunFolder, RunFolderError
 from sslplug.runtime import (
@@ -184,6 +191,7 @@ def _set_up(
         )
     _on_main(folder.lock, folder)
     checkpoint, evaluations = resume_point(folder, resume, ignore_collapse)
+    config = extended_cycles(config, checkpoint)
     seed_everything(config.train.seed)
     if config.train.keep_freed_memory:
         keep_freed_memory()

@@ -217,17 +217,64 @@ def build_optimizer(settings: OptimSettings, modules: Iterable[nn.Module]) -> to
     return _make_optimizer(settings, _default_groups(settings, _trainable(modules)))
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+def warmup_cosine(
+    warmup_steps: int, total_steps: int, floor: float = 0.0
+) -> Callable[[int], float]:
     """Multiplier of the base learning rate at each step: linear from 0 over ``warmup_steps``,
-    then a cosine from 1 to 0 at ``total_steps`` (Loshchilov & Hutter 2017)."""
+    then a cosine from 1 to ``floor`` at ``total_steps`` (Loshchilov & Hutter 2017)."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+@attrs.frozen
+class Cycles:
+    """The cycles of a run's schedules (learning rate, weight decay, the target's momentum):
+    ``(start, end)`` steps each, in order, the first starting at step 0.
+
+    Inside a cycle every schedule runs its course from its start (warm-up included) to its end;
+    after a cycle's end, until the next starts, each holds its end value. One cycle over the run
+    is the plan of a run that was never extended; ``sslplug run --resume RUN --epochs N`` adds a
+    cycle over the new epochs (``train.extend = "restart"``) or holds the end
+    (``"continue"``), as ``train.cycles`` then records (``cycles_of``).
+    """
+
+    spans: tuple[tuple[int, int], ...]
+
+    def position(self, step: int) -> tuple[int, int]:
+        """``(step within its cycle, the cycle's steps)`` for the 0-based ``step``; past a
+        cycle's end, its end: ``(steps, steps)``."""
+        start, end = self.spans[0]
+        for span in self.spans[1:]:
+            if span[0] > step:
+                break
+            start, end = span
+        length = end - start
+        return min(step - start, length), length
+
+
+def cycles_of(spans: Sequence[Sequence[int]], epochs: int, steps_per_epoch: int) -> Cycles:
+    """The ``Cycles`` of ``train.cycles`` (``[start, end]`` epochs each; empty: one cycle over
+    the ``epochs``), in steps; a ``ConfigError`` names a span that is not valid."""
+    spans = [tuple(span) for span in spans] or [(0, epochs)]
+    previous = 0
+    for index, span in enumerate(spans):
+        first = 0 if index == 0 else previous
+        if len(span) != 2 or span[0] < first or span[1] <= span[0] or span[1] > epochs:
+            raise ConfigError(
+                f"train.cycles {[list(s) for s in spans]}: cycle {index + 1}, {list(span)}, is "
+                f"not [start, end] epochs with start < end <= train.epochs ({epochs}), each "
+                f"starting where the one before ended or later, the first at 0"
+            )
+        if index == 0 and span[0] != 0:
+            raise ConfigError(f"train.cycles {[list(s) for s in spans]}: the first starts at 0")
+        previous = span[1]
+    return Cycles(tuple((a * steps_per_epoch, b * steps_per_epoch) for a, b in spans))
 
 
 def _constant(step: int) -> float:
@@ -267,6 +314,7 @@ class Optimization:
         steps_per_epoch: int,
         total_steps: int,
         rules: Sequence[OptimRules] = (),
+        cycles: Cycles | None = None,
     ) -> None:
         for key in ("lr", "weight_decay", "momentum", "warmup_epochs"):
             _finite(f"optim.{key}", getattr(settings, key))
@@ -284,6 +332,7 @@ class Optimization:
             )
         self.settings = settings
         self.total_steps = total_steps
+        self.cycles = cycles or Cycles(((0, total_steps),))
         self.clip_grad_norm = merged.clip_grad_norm
         self.weight_decay_end = merged.weight_decay_end
 
@@ -292,7 +341,11 @@ class Optimization:
         groups = _default_groups(settings, unclaimed)
         self._rules = [_GroupRule(g["name"], g["weight_decay"]) for g in groups]
         warmup = round(settings.warmup_epochs * steps_per_epoch)
-        scheduled = warmup_cosine(warmup, total_steps)
+
+        def scheduled(step: int) -> float:
+            at, length = self.cycles.position(step)
+            return warmup_cosine(warmup, length, settings.lr_floor)(at)
+
         lambdas: list[Callable[[int], float]] = [scheduled, scheduled]
         for index, spec in enumerate(merged.groups):
             label = spec.name or f"group{index}"
@@ -331,11 +384,13 @@ class Optimization:
 
     def weight_decay_factor(self, step: int) -> float:
         """The scheduled weight decay at ``step`` over ``optim.weight_decay``: a cosine from 1 at
-        step 0 to ``weight_decay_end / optim.weight_decay`` at the last step (1 unscheduled)."""
+        a cycle's first step to ``weight_decay_end / optim.weight_decay`` at its last (1
+        unscheduled)."""
         if self.weight_decay_end is None:
             return 1.0
         start, end = self.settings.weight_decay, self.weight_decay_end
-        progress = min(1.0, step / max(1, self.total_steps - 1))
+        at, length = self.cycles.position(step)
+        progress = min(1.0, at / max(1, length - 1))
         return (end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))) / start
 
     def step(self, step: int) -> None:
@@ -360,6 +415,11 @@ class Optimization:
             torch.nn.utils.clip_grad_norm_(trained, self.clip_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
+
+    def position(self, step: int) -> tuple[int, int]:
+        """Where the 0-based ``step`` is in the schedules: ``(step within its cycle, the
+        cycle's steps)``, what a target update's momentum schedule is given."""
+        return self.cycles.position(step)
 
     def zero_grad(self) -> None:
         """Drop every gradient (``set_to_none``) before the next backward pass."""
@@ -386,5 +446,15 @@ class Optimization:
             )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # the rate of the next step from this run's schedule, not the one saved: a run resumed
+        # to more epochs than it planned starts a new cycle there (``Cycles``)
+        step = self.scheduler.last_epoch
+        rates = [
+            base * rule(step)
+            for base, rule in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True)
+        ]
+        for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate
+        self.scheduler._last_lr = rates  # type: ignore[attr-defined]
         for group, rule in zip(self.optimizer.param_groups, self._rules, strict=True):
             group["name"] = rule.name

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 
 from sslplug import distributed
@@ -208,10 +209,45 @@ def restore(run: RunState, state: dict[str, Any], source: Path) -> None:
     planned = state.get("settings", {}).get("train", {}).get("epochs")
     epochs = run.config.train.epochs
     if planned is not None and planned != epochs and epochs > run.epoch:
-        say(
-            f"train.epochs is now {epochs} (the run was set for {planned}): "
-            f"the learning-rate and momentum schedules now run to the new end"
-        )
+        if epochs < planned:
+            what = "the schedules now end at the new end"
+        elif run.config.train.extend == "restart":
+            what = (
+                f"epochs {planned + 1}-{epochs} are a new cycle of the schedules (the learning "
+                f"rate warms up again and decays to the new end; --extend continue holds the "
+                f"end values instead)"
+            )
+        else:
+            what = (
+                f"the schedules end at epoch {planned} as planned and hold their end values "
+                f"for epochs {planned + 1}-{epochs} (--extend restart starts a new cycle)"
+            )
+        say(f"train.epochs is now {epochs} (the run was set for {planned}): {what}")
+
+
+def extended_cycles(config: RunConfig, checkpoint: dict[str, Any] | None) -> RunConfig:
+    """``config`` with ``train.cycles`` for a resumed run whose ``train.epochs`` differ from
+    the checkpoint's plan; unchanged for a new run and for one resumed to its plan.
+
+    More epochs than planned: ``train.extend = "restart"`` adds a cycle over the added epochs
+    (the learning rate warms up again and decays to its floor at the new end, a warm restart as
+    in SGDR, Loshchilov & Hutter 2017); ``"continue"`` adds none, so the schedules end where
+    they were planned to and hold their end values. Fewer: the cycles end at the new end. The
+    result is saved with the run, so resuming it again keeps the same schedules.
+    """
+    saved = (checkpoint or {}).get("settings", {}).get("train", {})
+    planned, epochs = saved.get("epochs"), config.train.epochs
+    if checkpoint is None or planned is None:
+        return config
+    cycles = [(int(start), int(end)) for start, end in saved.get("cycles", ())] or [(0, planned)]
+    if epochs > planned:
+        if config.train.extend == "restart":
+            cycles.append((planned, epochs))
+    elif epochs < planned:
+        cycles = [(start, min(end, epochs)) for start, end in cycles if start < epochs]
+    if cycles == [(0, epochs)] and not config.train.cycles:
+        return config  # one cycle over the run: the plan of a run never extended
+    return attrs.evolve(config, train=attrs.evolve(config.train, cycles=tuple(cycles)))
 
 
 def _restore_modules(run: RunState, state: dict[str, Any], source: Path) -> None:

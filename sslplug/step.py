@@ -107,7 +107,7 @@ def train_step(
     target_metrics: Any = {}
     if target_update is not None:
         with blame("target_update", names):
-            target_metrics = target_update.step(encoder, step, total_steps)
+            target_metrics = target_update.step(encoder, *optimization.position(step))
         expect(
             isinstance(target_metrics, dict | None),
             "target_update",

@@ -36,6 +36,7 @@ FLAG_SETTINGS = {
     "device": "train.device",
     "seed": "train.seed",
     "out": "train.out",
+    "extend": "train.extend",
 }
 
 # printed when --no-progress is given: --disable progress is the one way to switch it off
@@ -87,12 +88,37 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     common.add_argument("--seed", type=int, help="random seed (default 0)")
     common.add_argument("--out", help="run folder (default runs/PLUGIN-TIME)")
+    _add_resume_options(common)
+    common.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="deprecated: the same as --disable progress, which replaces it",
+    )
+    common.add_argument(
+        "--disable",
+        action="append",
+        default=[],
+        metavar="PLUGIN",
+        help="switch a lifecycle plugin off for this run: tensorboard, progress (the bar; the "
+        "epoch lines stay), knn, health, view_grid, or an installed one (repeatable; also "
+        "`disable = [...]` under [train])",
+    )
+
+
+def _add_resume_options(common: argparse._ArgumentGroup) -> None:
+    """``--resume`` and the options that say how a run continues or starts over."""
     common.add_argument(
         "--resume",
         type=Path,
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its last checkpoint, with its own settings "
         "(a run stopped before its first checkpoint starts over)",
+    )
+    common.add_argument(
+        "--extend",
+        choices=["restart", "continue"],
+        help="--resume with more --epochs than planned: restart (default) adds a cycle of the "
+        "schedules over the added epochs; continue holds their end values (train.extend)",
     )
     common.add_argument(
         "--overwrite",
@@ -107,20 +133,6 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
         "embeddings collapsed (without it, such a resume is refused); the run then no longer "
         "stops for collapse (train.stop_on_collapse=false is saved with it), and the health "
         "monitor still warns after every epoch it finds collapsed",
-    )
-    common.add_argument(
-        "--no-progress",
-        action="store_true",
-        help="deprecated: the same as --disable progress, which replaces it",
-    )
-    common.add_argument(
-        "--disable",
-        action="append",
-        default=[],
-        metavar="PLUGIN",
-        help="switch a lifecycle plugin off for this run: tensorboard, progress (the bar; the "
-        "epoch lines stay), knn, health, view_grid, or an installed one (repeatable; also "
-        "`disable = [...]` under [train])",
     )
 
 
