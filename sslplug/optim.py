@@ -455,6 +455,6 @@ class Optimization:
         ]
         for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
             group["lr"] = rate
-        self.scheduler._last_lr = rates  # type: ignore[attr-defined]
+        self.scheduler._last_lr = rates
         for group, rule in zip(self.optimizer.param_groups, self._rules, strict=True):
             group["name"] = rule.name

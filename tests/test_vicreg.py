@@ -1,5 +1,6 @@
-"""VICReg: the loss against eq. 1-6 written out, the whole batch's statistics under two gloo
-ranks (the built-in and the example of docs/examples), a short run, settings and mixes."""
+"""VICReg: the loss against the official main_vicreg.py's weighting and eq. 1-6 written out,
+the whole batch's statistics under two gloo ranks (the built-in and the example of docs/examples),
+a short run, settings and mixes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import sys
 import types
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
@@ -71,21 +73,45 @@ def _views(n):
     return Views(images=(torch.zeros(n, 3, 8, 8), torch.zeros(n, 3, 8, 8)))
 
 
+# The share of v(Z) + v(Z') that mu multiplies: main_vicreg.py's std_loss halves each view's
+# hinge (the default), eq. 6 of the paper sums them
+VARIANCE_SHARE = {"official": 0.5, "paper": 1.0}
+
+
+@pytest.mark.parametrize("variance_term", ["official", "paper"])
 @pytest.mark.parametrize("weights", [(25.0, 25.0, 1.0), (1.0, 2.0, 3.0)])
-def test_loss_matches_eq_6(weights):
+def test_loss_matches_the_reference(weights, variance_term):
     g = torch.Generator().manual_seed(1)
     z1, z2 = 0.3 * torch.randn(12, 5, generator=g), torch.randn(12, 5, generator=g)
     lam, mu, nu = weights
     settings = vicreg.VICRegSettings(
-        invariance_weight=lam, variance_weight=mu, covariance_weight=nu
+        invariance_weight=lam,
+        variance_weight=mu,
+        covariance_weight=nu,
+        variance_term=variance_term,
     )
     loss, metrics = vicreg.VICRegLoss(settings)(Outputs(projections=(z1, z2)), _views(12), None)
     s, v, c = reference_terms(z1, z2)
+    v = VARIANCE_SHARE[variance_term] * v
     assert metrics["invariance"].item() == pytest.approx(s, rel=1e-5)
     assert metrics["variance"].item() == pytest.approx(v, rel=1e-5)
     assert metrics["covariance"].item() == pytest.approx(c, rel=1e-5)
     assert loss.item() == pytest.approx(lam * s + mu * v + nu * c, rel=1e-5)
     assert v > 0  # z1's spread of 0.3 is under gamma = 1: the hinge is active
+
+
+def test_the_default_is_the_official_weighting_and_paper_doubles_the_variance_term():
+    assert vicreg.VICRegSettings().variance_term == "official"
+    g = torch.Generator().manual_seed(2)
+    z1, z2 = 0.2 * torch.randn(16, 4, generator=g), 0.5 * torch.randn(16, 4, generator=g)
+    outputs = Outputs(projections=(z1, z2))
+    official = vicreg.VICRegLoss(vicreg.VICRegSettings())(outputs, _views(16), None)
+    paper = vicreg.VICRegLoss(vicreg.VICRegSettings(variance_term="paper"))(
+        outputs, _views(16), None
+    )
+    s, v, c = reference_terms(z1, z2)
+    assert official.loss.item() == pytest.approx(25 * s + 25 * v / 2 + c, rel=1e-5)
+    assert paper.loss.item() - official.loss.item() == pytest.approx(25 * v / 2, rel=1e-4)
 
 
 def test_spread_decorrelated_identical_views_cost_nothing_and_collapse_costs_mu():
@@ -95,18 +121,19 @@ def test_spread_decorrelated_identical_views_cost_nothing_and_collapse_costs_mu(
         Outputs(projections=(z, z.clone())), _views(4), None
     )
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
-    # a constant embedding: each view's hinge is gamma - sqrt(eps) in every dimension
+    # a constant embedding: each view's hinge is gamma - sqrt(eps) in every dimension, and the
+    # official weighting takes the mean of the two views' hinges
     constant = torch.ones(4, 2)
     loss, _ = vicreg.VICRegLoss(vicreg.VICRegSettings())(
         Outputs(projections=(constant, constant.clone())), _views(4), None
     )
-    assert loss.item() == pytest.approx(25.0 * 2 * (1 - math.sqrt(1e-4)), rel=1e-6)
+    assert loss.item() == pytest.approx(25.0 * (1 - math.sqrt(1e-4)), rel=1e-6)
 
 
 def test_expander_is_three_layers_four_times_the_feature_width():
     backbone = SmallConvNet(width=4)
     encoder = vicreg.VICRegEncoder(backbone, backbone.out_dim, vicreg.VICRegSettings())
-    linears = [m for m in encoder.projector if isinstance(m, torch.nn.Linear)]
+    linears = [m for m in encoder.projector.modules() if isinstance(m, torch.nn.Linear)]
     assert [m.out_features for m in linears] == [4 * backbone.out_dim] * 3
     assert encoder.projection_dim == 4 * backbone.out_dim
     out = encoder(Views(images=(torch.randn(5, 3, 16, 16), torch.randn(5, 3, 16, 16))))
@@ -123,9 +150,14 @@ def _embeddings() -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def _loss(which: str, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+def _loss(
+    which: str,
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    variance_term: Literal["official", "paper"] = "official",
+) -> torch.Tensor:
     if which == "builtin":
-        return vicreg.VICRegLoss(vicreg.VICRegSettings())(
+        return vicreg.VICRegLoss(vicreg.VICRegSettings(variance_term=variance_term))(
             Outputs(projections=(z1, z2)), _views(z1.shape[0]), None
         ).loss
     return example.VICRegLoss(example.VICRegSettings())(
@@ -166,19 +198,22 @@ def test_two_ranks_match_one_process_with_the_whole_batch(which, two_ranks):
     loss = _loss(which, z1, z2)
     loss.backward()
     ranks = [r[which] for r in two_ranks]
+    g1, g2 = z1.grad, z2.grad
+    assert g1 is not None and g2 is not None
 
     # every rank computes the loss of the whole batch
     losses = torch.stack([r["loss"] for r in ranks])
     torch.testing.assert_close(losses, loss.detach().expand(WORLD), rtol=1e-5, atol=1e-6)
     for r, result in enumerate(ranks):
         rows = slice(r * ROWS, (r + 1) * ROWS)
-        torch.testing.assert_close(result["g1"] / WORLD, z1.grad[rows], rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(result["g2"] / WORLD, z2.grad[rows], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(result["g1"] / WORLD, g1[rows], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(result["g2"] / WORLD, g2[rows], rtol=1e-4, atol=1e-6)
 
 
-def test_the_example_computes_the_same_loss_as_the_builtin():
+def test_the_example_computes_the_builtin_loss_with_the_papers_weighting():
+    # the example (a released package, 0.1.0) writes eq. 6 as the paper does
     z1, z2 = _embeddings()
-    torch.testing.assert_close(_loss("example", z1, z2), _loss("builtin", z1, z2))
+    torch.testing.assert_close(_loss("example", z1, z2), _loss("builtin", z1, z2, "paper"))
 
 
 # through the engine ---------------------------------------------------------------------------
@@ -269,6 +304,7 @@ def test_a_loss_without_two_views_is_refused_naming_both(registry):
         ("gamma", "0.0"),
         ("eps", "-0.0001"),
         ("expander_dim", "-8"),
+        ("variance_term", "'eq6'"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_value(registry, setting, value):

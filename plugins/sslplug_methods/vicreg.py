@@ -2,9 +2,9 @@
 arXiv:2105.04906).
 
 Two views of each image go through the backbone and an *expander* MLP; the loss on the two
-embeddings ``Z``, ``Z'`` (``n x d``) has three terms (Section 3, eq. 6)::
+embeddings ``Z``, ``Z'`` (``n x d``) has three terms (Section 3)::
 
-    L = lambda * s(Z, Z') + mu * (v(Z) + v(Z')) + nu * (c(Z) + c(Z'))
+    L = lambda * s(Z, Z') + mu * (v(Z) + v(Z')) / 2 + nu * (c(Z) + c(Z'))
 
     s(Z, Z') = 1/n sum_i ||z_i - z'_i||^2 / d              invariance (mean squared error)
     v(Z)     = 1/d sum_j max(0, gamma - sqrt(Var(z^j) + eps))   variance hinge (eq. 1)
@@ -15,6 +15,11 @@ with ``gamma = 1``, ``eps = 1e-4``, ``lambda = mu = 25`` and ``nu = 1``. The var
 every dimension alive (no collapse), the covariance term decorrelates the dimensions, and no
 negatives, target network or stop-gradient are needed.
 
+The variance term is the two views' *mean* hinge, as the official ``main_vicreg.py`` computes it
+(``std_loss``: each view's hinge halved), the code the published results come from; eq. 6 of
+the paper writes their sum, which weighs the term twice as much. ``variance_term = "paper"``
+gives eq. 6. The covariance term is the sum over the two views in both.
+
 Variance and covariance are statistics of the batch. Under DDP the embeddings of every rank are
 gathered with their gradient (``sslplug.gather``), as the official code does, so every rank
 computes the loss of the whole batch and DDP's average of the gradients is its gradient.
@@ -22,10 +27,13 @@ computes the loss of the whole batch and DDP's average of the gradients is its g
 Usage::
 
     sslplug run --plugin vicreg --set vicreg.covariance_weight=2
+    sslplug run --plugin vicreg --set vicreg.variance_term=paper   # eq. 6's sum of the hinges
     sslplug run --plugin simclr --loss vicreg          # SimCLR's encoder and views, VICReg's loss
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import attrs
 import torch
@@ -47,6 +55,8 @@ class VICRegSettings(sslplug.BYOLAugmentation):
     small backbone), as Barlow Twins' projector, which VICReg's follows. Views: BYOL's two
     asymmetric pipelines (Appendix C.1), the defaults of ``sslplug.BYOLAugmentation``.
     Loss weights lambda = mu = 25, nu = 1, gamma = 1, eps = 1e-4 (Section 4.1).
+    ``variance_term``: ``"official"`` weighs the mean of the two views' variance hinges, as
+    ``main_vicreg.py`` does; ``"paper"`` their sum, as eq. 6 writes it (twice the weight).
     """
 
     expander_dim: int = attrs.field(default=0, validator=sslplug.non_negative)
@@ -55,6 +65,7 @@ class VICRegSettings(sslplug.BYOLAugmentation):
     covariance_weight: float = attrs.field(default=1.0, validator=sslplug.non_negative)
     gamma: float = attrs.field(default=1.0, validator=sslplug.positive)
     eps: float = attrs.field(default=1e-4, validator=sslplug.positive)
+    variance_term: Literal["official", "paper"] = "official"
 
 
 class VICRegEncoder(sslplug.ProjectorEncoder):
@@ -82,7 +93,8 @@ def covariance(z: Tensor) -> Tensor:
 def vicreg_terms(
     z1: Tensor, z2: Tensor, gamma: float = 1.0, eps: float = 1e-4
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The invariance ``s``, variance ``v(Z) + v(Z')`` and covariance ``c(Z) + c(Z')`` terms.
+    """The invariance ``s``, variance ``v(Z) + v(Z')`` and covariance ``c(Z) + c(Z')`` terms, as
+    eq. 6 writes them (the official weighting halves the variance sum: ``VICRegLoss``).
 
     Under DDP every rank's embeddings are gathered first (with gradient), so every rank computes
     the terms of the whole batch.
@@ -95,10 +107,16 @@ def vicreg_terms(
 
 
 class VICRegLoss(sslplug.Loss):
-    """The VICReg loss (eq. 6) on the first two views' projections, in float32."""
+    """The VICReg loss on the first two views' projections, in float32, with the variance term
+    weighted as ``settings.variance_term`` says.
+
+    The logged ``variance`` is the term ``mu`` multiplies (the mean of the two hinges, or their
+    sum under ``"paper"``), so ``loss = lambda * invariance + mu * variance + nu * covariance``.
+    """
 
     collapse_hint = (
-        "VICReg's variance term may be too weak (vicreg.std_coeff), or the learning rate too high"
+        "VICReg's variance term may be too weak (vicreg.variance_weight), or the learning rate "
+        "too high"
     )
 
     requires = frozenset({"two_views", "projection"})
@@ -110,12 +128,15 @@ class VICRegLoss(sslplug.Loss):
         self.covariance_weight = settings.covariance_weight
         self.gamma = settings.gamma
         self.eps = settings.eps
+        self.variance_term = settings.variance_term
 
     def forward(self, outputs: Outputs, views: Views, target: Outputs | None) -> sslplug.LossResult:
         z1, z2 = outputs.projections[:2]
         # the variances and the d x d covariance need float32, not bf16 autocast
         with torch.autocast(z1.device.type, enabled=False):
             invariance, var, cov = vicreg_terms(z1.float(), z2.float(), self.gamma, self.eps)
+        if self.variance_term == "official":
+            var = var / 2  # main_vicreg.py's std_loss: the mean of the two views' hinges
         loss = (
             self.invariance_weight * invariance
             + self.variance_weight * var
