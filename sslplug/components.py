@@ -427,7 +427,9 @@ class TargetUpdate(_Component):
     in ``reads`` (``None``: every view; DINO's teacher reads ``("global",)``).
     ``step(encoder, step, total_steps)`` is called after every optimizer step, with ``step``
     counted from 0 to ``total_steps - 1`` of the schedules' cycle (the whole run, unless a
-    resume added epochs: ``sslplug.optim.Cycles``); it returns scalar metrics to log (BYOL returns
+    resume added epochs: ``sslplug.optim.Cycles``), and ``step == total_steps`` after a cycle
+    whose end is held (``train.extend = "continue"``): a momentum schedule then stays at its end
+    value, not past it. It returns scalar metrics to log (BYOL returns
     ``{"tau": ...}``), or ``None``. The target network's parameters must not be trained by the
     optimizer: keep ``requires_grad`` off. State the target shares with the loss (MoCo's queue
     of keys) lives here, and the loss reads it from ``target``'s ``extras``.

@@ -3,8 +3,9 @@
 A run's settings are the core sections below plus one section per plugin, named after the
 plugin, holding the attrs instance its ``sslplug_settings`` hook declared; the core's own
 monitors (``knn``, ``health``, ``tensorboard``) declare theirs the same way. Values are checked
-against each field's type (``sslplug.settings_values``); an unknown key or a bad value raises
-``ConfigError`` listing what is valid. ``RunConfig.to_dict`` gives plain data that ``tomli_w``
+against each field's type (``sslplug.settings_values``); unknown sections, unknown keys and bad
+values raise one ``ConfigError`` that names each of them, on a line of its own, with what is
+valid. ``RunConfig.to_dict`` gives plain data that ``tomli_w``
 writes as the run's ``settings.toml``, which ``load_config`` reads back unchanged.
 
 Settings that moved keep their old names (``MOVED``): a config file or ``--set`` that uses one
@@ -26,6 +27,7 @@ import attrs
 from sslplug.context import Progress, RunContext
 from sslplug.errors import ConfigError
 from sslplug.settings_values import (
+    Problems,
     build_section,
     coerce,
     fields_of,
@@ -345,6 +347,8 @@ class _Merged:
         given_as: the old name a value was given under (``MOVED``), which its errors name.
         progress: the last value of the old ``train.progress``.
         moved: a message for every old name a config file or ``--set`` used.
+        problems: every unknown section or key and bad value met so far; reading goes on past
+            each, so that ``load_config`` reports them all together.
     """
 
     sections: Mapping[str, type]
@@ -352,26 +356,30 @@ class _Merged:
     given_as: dict[str, dict[str, str]] = attrs.Factory(dict)
     progress: bool = True
     moved: list[str] = attrs.Factory(list)
+    problems: Problems = attrs.Factory(Problems)
 
     def merge(self, source: Mapping[str, Any], origin: str) -> None:
         """Merge the tables of ``source``, a config file or ``SAVED``, over those before."""
         for section, table in source.items():
-            if section not in self.sections and section not in _OLD_SECTIONS:
-                raise unknown(f"settings section in {origin}", section, self.sections)
-            if not isinstance(table, Mapping):
-                raise ConfigError(f"{origin}: [{section}] must be a table of key = value")
-            for key, value in table.items():
-                self.put(section, key, value, origin)
+            with self.problems.noting():
+                if section not in self.sections and section not in _OLD_SECTIONS:
+                    raise unknown(f"settings section in {origin}", section, self.sections)
+                if not isinstance(table, Mapping):
+                    raise ConfigError(f"{origin}: [{section}] must be a table of key = value")
+                for key, value in table.items():
+                    with self.problems.noting():
+                        self.put(section, key, value, origin)
 
     def assign(self, text: str) -> None:
         """Merge one ``--set section.key=value``."""
-        section, key, (value, raw) = parse_assignment(text)
-        if section not in self.sections and section not in _OLD_SECTIONS:
-            raise unknown("settings section", section, self.sections)
-        fields = fields_of(self.sections[section]) if section in self.sections else {}
-        if key in fields and fields[key].type is str and not isinstance(value, str):
-            value = raw
-        self.put(section, key, value, "--set")
+        with self.problems.noting():
+            section, key, (value, raw) = parse_assignment(text)
+            if section not in self.sections and section not in _OLD_SECTIONS:
+                raise unknown("settings section", section, self.sections)
+            fields = fields_of(self.sections[section]) if section in self.sections else {}
+            if key in fields and fields[key].type is str and not isinstance(value, str):
+                value = raw
+            self.put(section, key, value, "--set")
 
     def put(self, section: str, key: str, value: Any, origin: str) -> None:
         """Set one value, under its new name when ``section.key`` is an old one."""
@@ -397,17 +405,22 @@ class _Merged:
             if new_section not in self.sections:
                 if origin == SAVED:
                     continue  # that monitor is not registered: its saved settings are not needed
-                raise ConfigError(f"{name} is now {moved_to}, and no plugin {new_section!r} "
-                                  f"with settings is registered")
+                raise ConfigError(
+                    f"{name} is now {moved_to}, and no plugin {new_section!r} "
+                    f"with settings is registered"
+                )
             self.tables.setdefault(new_section, {})[new_key] = value
             self.given_as.setdefault(new_section, {})[new_key] = name
 
     def build(self, section: str) -> Any:
-        """The settings of ``section``: its class filled with the values read, checked."""
+        """The settings of ``section``: its class filled with the values read, checked; its
+        defaults, with the errors noted in ``problems``, when a value is bad."""
         cls = self.sections[section]
-        return build_section(
-            cls, self.tables.get(section, {}), section, self.given_as.get(section)
-        )
+        with self.problems.noting():
+            return build_section(
+                cls, self.tables.get(section, {}), section, self.given_as.get(section)
+            )
+        return cls()
 
 
 def load_config(
@@ -422,7 +435,9 @@ def load_config(
     not installed is left out with a warning when the resulting run uses none of that plugin's
     components (older runs saved the section of every plugin installed at the time). A setting
     under its old name (``MOVED``, ``train.progress``) sets the new one, with a
-    ``MovedSettingWarning`` when it comes from the file or the assignments.
+    ``MovedSettingWarning`` when it comes from the file or the assignments. Every unknown
+    section or key and bad value of the sources is reported in one ``ConfigError``, a line
+    each.
 
     Args:
         config_file: a TOML file with one table per section.
@@ -449,7 +464,9 @@ def load_config(
     used = set(core["components"].resolved().values())
     for section in uninstalled:
         if section in used:
-            raise unknown(f"settings section in {SAVED}", section, merged.sections)
+            with merged.problems.noting():
+                raise unknown(f"settings section in {SAVED}", section, merged.sections)
+            continue
         log.warning(
             "leaving out [%s] of %s: plugin %r is not installed and this run uses none of its "
             "components",
@@ -458,4 +475,5 @@ def load_config(
             section,
         )
     plugins = {name: merged.build(name) for name in plugin_settings}
+    merged.problems.raise_any()
     return RunConfig(**core, plugins=plugins)

@@ -15,7 +15,7 @@ import importlib.metadata
 import logging
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -35,6 +35,7 @@ from sslplug.components import (
 from sslplug.config import COMPONENTS, NO_TARGET, RunConfig, RunContext
 from sslplug.errors import ComponentMismatchError, ConfigError, PluginError
 from sslplug.lifecycle import LIFECYCLE_HOOKS, Lifecycle
+from sslplug.settings_values import did_you_mean
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -348,20 +349,35 @@ class PluginRegistry:
             return result
         return result[0] if result else None
 
-    def resolve(self, config: RunConfig) -> dict[str, str]:
-        """The plugin for each component, checked: installed, and implementing the hook."""
+    def unknown_plugin(self, name: str, given_as: str) -> PluginError:
+        """The error for a plugin ``name`` that is not installed, given as ``given_as`` (``--plugin
+        byl``): why it failed to load if it did, else the closest name; the installed plugins."""
+        installed = self.names()
+        failed = [f.error for f in self.failures if f.name == name]
+        why = f" It failed to load: {failed[0]}" if failed else did_you_mean(name, installed)
+        return PluginError(
+            f"unknown plugin {name!r} ({given_as}).{why} Installed plugins: "
+            f"{', '.join(installed) or '(none)'}"
+        )
+
+    def resolve(
+        self, config: RunConfig, given_as: Mapping[str, str] | None = None
+    ) -> dict[str, str]:
+        """The plugin for each component, checked: installed, and implementing the hook.
+
+        ``given_as`` says how the user named the plugin of each key of ``[components]``
+        (``{"plugin": "--plugin byl"}``), for the messages; a key not in it is named as the
+        setting, ``components.loss = 'nope'``.
+        """
+        given_as = given_as or {}
         sources = config.components.resolved()
         for component, name in sources.items():
             if component == "target_update" and name == NO_TARGET:
                 continue
             if name not in self._distributions:
-                installed = ", ".join(self.names()) or "(none)"
-                failed = [f for f in self.failures if f.name == name]
-                why = f" It failed to load: {failed[0].error}" if failed else ""
-                raise PluginError(
-                    f"unknown plugin {name!r} for the {component}.{why} Installed plugins: "
-                    f"{installed}"
-                )
+                # the key that holds the name: the component's own, or ``plugin`` for the rest
+                key = component if getattr(config.components, component) else "plugin"
+                raise self.unknown_plugin(name, given_as.get(key, f"components.{key} = {name!r}"))
             if component in self.provides(name):
                 continue
             if component == "target_update" and not config.components.target_update:
@@ -460,7 +476,8 @@ class PluginRegistry:
         for name in disabled:
             if name not in known:
                 raise ConfigError(
-                    f"--disable {name!r}: no plugin of that name; registered: {', '.join(known)}"
+                    f"--disable {name!r}: no plugin of that name.{did_you_mean(name, known)} "
+                    f"Registered: {', '.join(known)}"
                 )
             if name in set(used):
                 raise ConfigError(

@@ -17,6 +17,10 @@ resuming guarantees:
   loss summed over the steps of an unfinished epoch, the history of finished epochs, the
   baseline measured on the random initialisation and the random state the components were
   built from (``init_rng``).
+- **More epochs than planned** (``--epochs``) never stretch the schedules over the new total:
+  the added epochs are a new cycle of them (``train.extend = "restart"``) or hold their end
+  values (``"continue"``); ``extended_cycles`` records which in ``train.cycles``, saved with
+  the run, so a resumed run resumed again follows the same schedules, bit for bit.
 - **What is carried over** in the run folder: the evaluations ``eval`` and ``finetune``
   recorded in ``summary.json``, written again in the summary at the end.
 - **What is refused**, before any work: a checkpoint of other components or of another model;
@@ -51,7 +55,14 @@ from sslplug.run_state import RunState
 from sslplug.rundir import RUN_FILES, RunFolder, RunFolderError
 from sslplug.runtime import set_rng_state
 
-__all__ = ["make_folder_ready", "restore", "resume_point", "resumes_in", "run_folder"]
+__all__ = [
+    "extended_cycles",
+    "make_folder_ready",
+    "restore",
+    "resume_point",
+    "resumes_in",
+    "run_folder",
+]
 
 log = logging.getLogger(__name__)
 
@@ -209,20 +220,26 @@ def restore(run: RunState, state: dict[str, Any], source: Path) -> None:
     planned = state.get("settings", {}).get("train", {}).get("epochs")
     epochs = run.config.train.epochs
     if planned is not None and planned != epochs and epochs > run.epoch:
-        if epochs < planned:
-            what = "the schedules now end at the new end"
-        elif run.config.train.extend == "restart":
-            what = (
-                f"epochs {planned + 1}-{epochs} are a new cycle of the schedules (the learning "
-                f"rate warms up again and decays to the new end; --extend continue holds the "
-                f"end values instead)"
-            )
-        else:
-            what = (
-                f"the schedules end at epoch {planned} as planned and hold their end values "
-                f"for epochs {planned + 1}-{epochs} (--extend restart starts a new cycle)"
-            )
-        say(f"train.epochs is now {epochs} (the run was set for {planned}): {what}")
+        say(_schedules_note(planned, epochs, run.config.train.extend))
+
+
+def _schedules_note(planned: int, epochs: int, extend: str) -> str:
+    """What a resume to ``epochs`` instead of the ``planned`` ones does to the schedules."""
+    added = f"epoch {epochs}" if epochs == planned + 1 else f"epochs {planned + 1}-{epochs}"
+    if epochs < planned:
+        what = "the schedules now end at the new end"
+    elif extend == "restart":
+        what = (
+            f"{added} {'is' if epochs == planned + 1 else 'are'} a new cycle of the schedules "
+            f"(the learning rate warms up again and decays to the new end; --extend continue "
+            f"holds their end values instead)"
+        )
+    else:
+        what = (
+            f"the schedules end at epoch {planned} as planned and hold their end values for "
+            f"{added} (--extend restart starts a new cycle instead)"
+        )
+    return f"train.epochs is now {epochs} (the run was set for {planned}): {what}"
 
 
 def extended_cycles(config: RunConfig, checkpoint: dict[str, Any] | None) -> RunConfig:

@@ -2,16 +2,20 @@
 type of its field in an attrs settings class.
 
 ``sslplug.config`` composes these into ``load_config``; they know nothing of which sections a
-run has. A bad value raises ``ConfigError`` naming the key and what is valid.
+run has. A bad value raises ``ConfigError`` naming the key and what is valid; ``Problems``
+gathers the errors of settings read together, so that one message reports every bad key and
+value rather than the first (a user fixes them all in one go). ``did_you_mean`` is the one
+way an unknown name (a section, a key, a plugin) is answered with the closest valid one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import sys
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,8 +29,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = [
+    "Problems",
     "build_section",
     "coerce",
+    "did_you_mean",
     "fields_of",
     "parse_assignment",
     "read_toml",
@@ -99,12 +105,57 @@ def fields_of(cls: type) -> dict[str, attrs.Attribute]:
     return {f.name: f for f in attrs.fields(cls)}
 
 
+def did_you_mean(name: str, valid: Iterable[str]) -> str:
+    """`` Did you mean 'byol'?`` naming the valid name closest to ``name`` (``difflib``'s
+    similarity of at least 0.6), or ``""`` when none is close: the hint of every message about
+    an unknown name."""
+    close = difflib.get_close_matches(name, list(valid), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
 def unknown(kind: str, name: str, valid: Iterable[str]) -> ConfigError:
     """The error for an unknown ``name``: it lists what is ``valid`` and suggests the closest."""
     valid = sorted(valid)
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(name, valid)
     return ConfigError(f"unknown {kind} {name!r}.{hint} Valid: {', '.join(valid) or '(none)'}")
+
+
+@attrs.define
+class Problems:
+    """The ``ConfigError`` messages of settings read together, each a line of one error.
+
+    Reading goes on past a bad section, key or value (``noting``), so that ``raise_any``
+    reports them all at once, in the order met.
+    """
+
+    messages: list[str] = attrs.Factory(list)
+
+    @contextlib.contextmanager
+    def noting(self) -> Iterator[None]:
+        """Run the block; a ``ConfigError`` it raises is noted (each of its messages, when it
+        holds several), not raised."""
+        try:
+            yield
+        except _SeveralErrors as exc:
+            self.messages.extend(exc.messages)
+        except ConfigError as exc:
+            self.messages.append(str(exc))
+
+    def raise_any(self) -> None:
+        """Raise one ``ConfigError`` holding every message noted (one line each), if any."""
+        if len(self.messages) == 1:
+            raise ConfigError(self.messages[0])
+        if self.messages:
+            raise _SeveralErrors(self.messages)
+
+
+class _SeveralErrors(ConfigError):
+    """Several settings errors in one: a line that counts them, then one line each."""
+
+    def __init__(self, messages: list[str]) -> None:
+        self.messages = list(messages)
+        lines = "\n".join(f"  {message}" for message in self.messages)
+        super().__init__(f"{len(self.messages)} settings are not valid:\n{lines}")
 
 
 def build_section(
@@ -113,25 +164,44 @@ def build_section(
     """An instance of the settings class ``cls`` from ``values``, each checked against its field.
 
     An error names a value by ``section.key``, or by ``names[key]`` where the value was given
-    under another name (a setting's deprecated name).
+    under another name (a setting's deprecated name). Every unknown key and bad value of the
+    section is reported, one line each, in one ``ConfigError``.
     """
     fields = fields_of(cls)
     names = names or {}
+    problems = Problems()
     kwargs = {}
     for key, value in values.items():
-        if key not in fields:
-            raise unknown(f"key in [{section}]", key, fields)
-        kwargs[key] = coerce(value, fields[key].type, names.get(key, f"{section}.{key}"))
+        with problems.noting():
+            if key not in fields:
+                raise unknown(f"key in [{section}]", key, fields)
+            kwargs[key] = coerce(value, fields[key].type, names.get(key, f"{section}.{key}"))
+    for key, value in kwargs.items():
+        with problems.noting():
+            _check_field(cls, fields[key], value, section)
+            # after the field's own validator, which can say more (the range of a seed)
+            _fits_64_bits(value, names.get(key, f"{section}.{key}"))
+    problems.raise_any()
     try:
-        settings = cls(**kwargs)
+        return cls(**kwargs)
     except ConfigError as exc:
         raise ConfigError(f"[{section}] {exc}") from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"[{section}] invalid settings: {exc}") from None
-    # after the field's own validator, which can say more (the range of a seed)
-    for key, value in kwargs.items():
-        _fits_64_bits(value, names.get(key, f"{section}.{key}"))
-    return settings
+
+
+def _check_field(cls: type, field: attrs.Attribute, value: Any, section: str) -> None:
+    """Run the validator of ``field`` on ``value`` alone, so that each bad value of a section is
+    reported, not only the first the class's ``__init__`` meets. The validators take the value
+    on its own (``sslplug.validate``); the instance they are given holds the defaults."""
+    if field.validator is None:
+        return
+    try:
+        field.validator(cls(), field, value)
+    except ConfigError as exc:
+        raise ConfigError(f"[{section}] {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[{section}] invalid settings: {exc}") from None
 
 
 def _fits_64_bits(value: Any, key: str) -> None:

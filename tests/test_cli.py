@@ -26,7 +26,8 @@ def test_list_shows_byol_with_distribution_and_components(capsys):
     [
         (
             ["run", "--plugin", "simclr-typo"],
-            "unknown plugin 'simclr-typo' for the augmentation.*Installed plugins: .*byol",
+            "unknown plugin 'simclr-typo' \\(--plugin simclr-typo\\)\\. Did you mean 'simclr'\\? "
+            "Installed plugins: .*byol",
         ),
         (["run", "--set", "byol.tau=0.9"], "unknown key in \\[byol\\] 'tau'"),
         (["run", "--set", "train.batch_size=big"], "train.batch_size must be int, got 'big'"),
@@ -75,7 +76,9 @@ def test_info_shows_components_and_settings_with_defaults(capsys):
 
 def test_info_of_an_unknown_plugin_lists_the_installed(capsys):
     assert main(["info", "mocov3"]) == 2
-    assert "no plugin named 'mocov3'; installed: barlow_twins, byol" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no plugin named 'mocov3'. Did you mean 'moco_v3'? Installed: barlow_twins, byol" in err
+    assert "the core's lifecycle plugins: tensorboard, progress, knn, health, view_grid" in err
 
 
 def _subcommands() -> list[str]:

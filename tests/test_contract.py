@@ -341,7 +341,7 @@ def test_the_view_generator_state_is_checkpointed(registry, shapes_folder, tmp_p
 
 
 def test_unknown_disable_name_is_a_config_error(registry):
-    registered = "registered: tensorboard, progress, knn, health, view_grid"
+    registered = "Registered: tensorboard, progress, knn, health, view_grid"
     with pytest.raises(ConfigError, match=registered):
         registry.lifecycle(["nope"], used={"byol"})
 

@@ -148,7 +148,8 @@ def test_build_resolves_every_component_from_the_chosen_plugin(registry):
 
 def test_unknown_plugin_lists_the_installed_ones(registry):
     with pytest.raises(
-        PluginError, match=r"unknown plugin 'nope' for the loss.*Installed plugins: .*byol"
+        PluginError,
+        match=r"unknown plugin 'nope' \(components.loss = 'nope'\)\. Installed plugins: .*byol",
     ):
         _build(registry, "components.loss=nope")
 

@@ -303,7 +303,7 @@ def test_stale_checkpoint_temporaries_are_removed_on_resume_and_more_epochs_is_a
     assert main(_resume(run, "--epochs", "2")) == 0
     err = capsys.readouterr().err
     assert f"removed 1 temporary file(s) of a checkpoint write that was cut short: {stale}" in err
-    assert "train.epochs is now 2 (the run was set for 1): the learning-rate and momentum " in err
+    assert "train.epochs is now 2 (the run was set for 1): epoch 2 is a new cycle of the " in err
     assert not stale.exists()
     assert load_checkpoint(run)["epoch"] == 2
 

@@ -117,8 +117,11 @@ def _add_resume_options(common: argparse._ArgumentGroup) -> None:
     common.add_argument(
         "--extend",
         choices=["restart", "continue"],
-        help="--resume with more --epochs than planned: restart (default) adds a cycle of the "
-        "schedules over the added epochs; continue holds their end values (train.extend)",
+        help="--resume with more --epochs than planned: restart (the default, since a finished "
+        "schedule has nothing left to teach) adds a new cycle over the added epochs, the "
+        "learning rate warming up again and decaying to optim.lr_floor; continue keeps the "
+        "planned schedules and holds their end values (with the default floor of 0 the added "
+        "epochs train at a learning rate of 0); saved as train.extend",
     )
     common.add_argument(
         "--overwrite",
@@ -191,6 +194,7 @@ def _settings(args: argparse.Namespace, registry: PluginRegistry) -> RunConfig:
     config = _load(args, registry, base)
     if base is not None:
         _check_same_components(args.resume, base, config.components)
+    registry.resolve(config, _component_options(args))  # an unknown plugin, named as typed
     # --disable adds to the names the config file or the resumed run switched off
     config.train.disable = tuple(dict.fromkeys([*config.train.disable, *args.disable]))
     return config
@@ -210,6 +214,22 @@ def _load(args: argparse.Namespace, registry: PluginRegistry, base: Any) -> RunC
                 warning.message, warning.category, warning.filename, warning.lineno
             )
     return config
+
+
+def _component_options(args: argparse.Namespace) -> dict[str, str]:
+    """How the command line named the plugin of each key of ``[components]`` (``--loss X``,
+    ``--set components.loss=X``; the last one given wins, as in ``load_config``), which the
+    messages about a plugin name repeat."""
+    named = {
+        key: f"--{key.replace('_', '-')} {getattr(args, key)}"
+        for key in ("plugin", *COMPONENTS)
+        if getattr(args, key, None) is not None
+    }
+    for text in args.assignments:
+        section, _, key = text.split("=", 1)[0].partition(".")
+        if section.strip() == "components":
+            named[key.strip()] = f"--set {text}"
+    return named
 
 
 def _check_resume_flags(args: argparse.Namespace) -> None:
