@@ -35,7 +35,7 @@ from sslplug.components import (
 from sslplug.config import COMPONENTS, NO_TARGET, RunConfig, RunContext
 from sslplug.errors import ComponentMismatchError, ConfigError, PluginError
 from sslplug.lifecycle import LIFECYCLE_HOOKS, Lifecycle
-from sslplug.settings_values import did_you_mean
+from sslplug.settings_values import did_you_mean, one_message
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -351,10 +351,16 @@ class PluginRegistry:
 
     def unknown_plugin(self, name: str, given_as: str) -> PluginError:
         """The error for a plugin ``name`` that is not installed, given as ``given_as`` (``--plugin
-        byl``): why it failed to load if it did, else the closest name; the installed plugins."""
+        byl``): why it failed to load if it did, that it is one of the core's lifecycle plugins
+        (which supply no component), else the closest name; the installed plugins."""
         installed = self.names()
         failed = [f.error for f in self.failures if f.name == name]
-        why = f" It failed to load: {failed[0]}" if failed else did_you_mean(name, installed)
+        if failed:
+            why = f" It failed to load: {failed[0]}"
+        elif name in self._internal:
+            why = " It is one of the core's lifecycle plugins, which supply no component."
+        else:
+            why = did_you_mean(name, installed)
         return PluginError(
             f"unknown plugin {name!r} ({given_as}).{why} Installed plugins: "
             f"{', '.join(installed) or '(none)'}"
@@ -367,27 +373,33 @@ class PluginRegistry:
 
         ``given_as`` says how the user named the plugin of each key of ``[components]``
         (``{"plugin": "--plugin byl"}``), for the messages; a key not in it is named as the
-        setting, ``components.loss = 'nope'``.
+        setting, ``components.loss = 'nope'``. Every unknown plugin and every component a plugin
+        does not provide is reported, a line each, in one ``PluginError``.
         """
         given_as = given_as or {}
         sources = config.components.resolved()
+        problems: dict[str, str] = {}  # by what failed, so that one bad --plugin is one line
         for component, name in sources.items():
             if component == "target_update" and name == NO_TARGET:
                 continue
             if name not in self._distributions:
                 # the key that holds the name: the component's own, or ``plugin`` for the rest
                 key = component if getattr(config.components, component) else "plugin"
-                raise self.unknown_plugin(name, given_as.get(key, f"components.{key} = {name!r}"))
+                given = given_as.get(key, f"components.{key} = {name!r}")
+                problems.setdefault(name, str(self.unknown_plugin(name, given)))
+                continue
             if component in self.provides(name):
                 continue
             if component == "target_update" and not config.components.target_update:
                 sources[component] = NO_TARGET  # the method has no target network
                 continue
             offering = [n for n in self.names() if component in self.provides(n)]
-            raise PluginError(
+            problems[f"{name}.{component}"] = (
                 f"plugin {name!r} provides no {component}. Plugins that do: "
                 f"{', '.join(offering) or '(none)'}"
             )
+        if problems:
+            raise PluginError(one_message(list(problems.values()), "component choices"))
         return sources
 
     def _make(
@@ -468,22 +480,25 @@ class PluginRegistry:
     def lifecycle(self, disabled: Iterable[str] = (), used: Iterable[str] = ()) -> Lifecycle:
         """The lifecycle hooks, called on every plugin but those in ``disabled``.
 
-        Raises ``ConfigError`` for a name that is not registered, or that supplies one of the
-        run's components (``used``).
+        Raises ``ConfigError`` for every name that is not registered, or that supplies one of
+        the run's components (``used``), a line each.
         """
         disabled = list(dict.fromkeys(disabled))
         known = self.internal_names() + self.names()
+        problems = []
         for name in disabled:
             if name not in known:
-                raise ConfigError(
+                problems.append(
                     f"--disable {name!r}: no plugin of that name.{did_you_mean(name, known)} "
                     f"Registered: {', '.join(known)}"
                 )
-            if name in set(used):
-                raise ConfigError(
+            elif name in set(used):
+                problems.append(
                     f"--disable {name!r}: that plugin supplies a component of this run; choose "
                     f"another plugin for the component instead"
                 )
+        if problems:
+            raise ConfigError(one_message(problems, "plugins to disable"))
         taking_part = [
             name
             for name in self.names()

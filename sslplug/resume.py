@@ -220,24 +220,37 @@ def restore(run: RunState, state: dict[str, Any], source: Path) -> None:
     planned = state.get("settings", {}).get("train", {}).get("epochs")
     epochs = run.config.train.epochs
     if planned is not None and planned != epochs and epochs > run.epoch:
-        say(_schedules_note(planned, epochs, run.config.train.extend))
+        say(_schedules_note(planned, epochs, run.config))
 
 
-def _schedules_note(planned: int, epochs: int, extend: str) -> str:
-    """What a resume to ``epochs`` instead of the ``planned`` ones does to the schedules."""
+def _schedules_note(planned: int, epochs: int, config: RunConfig) -> str:
+    """What a resume to ``epochs`` instead of the ``planned`` ones does to the schedules of a
+    run with ``config``: which mode, and the learning rate the added epochs start at."""
     added = f"epoch {epochs}" if epochs == planned + 1 else f"epochs {planned + 1}-{epochs}"
     if epochs < planned:
         what = "the schedules now end at the new end"
-    elif extend == "restart":
+    elif config.train.extend == "restart":
+        start = (
+            f"warms up again over {config.optim.warmup_epochs:g} epoch(s)"
+            if config.optim.warmup_epochs > 0
+            else "starts again at optim.lr"
+        )
         what = (
             f"{added} {'is' if epochs == planned + 1 else 'are'} a new cycle of the schedules "
-            f"(the learning rate warms up again and decays to the new end; --extend continue "
+            f"(the learning rate {start} and decays to the new end; --extend continue "
             f"holds their end values instead)"
         )
     else:
+        floor = config.optim.lr_floor * config.optim.lr
+        held = (
+            "a learning rate of 0, so the scheduled weights no longer change; set "
+            "optim.lr_floor above 0 to go on learning slowly"
+            if floor == 0
+            else f"a learning rate of {floor:g} (optim.lr_floor times optim.lr)"
+        )
         what = (
             f"the schedules end at epoch {planned} as planned and hold their end values for "
-            f"{added} (--extend restart starts a new cycle instead)"
+            f"{added}: {held} (--extend restart starts a new cycle instead)"
         )
     return f"train.epochs is now {epochs} (the run was set for {planned}): {what}"
 

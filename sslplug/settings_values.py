@@ -4,8 +4,9 @@ type of its field in an attrs settings class.
 ``sslplug.config`` composes these into ``load_config``; they know nothing of which sections a
 run has. A bad value raises ``ConfigError`` naming the key and what is valid; ``Problems``
 gathers the errors of settings read together, so that one message reports every bad key and
-value rather than the first (a user fixes them all in one go). ``did_you_mean`` is the one
-way an unknown name (a section, a key, a plugin) is answered with the closest valid one.
+value rather than the first (a user fixes them all in one go), in the form ``one_message``
+gives every error that gathers several. ``did_you_mean`` is the one way an unknown name (a
+section, a key, a plugin) is answered with the closest valid one.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "coerce",
     "did_you_mean",
     "fields_of",
+    "one_message",
     "parse_assignment",
     "read_toml",
     "unknown",
@@ -154,8 +156,17 @@ class _SeveralErrors(ConfigError):
 
     def __init__(self, messages: list[str]) -> None:
         self.messages = list(messages)
-        lines = "\n".join(f"  {message}" for message in self.messages)
-        super().__init__(f"{len(self.messages)} settings are not valid:\n{lines}")
+        super().__init__(one_message(self.messages, "settings"))
+
+
+def one_message(messages: list[str], what: str) -> str:
+    """The text of one error reporting every message: a single one as it is; several as a line
+    counting them (``2 settings are not valid:``), then one indented line each. The one form of
+    every error that gathers the mistakes a user makes together (settings, plugin names)."""
+    if len(messages) == 1:
+        return messages[0]
+    lines = "\n".join(f"  {message}" for message in messages)
+    return f"{len(messages)} {what} are not valid:\n{lines}"
 
 
 def build_section(

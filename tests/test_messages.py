@@ -1,6 +1,6 @@
 """Messages a user meets first (issue 25): an unknown plugin named as the user typed it, with
-the closest installed name; ``info`` of the core's lifecycle plugins; every bad setting of one
-load reported together."""
+the closest installed name; ``info`` of the core's lifecycle plugins; every bad setting, plugin
+name and ``--disable`` name of one command reported together."""
 
 from __future__ import annotations
 
@@ -47,6 +47,42 @@ def test_an_unknown_plugin_is_named_by_the_option_typed_with_the_closest(
     assert re.search(r"Installed plugins: barlow_twins, byol, .*vicreg", err), err
 
 
+def test_every_unknown_plugin_and_missing_component_is_reported_at_once(capsys):
+    args = ["--plugin", "simclr", "--loss", "vicrg", "--target-update", "simclr", "--encoder", "x"]
+    assert main(["run", *args]) == 2
+    header, *lines = capsys.readouterr().err.splitlines()
+    assert header == "sslplug: error: 3 component choices are not valid:"
+    # in the order of sslplug.COMPONENTS: encoder, loss, target update
+    assert lines[0].startswith("  unknown plugin 'x' (--encoder x). Installed plugins: ")
+    assert lines[1].startswith("  unknown plugin 'vicrg' (--loss vicrg). Did you mean 'vicreg'?")
+    assert lines[2].startswith(
+        "  plugin 'simclr' provides no target_update. Plugins that do: byol, dino, "
+    )
+    assert len(lines) == 3
+
+
+def test_one_unknown_plugin_for_every_component_is_one_line(capsys):
+    assert main(["run", "--plugin", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("unknown plugin 'nosuch'") == 1 and "not valid:" not in err
+
+
+def test_a_lifecycle_plugin_chosen_for_a_component_is_told_apart(capsys):
+    assert main(["run", "--plugin", "knn"]) == 2
+    assert (
+        "unknown plugin 'knn' (--plugin knn). It is one of the core's lifecycle plugins, which "
+        "supply no component. Installed plugins: barlow_twins"
+    ) in capsys.readouterr().err
+
+
+def test_bench_names_its_plugin_option_with_the_closest(capsys):
+    assert main(["bench", "--plugin", "byl"]) == 2
+    assert (
+        "sslplug: error: unknown plugin 'byl' (--plugin byl). Did you mean 'byol'? Installed "
+        "plugins: barlow_twins, byol"
+    ) in capsys.readouterr().err
+
+
 def test_an_unknown_plugin_from_a_config_file_is_named_by_its_setting(registry, tmp_path):
     config_file = tmp_path / "run.toml"
     config_file.write_text('[components]\nplugin = "simclr"\nloss = "nt_xnet"\n')
@@ -62,6 +98,16 @@ def test_disable_of_an_unknown_plugin_suggests_the_closest(registry):
     assert message.startswith("--disable 'tensorbord': no plugin of that name.")
     assert "Did you mean 'tensorboard'?" in message
     assert "Registered: tensorboard, progress, knn, health, view_grid, barlow_twins" in message
+
+
+def test_every_bad_disable_name_is_reported_at_once(registry):
+    with pytest.raises(ConfigError) as info:
+        registry.lifecycle(["tensorbord", "knn", "byol", "knnn"], used={"byol"})
+    header, *lines = str(info.value).splitlines()
+    assert header == "3 plugins to disable are not valid:"
+    assert lines[0].startswith("  --disable 'tensorbord': no plugin of that name. Did you mean ")
+    assert lines[1].startswith("  --disable 'byol': that plugin supplies a component of this run")
+    assert lines[2].startswith("  --disable 'knnn': no plugin of that name. Did you mean 'knn'?")
 
 
 def test_plugins_sections_and_keys_share_one_hint():

@@ -145,9 +145,10 @@ def test_a_finished_run_extended_equals_a_straight_run_of_those_cycles(
     )
     assert summary["epochs"] == 4
     note = {
-        "restart": "epochs 3-4 are a new cycle of the schedules",
+        "restart": "epochs 3-4 are a new cycle of the schedules (the learning rate warms up "
+        "again over 1 epoch(s) and decays to the new end",
         "continue": "the schedules end at epoch 2 as planned and hold their end values for "
-        "epochs 3-4",
+        "epochs 3-4: a learning rate of 0, so the scheduled weights no longer change",
     }
     assert (
         f"train.epochs is now 4 (the run was set for 2): {note[extend]}" in capsys.readouterr().err
@@ -182,11 +183,13 @@ def test_a_finished_run_extended_equals_a_straight_run_of_those_cycles(
     assert (weights_moved == []) == (extend == "continue"), weights_moved[:3]
 
 
-def test_a_restart_without_warm_up_starts_at_the_base_rate(tmp_path):
+def test_a_restart_without_warm_up_starts_at_the_base_rate(tmp_path, capsys):
     run = tmp_path / "run"
     train_pinned(run, [*SMALL, "train.epochs=2"])
     recorder = StepRecorder()
+    capsys.readouterr()
     train_pinned(run, [*SMALL, "train.epochs=4", "optim.warmup_epochs=0"], recorder, resume=run)
+    assert "(the learning rate starts again at optim.lr and decays" in capsys.readouterr().err
     # SGDR's restart: the first added step at the base rate, then the cosine to 0
     expected = [LR * 0.5 * (1 + math.cos(math.pi * step / 4)) for step in range(1, 5)]
     assert _lrs(recorder) == pytest.approx(expected)
@@ -207,6 +210,19 @@ def test_an_extended_run_stopped_and_resumed_again_equals_one_not_stopped(tmp_pa
     straight = tmp_path / "straight"
     train_pinned(straight, [*SMALL, "train.epochs=4", f"train.cycles={cycles}"])
     assert_same_checkpoints(run, straight)
+
+
+def test_continue_with_a_floor_says_the_rate_the_added_epochs_hold(tmp_path, capsys):
+    run = tmp_path / "run"
+    floor = [*SMALL, "optim.lr_floor=0.1"]
+    train_pinned(run, [*floor, "train.epochs=2"])
+    recorder = StepRecorder()
+    capsys.readouterr()
+    train_pinned(run, [*floor, "train.epochs=3", "train.extend=continue"], recorder, resume=run)
+    assert "hold their end values for epoch 3: a learning rate of 0.0002 (optim.lr_floor " in (
+        capsys.readouterr().err
+    )
+    assert _lrs(recorder) == pytest.approx([LR * 0.1, LR * 0.1])
 
 
 def test_a_run_resumed_to_its_plan_keeps_one_cycle_and_equals_a_straight_run(tmp_path):

@@ -69,6 +69,8 @@ def run(args: argparse.Namespace, registry: PluginRegistry) -> int:
 
     from sslplug.bench import format_bench, run_bench
 
+    if args.plugin not in registry.names():
+        raise registry.unknown_plugin(args.plugin, f"--plugin {args.plugin}")
     settings = _settings(args)
     results = run_bench(settings, registry)
     print(format_bench(results))
