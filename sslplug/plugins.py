@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import re
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -35,6 +34,7 @@ from sslplug.components import (
 from sslplug.config import COMPONENTS, NO_TARGET, RunConfig, RunContext
 from sslplug.errors import ComponentMismatchError, ConfigError, PluginError
 from sslplug.lifecycle import LIFECYCLE_HOOKS, Lifecycle
+from sslplug.plugin_checks import check_settings, describe_type, qualified_name
 from sslplug.settings_values import did_you_mean, one_message
 
 __all__ = [
@@ -62,12 +62,6 @@ _RETURN_TYPE: dict[str, type | tuple[type, ...]] = {
 }
 
 log = logging.getLogger(__name__)
-
-
-def _describe(expected: type | tuple[type, ...]) -> str:
-    if isinstance(expected, tuple):
-        return "sslplug.Augmentations (or a list or tuple of augmentation modules)"
-    return f"a {expected.__module__}.{expected.__qualname__}"
 
 
 @attrs.frozen
@@ -157,7 +151,7 @@ class PluginRegistry:
             for name, plugin in internal_plugins():
                 self.pm.register(plugin, name=name)
                 self._internal.append(name)
-                settings = _check_settings(self._call_one("sslplug_settings", name, {}))
+                settings = check_settings(self._call_one("sslplug_settings", name, {}))
                 if settings is not None:
                     self._settings[name] = settings
 
@@ -222,7 +216,7 @@ class PluginRegistry:
             return False
         try:
             self.pm.check_pending()
-            settings = _check_settings(self._call_one("sslplug_settings", name, {}))
+            settings = check_settings(self._call_one("sslplug_settings", name, {}))
             capabilities = self._collect_capabilities(name)
             self._add_data_sources(name)
         except Exception as exc:
@@ -429,7 +423,7 @@ class PluginRegistry:
         if not isinstance(result, expected):
             raise PluginError(
                 f"plugin {name!r} returned {type(result).__name__} from {_HOOK_OF[component]}; "
-                f"expected {_describe(expected)}"
+                f"expected {describe_type(expected)}"
             )
         if component == "augmentation" and not isinstance(result, Augmentations):
             warnings.warn(
@@ -509,27 +503,3 @@ class PluginRegistry:
             )
         ]
         return Lifecycle(self.pm, [self.pm.get_plugin(name) for name in disabled], taking_part)
-
-
-def qualified_name(distribution: str | None, name: str) -> str:
-    """``DISTRIBUTION:NAME``: the name under which a plugin is registered when its plain name is
-    taken. The distribution's name is normalised as pip writes it (``Sslplug_Dino`` ->
-    ``sslplug-dino``), so it holds no dot and ``--set DISTRIBUTION:NAME.key=value`` parses."""
-    return f"{re.sub(r'[-_.]+', '-', distribution or 'unknown').lower()}:{name}"
-
-
-def _check_settings(settings: Any) -> type | None:
-    """A plugin's settings class must be an attrs class that builds with its defaults."""
-    if settings is None:
-        return None
-    if not attrs.has(settings):
-        raise PluginError(f"sslplug_settings must return an attrs class or None, got {settings!r}")
-    try:
-        attrs.resolve_types(settings)
-        settings()
-    except Exception as exc:
-        raise PluginError(
-            f"its settings class {settings.__qualname__} cannot be built from its defaults "
-            f"({exc}); give every field a default"
-        ) from None
-    return settings
