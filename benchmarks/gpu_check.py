@@ -83,6 +83,9 @@ QUIET = [
     "health.baseline=false",
     "tensorboard.embedding_samples=0",
     "data.workers=0",
+    # distillation's teacher: a ResNet-18 of random weights in bf16 (the GPU machine is offline,
+    # and the default teacher is downloaded); the section is there whatever the method
+    "distill.teacher=random:resnet18",
 ]
 
 

@@ -60,8 +60,10 @@ from sslplug.nn import (
     projection_dim_for,
 )
 from sslplug.optim import OptimRules, ParamGroup
+from sslplug.teacher import FrozenTeacher
 from sslplug.validate import non_negative, positive, scale_range, unit_interval
 from sslplug.vit import ViTBackbone, sincos_position_embedding, token_backbone
+from sslplug.weights import PretrainedBackbone, pretrained_backbone
 
 __version__ = "0.1.0"
 
@@ -76,6 +78,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "Encoder",
+    "FrozenTeacher",
     "Loss",
     "LossResult",
     "MomentumTarget",
@@ -87,6 +90,7 @@ __all__ = [
     "PluginError",
     "PredictorEncoder",
     "PretextCrossEntropy",
+    "PretrainedBackbone",
     "Progress",
     "ProjectorEncoder",
     "RandomResizedCrop",
@@ -112,6 +116,7 @@ __all__ = [
     "non_negative",
     "normalize",
     "positive",
+    "pretrained_backbone",
     "projection_dim_for",
     "random_patch_mask",
     "rank",

@@ -17,13 +17,14 @@ import torch
 from torch import nn
 
 from sslplug import distributed
-from sslplug.config import RunConfig, RunContext
-from sslplug.nn import build_backbone
-from sslplug.optim import Optimization, cycles_of
+from sslplug.config import OptimSettings, RunConfig, RunContext
+from sslplug.nn import backbone_layers, build_backbone
+from sslplug.optim import Optimization, OptimRules, ParamGroup, cycles_of
 from sslplug.plugins import Components, PluginRegistry
 from sslplug.runtime import place, rng_state, set_rng_state, wrap_for_ddp
+from sslplug.weights import load_weights
 
-__all__ = ["Assembly", "assemble"]
+__all__ = ["Assembly", "assemble", "backbone_rules"]
 
 
 @attrs.define
@@ -89,7 +90,7 @@ def assemble(
         [parts.encoder, parts.loss],
         steps_per_epoch,
         total_steps,
-        rules=parts.optim_rules(),
+        rules=[*parts.optim_rules(), *backbone_rules(config.optim, parts)],
         # none: one cycle over the run's total_steps
         cycles=cycles_of(config.train.cycles, config.train.epochs, steps_per_epoch)
         if config.train.cycles
@@ -99,8 +100,9 @@ def assemble(
 
 
 def _build_parts(config: RunConfig, registry: PluginRegistry, context: RunContext) -> Components:
-    """The backbone, then the components through the registry; the engine's context learns the
-    backbone and the plugin of each component before they are built, and the parts after."""
+    """The backbone (with the weights of ``model.pretrained``), then the components through the
+    registry; the engine's context learns the backbone and the plugin of each component before
+    they are built, and the parts after."""
     model = config.model
     backbone, feature_dim = build_backbone(
         model.backbone,
@@ -109,9 +111,38 @@ def _build_parts(config: RunConfig, registry: PluginRegistry, context: RunContex
         patch_size=model.patch_size,
         drop_path_rate=model.drop_path_rate,
         pool=model.pool,
+        published=model.pretrained is True,
     )
+    if isinstance(model.pretrained, str):
+        load_weights(backbone, model.pretrained)
     context.backbone = backbone
     context.components = registry.resolve(config)
     parts = registry.build(config, context, backbone, feature_dim)
     context.components, context.parts = parts.sources, parts
     return parts
+
+
+def backbone_rules(settings: OptimSettings, parts: Components) -> list[OptimRules]:
+    """The backbone's learning rates for continued pre-training: layer ``i`` of ``L``
+    (``backbone_layers``) at ``backbone_lr_scale * layer_decay ** (L - i)`` times ``optim.lr``,
+    its other parameters (a ViT's final norm) at ``backbone_lr_scale``; none when both are 1.
+    Parameters a component's own rules claim keep those rules."""
+    scale, decay = settings.backbone_lr_scale, settings.layer_decay
+    if scale == 1.0 and decay == 1.0:
+        return []
+    backbone = parts.encoder.backbone
+    claimed = {id(p) for rules in parts.optim_rules() for g in rules.groups for p in g.trainable()}
+    layers = backbone_layers(backbone)
+    in_layers = {id(p) for layer in layers for p in layer}
+    rest = [p for p in backbone.parameters() if id(p) not in in_layers]
+    groups = [
+        ParamGroup(
+            [p for p in params if id(p) not in claimed],
+            name=f"backbone.{name}",
+            lr_scale=scale * decay ** (len(layers) - i),
+        )
+        for i, (name, params) in enumerate(
+            [*((str(i), layer) for i, layer in enumerate(layers)), ("rest", rest)]
+        )
+    ]
+    return [OptimRules(groups=tuple(g for g in groups if g.trainable()))]

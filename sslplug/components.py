@@ -112,6 +112,7 @@ CAPABILITIES: dict[str, str] = {
     "prediction": "predictor outputs, one tensor per view",
     "logits": "pretext-task logits",
     "target_projection": "target-network projections, one tensor per view it reads",
+    "teacher_features": "target Outputs.features: a frozen teacher's features of every view",
     "patch_tokens": "a backbone with patch tokens (sslplug.ViTBackbone: tokens(images, keep))",
     "patch_mask": "Views.targets['keep'] / ['masked']: visible / hidden patch indices (MAE)",
 }

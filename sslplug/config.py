@@ -170,6 +170,14 @@ def _backbone_name(instance: Any, attribute: attrs.Attribute, value: str) -> Non
     raise ConfigError(f"model.backbone {value!r} is not valid; valid: {valid}")
 
 
+def _weights_source(instance: Any, attribute: attrs.Attribute, value: bool | str) -> None:
+    if isinstance(value, str) and not value.strip():
+        raise ConfigError(
+            "model.pretrained '' is not valid; valid: false, true (the published weights) or "
+            "the path of a weights file, an export or a run folder"
+        )
+
+
 @attrs.define
 class ModelSettings:
     """The backbone.
@@ -182,6 +190,13 @@ class ModelSettings:
     and ``pool``, the features that evaluation reads: the class token (``token``), the mean
     patch token (``avg``), or ``auto`` (the class token, or the mean where the method says so:
     I-JEPA, whose class token is never trained).
+
+    ``pretrained``: where the backbone's weights start. ``false``: the random initialisation
+    of the seed. ``true``: the weights torchvision or timm publishes for the model, through that
+    library's own download and cache (the CIFAR stem is then off unless ``cifar_stem = "on"``).
+    A path: a state dict or timm checkpoint (``.pt``, ``.pth``, ``.safetensors``), the file
+    ``sslplug export`` wrote, or a run folder or its ``last.pt`` (``sslplug.weights``). Loading
+    is strict, and a ViT's position embeddings are resampled to its grid.
     """
 
     backbone: str = attrs.field(default="small", validator=_backbone_name)
@@ -189,12 +204,24 @@ class ModelSettings:
     patch_size: int = attrs.field(default=0, validator=non_negative)
     drop_path_rate: float = attrs.field(default=0.0, validator=_fraction)
     pool: Literal["auto", "token", "avg"] = "auto"
+    pretrained: bool | str = attrs.field(default=False, validator=_weights_source)
+
+
+def _decay(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(f"optim.{attribute.name} {value!r} must be in (0, 1] (1: no decay)")
 
 
 @attrs.define
 class OptimSettings:
     """Optimizer and schedule: linear warm-up over ``warmup_epochs``, then cosine decay to
-    ``lr_floor`` times ``lr`` (0 by default), in every cycle of ``train.cycles``."""
+    ``lr_floor`` times ``lr`` (0 by default), in every cycle of ``train.cycles``.
+
+    For continued pre-training from weights (``model.pretrained``): the backbone learns at
+    ``backbone_lr_scale`` times the rate of the rest, and with ``layer_decay`` below 1 each of
+    its layers at that times the rate of the layer above (``sslplug.nn.backbone_layers``
+    says what a layer is), so that the first layers move least. Both 1: one rate for all.
+    """
 
     name: Literal["adamw", "sgd", "lars"] = "adamw"
     lr: float = attrs.field(default=2e-3, validator=positive)
@@ -202,6 +229,8 @@ class OptimSettings:
     momentum: float = 0.9
     warmup_epochs: float = attrs.field(default=1.0, validator=non_negative)
     lr_floor: float = attrs.field(default=0.0, validator=_fraction)
+    backbone_lr_scale: float = attrs.field(default=1.0, validator=non_negative)
+    layer_decay: float = attrs.field(default=1.0, validator=_decay)
 
 
 @attrs.define

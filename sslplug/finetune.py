@@ -42,7 +42,7 @@ from sslplug.augment import crop_flip_recipe, normalize, to_float
 from sslplug.components import Encoder
 from sslplug.data import DataSet, Loader, Split
 from sslplug.evaluate import fit_probe
-from sslplug.nn import SmallConvNet
+from sslplug.nn import backbone_layers
 
 __all__ = ["FinetuneSettings", "backbone_layers", "finetune", "layer_decay_groups", "take"]
 
@@ -78,39 +78,6 @@ class _Classifier(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head((self.encoder.features(images).float() - self.mean) / self.std)
-
-
-def backbone_layers(backbone: nn.Module) -> list[list[nn.Parameter]]:
-    """The backbone's parameters in layers, from the input on, for layer-wise decay.
-
-    ViT (``sslplug.ViTBackbone``): the patch and position embeddings and class token, then one
-    layer per block; its final norm counts with the head, as in MAE's fine-tuning code. ResNet:
-    the stem (first convolution and its norm), then each of the four stages. The small
-    backbone: each convolution with its norm. Any other backbone: one layer of all its
-    parameters (no decay inside it).
-    """
-    from sslplug.vit import ViTBackbone
-
-    if isinstance(backbone, ViTBackbone):
-        vit: Any = backbone.vit
-        blocks = [list(block.parameters()) for block in vit.blocks]
-        in_blocks = {id(p) for layer in blocks for p in layer}
-        after = {id(p) for name in ("norm", "fc_norm", "head") for p in _params(vit, name)}
-        embeddings = [p for p in vit.parameters() if id(p) not in in_blocks and id(p) not in after]
-        return [embeddings, *blocks]
-    if all(hasattr(backbone, f"layer{i}") for i in range(1, 5)):
-        stem = [*_params(backbone, "conv1"), *_params(backbone, "bn1")]
-        return [stem, *(list(getattr(backbone, f"layer{i}").parameters()) for i in range(1, 5))]
-    if isinstance(backbone, SmallConvNet):
-        convs = [m for m in backbone.features if isinstance(m, nn.Conv2d)]
-        norms = [m for m in backbone.features if isinstance(m, nn.BatchNorm2d)]
-        return [[*c.parameters(), *n.parameters()] for c, n in zip(convs, norms)]
-    return [list(backbone.parameters())]
-
-
-def _params(module: nn.Module, name: str) -> list[nn.Parameter]:
-    child = getattr(module, name, None)
-    return list(child.parameters()) if isinstance(child, nn.Module) else []
 
 
 def layer_decay_groups(encoder: Encoder, lr: float, decay: float) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,7 @@ __all__ = [
     "BACKBONES",
     "MLP",
     "SmallConvNet",
+    "backbone_layers",
     "build_backbone",
     "cosine_tau",
     "ema_update",
@@ -154,30 +155,82 @@ def build_backbone(
     patch_size: int = 0,
     drop_path_rate: float = 0.0,
     pool: str = "auto",
+    published: bool = False,
 ) -> tuple[nn.Module, int]:
-    """The backbone ``name`` and the width of its pooled output, randomly initialised.
+    """The backbone ``name`` and the width of its pooled output, randomly initialised, or with
+    the weights its library publishes (``published``; see ``sslplug.weights.fetch_published``).
 
     ``name`` is ``small``, a torchvision ResNet, a ViT preset or ``timm:NAME``
-    (``sslplug.vit.build_timm_backbone``, which takes the last three arguments).
+    (``sslplug.vit.build_timm_backbone``, which takes the last three arguments). The published
+    weights have the ImageNet stem, so ``cifar_stem = "auto"`` keeps it with them.
     """
     from sslplug.vit import TIMM_PREFIX, VIT_PRESETS, build_timm_backbone
 
     if name in VIT_PRESETS or name.startswith(TIMM_PREFIX):
-        return build_timm_backbone(name, image_size, patch_size, drop_path_rate, pool)
+        return build_timm_backbone(name, image_size, patch_size, drop_path_rate, pool, published)
     if name == "small":
+        if published:
+            raise ConfigError(
+                "model.pretrained=true: the small backbone has no published weights; give "
+                "model.pretrained=PATH (a run folder or export of one) or another model.backbone"
+            )
         net = SmallConvNet()
         return net, net.out_dim
     if name not in BACKBONES:
         raise ConfigError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
     import torchvision.models  # loaded when a ResNet is built: it takes seconds
 
-    net = getattr(torchvision.models, name)(weights=None)
+    if published:
+        from sslplug.weights import fetch_published, torchvision_cache
+
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        net = fetch_published(
+            f"{name} ({weights})",
+            lambda: getattr(torchvision.models, name)(weights=weights),
+            torchvision_cache(weights.url),
+        )
+        cifar_stem = "off" if cifar_stem == "auto" else cifar_stem
+    else:
+        net = getattr(torchvision.models, name)(weights=None)
     if uses_cifar_stem(cifar_stem, image_size):
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
     feature_dim = net.fc.in_features
     net.fc = nn.Identity()
     return net, feature_dim
+
+
+def backbone_layers(backbone: nn.Module) -> list[list[nn.Parameter]]:
+    """The backbone's parameters in layers, from the input on, for layer-wise decay.
+
+    ViT (``sslplug.ViTBackbone``): the patch and position embeddings and class token, then one
+    layer per block; its final norm counts with the head, as in MAE's fine-tuning code. ResNet:
+    the stem (first convolution and its norm), then each of the four stages. The small
+    backbone: each convolution with its norm. Any other backbone: one layer of all its
+    parameters (no decay inside it).
+    """
+    from sslplug.vit import ViTBackbone
+
+    if isinstance(backbone, ViTBackbone):
+        vit: Any = backbone.vit
+        blocks = [list(block.parameters()) for block in vit.blocks]
+        in_blocks = {id(p) for layer in blocks for p in layer}
+        after = {id(p) for name in ("norm", "fc_norm", "head") for p in _params(vit, name)}
+        embeddings = [p for p in vit.parameters() if id(p) not in in_blocks and id(p) not in after]
+        return [embeddings, *blocks]
+    if all(hasattr(backbone, f"layer{i}") for i in range(1, 5)):
+        stem = [*_params(backbone, "conv1"), *_params(backbone, "bn1")]
+        return [stem, *(list(getattr(backbone, f"layer{i}").parameters()) for i in range(1, 5))]
+    if isinstance(backbone, SmallConvNet):
+        convs = [m for m in backbone.features if isinstance(m, nn.Conv2d)]
+        norms = [m for m in backbone.features if isinstance(m, nn.BatchNorm2d)]
+        return [[*c.parameters(), *n.parameters()] for c, n in zip(convs, norms)]
+    return [list(backbone.parameters())]
+
+
+def _params(module: nn.Module, name: str) -> list[nn.Parameter]:
+    child = getattr(module, name, None)
+    return list(child.parameters()) if isinstance(child, nn.Module) else []
 
 
 @torch.no_grad()

@@ -106,6 +106,8 @@ def summary(run: RunState) -> dict[str, Any]:
         "run_dir": str(run.out_dir),
         "data": run.data.name,
         "backbone": run.config.model.backbone,
+        # where the weights started: false (random), true (published) or a path
+        "pretrained": run.config.model.pretrained,
         "components": dict(run.context.components),
         "epochs": run.epoch,
         "steps": run.step,

@@ -15,6 +15,7 @@ import contextlib
 import difflib
 import math
 import sys
+import types
 import typing
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -51,6 +52,8 @@ def _type_name(tp: Any) -> str:
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a list of {_type_name(args[0])}"
         return f"a list of {len(args)} values ({', '.join(_type_name(a) for a in args)})"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 
@@ -63,6 +66,13 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in typing.get_args(tp):
             raise bad
         return value
+    if origin in (typing.Union, types.UnionType):  # the first type the value fits
+        for option in typing.get_args(tp):
+            try:
+                return coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise bad
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise bad

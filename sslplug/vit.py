@@ -175,7 +175,12 @@ def _timm_name(name: str) -> tuple[str, dict[str, Any]]:
 
 
 def build_timm_backbone(
-    name: str, image_size: int, patch_size: int = 0, drop_path_rate: float = 0.0, pool: str = "auto"
+    name: str,
+    image_size: int,
+    patch_size: int = 0,
+    drop_path_rate: float = 0.0,
+    pool: str = "auto",
+    published: bool = False,
 ) -> tuple[nn.Module, int]:
     """The backbone ``name`` (a preset or ``timm:NAME``), randomly initialised, and the width of
     its pooled output.
@@ -183,7 +188,8 @@ def build_timm_backbone(
     A Vision Transformer is made for ``image_size`` with ``patch_size`` (0: the preset's
     choice, ``default_patch_size``, or the timm model's own for ``timm:NAME``) and accepts other
     sizes too (local crops): its position embedding is interpolated and the image padded to
-    whole patches.
+    whole patches. ``published``: with the weights timm publishes for the model (resampled by
+    timm to this image and patch size), through its own download and cache.
     """
     import timm
     from timm.models.vision_transformer import VisionTransformer
@@ -201,22 +207,26 @@ def build_timm_backbone(
     if patch_size or name in VIT_PRESETS:
         vit_args["patch_size"] = patch_size or default_patch_size(image_size)
     common: dict[str, Any] = {"num_classes": 0, "drop_path_rate": drop_path_rate}
-    try:
-        net = timm.create_model(
-            timm_name,
-            pretrained=False,
-            dynamic_img_size=True,
-            dynamic_img_pad=True,
-            **common,
-            **args,
-            **vit_args,
+
+    def create(**more: Any) -> nn.Module:
+        if not published:
+            return timm.create_model(timm_name, pretrained=False, **common, **args, **more)
+        from sslplug.weights import fetch_published, timm_cache
+
+        return fetch_published(
+            f"timm:{timm_name}",
+            lambda: timm.create_model(timm_name, pretrained=True, **common, **args, **more),
+            timm_cache(timm_name),
         )
+
+    try:
+        net = create(dynamic_img_size=True, dynamic_img_pad=True, **vit_args)
     except TypeError:  # not a ViT: no image size, patch size or dynamic size to set
         if patch_size:
             raise ConfigError(
                 f"model.patch_size={patch_size}: timm's {timm_name} has no patches; leave it 0"
             ) from None
-        net = timm.create_model(timm_name, pretrained=False, **common, **args)
+        net = create()
         return TimmBackbone(net, timm_name, {**args}), _width(net)
     if not isinstance(net, VisionTransformer):
         return TimmBackbone(net, timm_name, {**args, **vit_args}), _width(net)

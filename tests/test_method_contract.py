@@ -44,13 +44,15 @@ NARROW = {
     "swav": ["swav.prototypes=64", "swav.local_crops=2"],
     "mae": ["model.backbone=vit_micro"],
     "ijepa": ["model.backbone=vit_micro"],
+    # a teacher of random weights: the default one is downloaded, and tests run offline
+    "distill": ["distill.teacher=random:small", "distill.head_hidden_dim=64"],
 }  # fmt: skip
 # a foreign augmentation each method accepts: the views it needs come from another plugin
 FOREIGN: dict[str, str | None] = {
     "byol": "simclr", "simclr": "byol", "barlow_twins": "simclr", "rotnet": "simclr",
     "jigsaw": "simclr", "cpc": None, "moco_v2": "byol", "moco_v3": "simclr",
     "swav": "dino", "dino": "swav", "vicreg": "byol", "nnclr": "simclr", "simsiam": "byol",
-    "mae": "simclr", "ijepa": "simclr",
+    "mae": "simclr", "ijepa": "simclr", "distill": "byol",
 }  # fmt: skip
 
 

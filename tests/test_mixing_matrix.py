@@ -33,6 +33,9 @@ from sslplug.plugins import COMPONENTS, PluginRegistry
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
 AXES = {"augmentation": "--augmentation", "loss": "--loss"}
 SIZE, BATCH = 32, 8
+# distillation's teacher: random weights, as its default teacher is downloaded and tests run
+# offline; set in every cell (the section is there whatever the plugins chosen)
+TEACHER = "distill.teacher=random:small"
 
 
 def methods(registry: PluginRegistry) -> list[str]:
@@ -44,7 +47,8 @@ def methods(registry: PluginRegistry) -> list[str]:
 def backbone(registry: PluginRegistry, plugin: str) -> str:
     """``small``, or ``vit_micro`` for a method that needs the tokens of a ViT."""
     config = load_config(
-        assignments=[f"components.plugin={plugin}"], plugin_settings=registry.settings_classes()
+        assignments=[f"components.plugin={plugin}", TEACHER],
+        plugin_settings=registry.settings_classes(),
     )
     try:
         assemble(config, registry, image_size=SIZE, device=torch.device("cpu"), train=False)
@@ -62,6 +66,7 @@ def cell(registry: PluginRegistry, plugin: str, component: str, other: str) -> s
             f"components.plugin={plugin}",
             f"components.{component}={other}",
             f"model.backbone={backbone(registry, plugin)}",
+            TEACHER,
         ],
         plugin_settings=registry.settings_classes(),
     )

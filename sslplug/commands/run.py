@@ -267,9 +267,10 @@ def _check_same_components(run_dir: Path, saved: dict[str, Any], asked: Any) -> 
 def _print_summary(summary: dict) -> None:
     print(f"\nrun folder: {summary['run_dir']}")
     print("components: " + ", ".join(f"{k}={v}" for k, v in summary["components"].items()))
+    start = "random init" if not summary.get("pretrained") else "at the start"
     rows = [
         ("kNN top-1, pre-trained", summary["knn_top1"]),
-        ("kNN top-1, random init", summary["knn_top1_random_init"]),
+        (f"kNN top-1, {start}", summary["knn_top1_random_init"]),
     ]
     for label, value in rows:
         if value is not None:

@@ -74,6 +74,12 @@ class KNNMonitor:
             temperature=settings.temperature,
         )
         if epoch == 0:
-            text = f"kNN top-1 of the randomly initialised encoder: {top1:.2f}%"
+            pretrained = run.config.model.pretrained
+            start = (
+                "the randomly initialised encoder"
+                if pretrained is False
+                else f"the encoder before training (model.pretrained={pretrained})"
+            )
+            text = f"kNN top-1 of {start}: {top1:.2f}%"
             tqdm.write(text, file=sys.stderr)
         return {"knn_top1": top1}
