@@ -18,7 +18,7 @@ from torch import nn
 
 from sslplug import distributed
 from sslplug.config import OptimSettings, RunConfig, RunContext
-from sslplug.nn import backbone_layers, build_backbone
+from sslplug.nn import backbone_layers, build_backbone, stem_choice
 from sslplug.optim import Optimization, OptimRules, ParamGroup, cycles_of
 from sslplug.plugins import Components, PluginRegistry
 from sslplug.runtime import place, rng_state, set_rng_state, wrap_for_ddp
@@ -55,6 +55,7 @@ def assemble(
     data: Any = None,
     init_rng: dict[str, Any] | None = None,
     train: bool = True,
+    start_weights: bool = True,
 ) -> Assembly:
     """Build a run's parts in the one order every command uses.
 
@@ -63,6 +64,8 @@ def assemble(
             initialisation); the current state when ``None``.
         train: also build the optimisation (and DDP wrappers on many ranks); ``False`` for
             commands that only read the encoder.
+        start_weights: load the weights of ``model.pretrained``; ``False`` where a checkpoint
+            replaces them (a resume, a trained run's encoder), so that the file need not exist.
     """
     context = RunContext(
         config=config,
@@ -78,7 +81,7 @@ def assemble(
     if init_rng is not None:
         set_rng_state(init_rng)
     state = rng_state()
-    parts = _build_parts(config, registry, context)
+    parts = _build_parts(config, registry, context, start_weights)
     place(parts, device, config.train.channels_last)
     assembly = Assembly(context, parts, state)
     if not train:
@@ -99,7 +102,9 @@ def assemble(
     return assembly
 
 
-def _build_parts(config: RunConfig, registry: PluginRegistry, context: RunContext) -> Components:
+def _build_parts(
+    config: RunConfig, registry: PluginRegistry, context: RunContext, start_weights: bool = True
+) -> Components:
     """The backbone (with the weights of ``model.pretrained``), then the components through the
     registry; the engine's context learns the backbone and the plugin of each component before
     they are built, and the parts after."""
@@ -107,13 +112,13 @@ def _build_parts(config: RunConfig, registry: PluginRegistry, context: RunContex
     backbone, feature_dim = build_backbone(
         model.backbone,
         context.image_size,
-        model.cifar_stem,
+        stem_choice(model.cifar_stem, model.pretrained),
         patch_size=model.patch_size,
         drop_path_rate=model.drop_path_rate,
         pool=model.pool,
-        published=model.pretrained is True,
+        published=model.pretrained is True and start_weights,
     )
-    if isinstance(model.pretrained, str):
+    if start_weights and isinstance(model.pretrained, str):
         load_weights(backbone, model.pretrained)
     context.backbone = backbone
     context.components = registry.resolve(config)

@@ -207,6 +207,7 @@ def _set_up(
         total_steps=len(loader) * config.train.epochs,
         out_dir=folder.path,
         data=data,
+        start_weights=checkpoint is None,  # a resume's weights come from its checkpoint
     )
     # a view generator that crops at the stored resolution gets the stored pixels
     loader.full_resolution = bool(getattr(assembly.parts.views, "full_resolution", False))

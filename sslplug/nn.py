@@ -37,6 +37,7 @@ __all__ = [
     "loss_predictions",
     "loss_predictor",
     "projection_dim_for",
+    "stem_choice",
     "uses_cifar_stem",
 ]
 
@@ -145,6 +146,12 @@ def uses_cifar_stem(cifar_stem: str, image_size: int) -> bool:
     if cifar_stem == "auto":
         return image_size <= 64
     return cifar_stem == "on"
+
+
+def stem_choice(cifar_stem: str, pretrained: bool | str) -> str:
+    """``model.cifar_stem`` as a run applies it: ``auto`` is ``off`` with the published weights
+    (``model.pretrained = true``), whose first convolution is ImageNet's 7x7."""
+    return "off" if pretrained is True and cifar_stem == "auto" else cifar_stem
 
 
 def build_backbone(

@@ -36,7 +36,7 @@ from sslplug.checkpoint import FILENAME, load_checkpoint
 from sslplug.components import Encoder
 from sslplug.config import RunConfig, load_config
 from sslplug.errors import CheckpointError, OutputError
-from sslplug.nn import uses_cifar_stem
+from sslplug.nn import stem_choice, uses_cifar_stem
 from sslplug.outputs import check_new_file, write_atomically
 from sslplug.plugins import PluginRegistry
 from sslplug.rundir import MARKERS
@@ -98,8 +98,9 @@ def build_encoder(
     device: torch.device,
     pretrained: bool = True,
 ) -> Encoder:
-    """The encoder of ``run``, with its trained weights or (``pretrained=False``) the random
-    initialisation the run started from, in eval mode on ``device``."""
+    """The encoder of ``run``, with its trained weights or (``pretrained=False``) the weights the
+    run started from (its random initialisation, or those of ``model.pretrained``), in eval
+    mode on ``device``."""
     trained_size = run.state.get("image_size")
     if trained_size is not None and trained_size != image_size:
         raise CheckpointError(
@@ -107,7 +108,9 @@ def build_encoder(
             f"evaluate is {image_size}px; evaluate on data of the same size (for an image folder: "
             f"--set data.image_size={trained_size})"
         )
-    encoder = _parts(run, registry, image_size, num_classes, device).encoder
+    # the trained weights replace model.pretrained's, which are loaded only as the baseline
+    parts = _parts(run, registry, image_size, num_classes, device, start_weights=not pretrained)
+    encoder = parts.encoder
     if pretrained:
         try:
             encoder.load_state_dict(run.state["encoder"])
@@ -122,7 +125,12 @@ def build_encoder(
 
 
 def _parts(
-    run: Run, registry: PluginRegistry, image_size: int, num_classes: int, device: torch.device
+    run: Run,
+    registry: PluginRegistry,
+    image_size: int,
+    num_classes: int,
+    device: torch.device,
+    start_weights: bool = False,
 ) -> Any:
     """The run's components as its settings build them, from the random state it started
     from (the assembly every command shares)."""
@@ -138,6 +146,7 @@ def _parts(
         out_dir=run.run_dir,
         init_rng=init_rng,
         train=False,
+        start_weights=start_weights,
     ).parts
 
 
@@ -237,10 +246,11 @@ def export_backbone(
     backbone_bytes = _state_bytes(net)
     config = run.config
     backbone = config.model.backbone
+    stem = stem_choice(config.model.cifar_stem, config.model.pretrained)
     cifar_stem = (
         getattr(net, "timm_name", None) is None
         and backbone != "small"
-        and uses_cifar_stem(config.model.cifar_stem, image_size)
+        and uses_cifar_stem(stem, image_size)
     )
     load, extra = _load_recipe(net, backbone, cifar_stem, out.name)
     note = {

@@ -290,6 +290,7 @@ def _architecture(path: Path, backbone: str) -> tuple[str, str, int, int]:
     """The backbone, CIFAR stem, image size and patch size of the weights at ``path``: from a
     run's saved settings, an export's note, or ``backbone`` for any other file."""
     from sslplug.checkpoint import FILENAME
+    from sslplug.nn import stem_choice
 
     checkpoint = path / FILENAME if path.is_dir() else path
     note = path.with_suffix(".json")
@@ -310,9 +311,7 @@ def _architecture(path: Path, backbone: str) -> tuple[str, str, int, int]:
             state = {}
         model = state.get("settings", {}).get("model") if isinstance(state, dict) else None
         if isinstance(model, dict):
-            stem = str(model.get("cifar_stem", "auto"))
-            if model.get("pretrained") is True and stem == "auto":
-                stem = "off"  # the published weights' stem (sslplug.nn.build_backbone)
+            stem = stem_choice(str(model.get("cifar_stem", "auto")), model.get("pretrained", False))
             return (
                 str(model.get("backbone", "small")),
                 stem,

@@ -4,6 +4,7 @@ learning rates of continued pre-training (``optim.backbone_lr_scale``, ``optim.l
 
 from __future__ import annotations
 
+import contextlib
 import urllib.error
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from sslplug.errors import CheckpointError, ConfigError
 from sslplug.nn import backbone_layers, build_backbone
 from sslplug.weights import load_weights, pretrained_backbone
 
-from .harness import config_of, train_pinned
+from .harness import StopAfterEpoch, assert_same_checkpoints, config_of, train_pinned
 from .test_method_contract import SHORT
 
 IMAGES = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -191,3 +192,21 @@ def test_bad_weight_settings_name_the_value():
         load_config(None, ["model.pretrained=3"])
     with pytest.raises(ConfigError, match=r"optim.layer_decay 1.5 must be in \(0, 1\]"):
         load_config(None, ["optim.layer_decay=1.5"])
+
+
+def test_a_run_from_weights_resumes_and_exports_once_the_file_is_gone(registry, tmp_path):
+    source = tmp_path / "source"
+    train_pinned(source, [*SHORT, "components.plugin=simclr"])
+    weights = tmp_path / "weights.pt"
+    torch.save(_backbone(registry, [f"model.pretrained={source}"]).state_dict(), weights)
+    settings = [*SHORT, "components.plugin=simclr", f"model.pretrained={weights}"]
+    straight = train_pinned(tmp_path / "straight", settings)
+    assert straight["pretrained"] == str(weights)
+    with contextlib.suppress(KeyboardInterrupt):  # stopped after epoch 1
+        train_pinned(tmp_path / "resumed", settings, StopAfterEpoch(1))
+    weights.unlink()  # the checkpoint holds the weights now: resume, export, eval need no file
+    train_pinned(tmp_path / "resumed", settings, resume=tmp_path / "resumed")
+    assert_same_checkpoints(tmp_path / "straight", tmp_path / "resumed")
+    assert main(["export", str(tmp_path / "resumed"), str(tmp_path / "backbone.pt")]) == 0
+    with pytest.raises(CheckpointError, match="no such file"):  # the start is the file's
+        _backbone(registry, settings)
