@@ -50,7 +50,7 @@ from sslplug.errors import (
     SslplugError,
 )
 from sslplug.hookspecs import hookimpl
-from sslplug.masking import random_patch_mask, sample_block_masks
+from sslplug.masking import random_patch_mask, sample_block_masks, sample_blockwise_masks
 from sslplug.nn import (
     MLP,
     cosine_tau,
@@ -60,6 +60,7 @@ from sslplug.nn import (
     projection_dim_for,
 )
 from sslplug.optim import OptimRules, ParamGroup
+from sslplug.spreading import koleo_loss, sinkhorn_knopp
 from sslplug.teacher import FrozenTeacher
 from sslplug.validate import non_negative, positive, scale_range, unit_interval
 from sslplug.vit import ViTBackbone, sincos_position_embedding, token_backbone
@@ -110,6 +111,7 @@ __all__ = [
     "ema_update",
     "gather",
     "hookimpl",
+    "koleo_loss",
     "loss_predictions",
     "loss_predictor",
     "multicrop_recipe",
@@ -122,9 +124,11 @@ __all__ = [
     "rank",
     "run_by_resolution",
     "sample_block_masks",
+    "sample_blockwise_masks",
     "scale_range",
     "simclr_recipe",
     "sincos_position_embedding",
+    "sinkhorn_knopp",
     "to_float",
     "token_backbone",
     "unit_interval",

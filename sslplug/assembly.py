@@ -1,10 +1,10 @@
 """One assembly path: how a run's parts are built, in order, for every command.
 
 ``assemble`` builds the backbone, the five components (through the plugins), places them on
-the device (wrapping them for DDP on many ranks) and, for training, the optimiser with the rules
-the components declared. ``sslplug run``, ``bench``, ``eval``, ``finetune`` and ``export`` all
-build through it, so the order (and so the random initialisation a seed gives) is the same
-everywhere.
+the device (on many ranks, wrapped for DDP or sharded, as ``train.strategy`` says) and, for
+training, the optimiser with the rules the components declared. ``sslplug run``, ``bench``,
+``eval``, ``finetune`` and ``export`` all build through it, so the order (and so the random
+initialisation a seed gives) is the same everywhere.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import attrs
 import torch
 from torch import nn
 
-from sslplug import distributed
+from sslplug import distributed, fsdp
 from sslplug.config import OptimSettings, RunConfig, RunContext
 from sslplug.nn import backbone_layers, build_backbone, stem_choice
 from sslplug.optim import Optimization, OptimRules, ParamGroup, cycles_of
@@ -62,8 +62,8 @@ def assemble(
     Args:
         init_rng: the random-number state to build from (a saved run's, to rebuild its
             initialisation); the current state when ``None``.
-        train: also build the optimisation (and DDP wrappers on many ranks); ``False`` for
-            commands that only read the encoder.
+        train: also build the optimisation (and, on many ranks, DDP wrappers or the shards
+            of ``sslplug.fsdp``); ``False`` for commands that only read the encoder.
         start_weights: load the weights of ``model.pretrained``; ``False`` where a checkpoint
             replaces them (a resume, a trained run's encoder), so that the file need not exist.
     """
@@ -82,12 +82,12 @@ def assemble(
         set_rng_state(init_rng)
     state = rng_state()
     parts = _build_parts(config, registry, context, start_weights)
-    place(parts, device, config.train.channels_last)
+    sharded = train and config.train.strategy == "fsdp" and distributed.world_size() > 1
+    place(parts, device, config.train.channels_last and not sharded)  # FSDP: contiguous only
     assembly = Assembly(context, parts, state)
     if not train:
         return assembly
-    if distributed.world_size() > 1:
-        assembly.wrapped = wrap_for_ddp(parts, device, config.train.sync_batchnorm)
+    assembly.wrapped = _over_ranks(config, parts, device)
     assembly.optimization = Optimization(
         config.optim,
         [parts.encoder, parts.loss],
@@ -100,6 +100,18 @@ def assemble(
         else None,
     )
     return assembly
+
+
+def _over_ranks(config: RunConfig, parts: Components, device: torch.device) -> dict[str, nn.Module]:
+    """On many ranks, the parts wrapped for DDP or sharded (``train.strategy``,
+    ``sslplug.fsdp``); the wrappers the step goes through (none for sharded parts, which
+    ``fully_shard`` changes in place)."""
+    if distributed.world_size() == 1:
+        return {}
+    if config.train.strategy == "fsdp":
+        fsdp.shard(parts, device)
+        return {}
+    return wrap_for_ddp(parts, device, config.train.sync_batchnorm)
 
 
 def _build_parts(

@@ -255,6 +255,8 @@ class TrainSettings:
     ``epochs``; ``sslplug.optim.Cycles``); ``extend`` says what ``--resume RUN --epochs N`` does
     with epochs added to a run's plan: ``restart`` adds a cycle over them (warm-up, cosine),
     ``continue`` holds the schedules' end values (``sslplug.resume.extended_cycles``).
+    ``strategy`` says how the ranks of ``torchrun`` hold the model: ``ddp`` a whole copy on
+    each, ``fsdp`` the encoder and the target network sharded over them (``sslplug.fsdp``).
     """
 
     epochs: int = attrs.field(default=15, validator=positive)
@@ -274,6 +276,7 @@ class TrainSettings:
     keep_freed_memory: bool = True
     cycles: tuple[tuple[int, int], ...] = ()
     extend: Literal["restart", "continue"] = "restart"
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
 CORE_SECTIONS: dict[str, type] = {

@@ -40,6 +40,7 @@ from sslplug.components import Views
 from sslplug.config import RunConfig
 from sslplug.data import SOURCES, DataSet, Loader, load_data
 from sslplug.errors import ConfigError, SslplugError
+from sslplug.fsdp import check_strategy, is_sharded
 from sslplug.outputs import check_name_lengths, check_outside_data, write_atomically
 from sslplug.plugins import Components, PluginRegistry
 from sslplug.report import data_line, say, say_epoch, say_stopped, say_time_limit, summary
@@ -189,6 +190,8 @@ def _set_up(
             f"train.batch_size {config.train.batch_size} is the batch of all {world} ranks "
             f"together and must be a multiple of {world}"
         )
+    for line in check_strategy(config, world):  # train.strategy=fsdp: refuse what it cannot do
+        say(line)
     _on_main(folder.lock, folder)
     checkpoint, evaluations = resume_point(folder, resume, ignore_collapse)
     config = extended_cycles(config, checkpoint)
@@ -460,12 +463,14 @@ def _end_run(run: RunState, result: dict[str, Any] | None, error: BaseException 
 
 def _check_ranks_agree(components: Components, epoch: int) -> None:
     """Every rank must hold the same encoder and target network (DDP keeps the encoder in step;
-    the target follows it by EMA); a difference means a bug, so stop rather than train on."""
+    the target follows it by EMA); a difference means a bug, so stop rather than train on.
+    A sharded network (``train.strategy = "fsdp"``) holds each weight once, on one rank, and
+    has nothing to compare: its ranks started from rank 0's weights (``sslplug.fsdp.shard``)."""
     modules = {"encoder": components.encoder, "target_update": components.target_update}
     sums = {
         name: float(sum(p.detach().double().sum() for p in module.parameters()))
         for name, module in modules.items()
-        if module is not None
+        if module is not None and not is_sharded(module)
     }
     everyone = distributed.gather_objects(sums)
     for name in sums:

@@ -35,14 +35,20 @@ from sslplug.assembly import assemble
 from sslplug.checkpoint import FILENAME, load_checkpoint
 from sslplug.components import Encoder
 from sslplug.config import RunConfig, load_config
-from sslplug.errors import CheckpointError, OutputError
+from sslplug.errors import CheckpointError, ConfigError, OutputError
 from sslplug.nn import stem_choice, uses_cifar_stem
+from sslplug.onnx_export import onnx_model, onnx_note
 from sslplug.outputs import check_new_file, write_atomically
 from sslplug.plugins import PluginRegistry
 from sslplug.rundir import MARKERS
 from sslplug.runtime import seed_everything
 
-__all__ = ["Run", "build_encoder", "build_views", "export_backbone", "load_run"]
+__all__ = ["EXPORT_FORMATS", "Run", "build_encoder", "build_views", "export_backbone", "load_run"]
+
+# what ``export_backbone`` writes: the weights for torch, or an ONNX model for deployment
+EXPORT_FORMATS = ("state_dict", "onnx")
+# the input a state dict's note describes (an ONNX model's note says more: onnx_export.onnx_note)
+_STATE_DICT_INPUT = "float images normalised with sslplug.Normalization (ImageNet mean and std)"
 
 
 @attrs.define
@@ -228,44 +234,68 @@ def _load_recipe(
     return load, extra
 
 
+def _has_cifar_stem(net: nn.Module, config: RunConfig, image_size: int) -> bool:
+    """Whether the ResNet ``net`` has the CIFAR stem (a timm model or the small ConvNet has
+    none to speak of)."""
+    stem = stem_choice(config.model.cifar_stem, config.model.pretrained)
+    return (
+        getattr(net, "timm_name", None) is None
+        and config.model.backbone != "small"
+        and uses_cifar_stem(stem, image_size)
+    )
+
+
 def export_backbone(
-    run: Run, encoder: Encoder, out: str | Path, image_size: int, force: bool = False
+    run: Run,
+    encoder: Encoder,
+    out: str | Path,
+    image_size: int,
+    force: bool = False,
+    format: str = "state_dict",
 ) -> Path:
-    """Write ``encoder.backbone``'s state dict to ``out`` and a note of its settings beside it
-    (``out`` with the suffix ``.json``, so ``out`` itself may not end in ``.json``); return the
-    note's path.
+    """Write ``encoder.backbone`` to ``out`` and a note of its settings beside it (``out`` with
+    the suffix ``.json``, so ``out`` itself may not end in ``.json``); return the note's path.
+
+    ``format``: ``"state_dict"``, its weights saved with ``torch.save``, or ``"onnx"``, the
+    backbone as an ONNX model of images to pooled features (``sslplug.onnx_export``; needs the
+    extra ``sslplug[onnx]``).
 
     Both files are written atomically (see ``sslplug.outputs``): a failure leaves neither
     behind. An existing file is replaced only with ``force``; an sslplug checkpoint or a file
     of the run (its checkpoint, ``settings.toml``, ``summary.json``) never is. Raises
     ``OutputError`` saying which file could not be written and why.
     """
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(
+            f"export format {format!r} is not valid; valid: {', '.join(EXPORT_FORMATS)}"
+        )
     out = Path(out)
     note_path = _note_path(run, out, force)
     net = encoder.backbone
-    backbone_bytes = _state_bytes(net)
     config = run.config
     backbone = config.model.backbone
-    stem = stem_choice(config.model.cifar_stem, config.model.pretrained)
-    cifar_stem = (
-        getattr(net, "timm_name", None) is None
-        and backbone != "small"
-        and uses_cifar_stem(stem, image_size)
-    )
+    cifar_stem = _has_cifar_stem(net, config, image_size)
     load, extra = _load_recipe(net, backbone, cifar_stem, out.name)
+    if format == "onnx":
+        content, checked = onnx_model(net, image_size)
+        extra.pop("features", None)  # the output is the features; onnx_note says which token
+        model = {**onnx_note(net, out.name, image_size, encoder.feature_dim), **checked}
+        use: dict[str, Any] = {}
+    else:
+        content, model, use = _state_bytes(net), {"input": _STATE_DICT_INPUT}, {"load": load}
     note = {
-        "format": "sslplug-backbone",
+        "format": "onnx" if format == "onnx" else "sslplug-backbone",
         "backbone": backbone,
         **extra,
         "cifar_stem": cifar_stem,
         "image_size": image_size,
         "feature_dim": encoder.feature_dim,
-        "input": "float images normalised with sslplug.Normalization (ImageNet mean and std)",
+        **model,
         "components": run.components,
         "epochs_trained": run.epoch,
         "source_checkpoint": str(run.checkpoint),
-        "load": load,
+        **use,
         "settings": config.to_dict(config.used_plugin_sections()),
     }
-    write_atomically({out: backbone_bytes, note_path: (json.dumps(note, indent=2) + "\n").encode()})
+    write_atomically({out: content, note_path: (json.dumps(note, indent=2) + "\n").encode()})
     return note_path

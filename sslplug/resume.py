@@ -48,6 +48,7 @@ from sslplug import distributed
 from sslplug.checkpoint import FILENAME, load_checkpoint, write_failure
 from sslplug.config import RunConfig
 from sslplug.errors import CheckpointError, ConfigError
+from sslplug.fsdp import load_full_state, shard_optimizer_state
 from sslplug.health import COLLAPSE_SPREAD
 from sslplug.outputs import read_summary
 from sslplug.report import say
@@ -202,6 +203,7 @@ def restore(run: RunState, state: dict[str, Any], source: Path) -> None:
     _check_same_epochs(run, state, source)
     _restore_modules(run, state, source)
     run.optimization.load_state_dict(state)
+    shard_optimizer_state(run.optimization.optimizer)  # train.strategy=fsdp: whole -> shards
     run.epoch, run.step = int(state["epoch"]), int(state["step"])
     run.saved = (run.epoch, run.step)
     run.history = list(state["history"])
@@ -281,12 +283,13 @@ def extended_cycles(config: RunConfig, checkpoint: dict[str, Any] | None) -> Run
 
 
 def _restore_modules(run: RunState, state: dict[str, Any], source: Path) -> None:
-    """Load each component's saved state; a mismatch names the component and the backbone."""
+    """Load each component's saved state (into this rank's shards of a sharded one); a
+    mismatch names the component and the backbone."""
     for key, module in run.parts.modules().items():
         if module is None or state[key] is None:
             continue  # no target update, or a view generator whose state was not saved
         try:
-            module.load_state_dict(state[key])
+            load_full_state(module, state[key])
         except RuntimeError as exc:
             lines = str(exc).splitlines()
             first = lines[1].strip() if len(lines) > 1 else str(exc)

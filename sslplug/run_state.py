@@ -24,6 +24,7 @@ from sslplug.assembly import Assembly
 from sslplug.checkpoint import FILENAME
 from sslplug.config import Progress, RunConfig, RunContext
 from sslplug.data import DataSet, Loader
+from sslplug.fsdp import full_state
 from sslplug.optim import Optimization
 from sslplug.outputs import write_atomically
 from sslplug.plugins import Components, Lifecycle
@@ -108,15 +109,16 @@ class RunState:
 
     def checkpoint_state(self) -> dict[str, Any]:
         """What ``last.pt`` holds (``docs/hooks.md`` lists the keys). Called on every rank: it
-        gathers each rank's random-number state."""
+        gathers each rank's random-number state and, under ``train.strategy = "fsdp"``, the
+        whole tensors of the shards (``sslplug.fsdp.full_state``), which rank 0 alone keeps."""
         modules = {
-            name: (m.state_dict() if m is not None else None)
+            name: (full_state(m.state_dict()) if m is not None else None)
             for name, m in self.parts.modules().items()
         }
         baseline = self.context.baseline
         return {
             **modules,
-            **self.optimization.state_dict(),
+            **full_state(self.optimization.state_dict()),
             "epoch": self.epoch,
             "step": self.step,
             "rng": rng_state(),
