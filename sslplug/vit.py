@@ -17,6 +17,12 @@ With ``keep``, patches are dropped *before* the transformer blocks, so the encod
 for what it sees (MAE's encoder, He et al. 2022, Section 3; I-JEPA's context encoder, Assran et
 al. 2023). Patches are numbered row-major over the grid ``backbone.grid(height, width)``.
 
+Masked-image methods that keep every patch but hide some (BEiT, iBOT, DINOv2) give the backbone
+a learned mask token, once, when they build their encoder, and pass a boolean mask ``(B, N)``::
+
+    backbone.enable_mask_token()                        # before the optimiser is made
+    prefix, patches = backbone.tokens(images, mask=mask)  # mask token where ``mask`` is True
+
 A backbone with tokens declares the capability ``patch_tokens``; a method that needs tokens
 requires it, and the core refuses ``--backbone small`` or a ResNet for it before the first step.
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 from typing import Any
 
 import torch
@@ -77,9 +84,13 @@ class ViTBackbone(nn.Module):
             norm: what ``forward`` returns.
         embed_dim, patch_size, num_prefix_tokens: its width, patch side and number of tokens
             before the patches (the class token and any register tokens).
+        mask_token: the learned token ``(1, 1, D)`` that replaces masked patches, or ``None``
+            until a method asks for it (``enable_mask_token``). Not part of ``vit``: checkpoints
+            hold it, exports do not.
     """
 
     provides = frozenset({"patch_tokens"})
+    mask_token: nn.Parameter | None
 
     def __init__(self, vit: nn.Module, timm_name: str, timm_args: dict[str, Any], pool: str):
         super().__init__()
@@ -92,6 +103,9 @@ class ViTBackbone(nn.Module):
         self.num_prefix_tokens = int(timm_vit.num_prefix_tokens)
         self.pool = "token"
         self.set_pool(pool)
+        # made only when a method asks, so that encoders saved without one load as they are
+        self.register_parameter("mask_token", None)
+        self.register_load_state_dict_pre_hook(_mask_token_from_state)
 
     def set_pool(self, pool: str) -> None:
         if pool not in POOLS:
@@ -108,15 +122,43 @@ class ViTBackbone(nn.Module):
         p = self.patch_size
         return -(-height // p), -(-width // p)
 
-    def tokens(self, images: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def enable_mask_token(self) -> nn.Parameter:
+        """The learned mask token ``(1, 1, D)``, made (zeros) on the first call and returned as
+        it is on later ones. A method that masks patches calls it when it builds its encoder,
+        so that the optimiser, the EMA teacher and checkpoints see it.
+
+        Zeros, as in the official code of iBOT (``models/vision_transformer.py``:
+        ``masked_embed``) and DINOv2 (``dinov2/models/vision_transformer.py``: ``mask_token``),
+        neither of which initialises it otherwise. It lives beside the timm model, not in it,
+        so ``exported_state_dict`` leaves it out.
+        """
+        if self.mask_token is None:
+            weight = next(self.vit.parameters())
+            self.mask_token = nn.Parameter(
+                torch.zeros(1, 1, self.embed_dim, device=weight.device, dtype=weight.dtype)
+            )
+        return self.mask_token
+
+    def tokens(
+        self, images: Tensor, keep: Tensor | None = None, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The prefix tokens ``(B, P, D)`` and patch tokens ``(B, N, D)`` after the final norm.
 
         ``keep``: ``(B, K)`` indices of the patches to keep (row-major over ``grid``); the others
         are removed after the position embedding and before the blocks, and the patch tokens
         returned are those ``K``, in the order of ``keep``.
+
+        ``mask``: ``(B, N)`` booleans (row-major over ``grid``, as ``sample_blockwise_masks``
+        draws them); the patch embeddings where it is True are replaced by ``mask_token``
+        *before* the position embedding is added, so a masked token still knows its place, as
+        iBOT (``prepare_tokens``) and DINOv2 (``prepare_tokens_with_masks``) do. Every other
+        token is untouched: an all-False mask gives what no mask gives, bit for bit. Needs
+        ``enable_mask_token``.
         """
         vit: Any = self.vit
         x = vit.patch_embed(images)
+        if mask is not None:
+            x = self._put_mask_token(x, mask)
         # timm's position embedding: adds the (interpolated) table, prepends class and register
         # tokens; a private method, the one timm's own forward_features uses
         x = vit._pos_embed(x)
@@ -129,6 +171,23 @@ class ViTBackbone(nn.Module):
         x = vit.norm(vit.blocks(x))
         return x[:, :prefix], x[:, prefix:]
 
+    def _put_mask_token(self, x: Tensor, mask: Tensor) -> Tensor:
+        """``x``, timm's patch embeddings ``(B, H, W, D)`` (or ``(B, N, D)``), with the mask
+        token where ``mask`` ``(B, N)`` is True."""
+        if self.mask_token is None:
+            raise RuntimeError(
+                "tokens(images, mask=...) needs the backbone's mask token; call "
+                "backbone.enable_mask_token() when the encoder is built, before the optimiser"
+            )
+        patches = math.prod(x.shape[1:-1])
+        if mask.dtype != torch.bool or tuple(mask.shape) != (x.shape[0], patches):
+            raise ValueError(
+                f"mask must be booleans (B, N) = {(x.shape[0], patches)} for these images, "
+                f"row-major over the patch grid; got {mask.dtype} {tuple(mask.shape)}"
+            )
+        token = self.mask_token.to(x.dtype).view(-1)
+        return torch.where(mask.reshape(x.shape[:-1]).unsqueeze(-1), token, x)
+
     def forward(self, images: Tensor) -> Tensor:
         prefix, patches = self.tokens(images)
         if self.pool == "avg":
@@ -136,8 +195,18 @@ class ViTBackbone(nn.Module):
         return prefix[:, 0]
 
     def exported_state_dict(self) -> dict[str, Tensor]:
-        """The timm model's own state dict (keys without ``vit.``)."""
+        """The timm model's own state dict (keys without ``vit.``). The mask token, if any, is
+        left out: it is training machinery, and timm's model has no place for it."""
         return self.vit.state_dict()
+
+
+def _mask_token_from_state(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """Before a ``ViTBackbone`` loads a state dict that holds a mask token, make its own (an
+    encoder rebuilt for evaluation or export from a masked method's checkpoint)."""
+    if f"{prefix}mask_token" in state_dict and isinstance(module, ViTBackbone):
+        module.enable_mask_token()
 
 
 class TimmBackbone(nn.Module):

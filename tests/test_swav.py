@@ -85,7 +85,7 @@ def _views(n: int, sizes: tuple[int, ...] = (8, 8, 4)) -> Views:
 
 def test_sinkhorn_knopp_matches_the_scaling_vector_form():
     scores = F.normalize(torch.randn(20, 8), dim=1) @ F.normalize(torch.randn(30, 8), dim=1).t()
-    codes = swav.sinkhorn_knopp(scores, epsilon=0.05, iterations=3)
+    codes = sslplug.sinkhorn_knopp(scores, temperature=0.05, iterations=3)
     reference = reference_sinkhorn(scores, 0.05, 3)
     torch.testing.assert_close(
         codes.double(), (reference / reference.sum(dim=0)).t(), rtol=1e-4, atol=1e-7
@@ -101,7 +101,7 @@ def test_sinkhorn_knopp_marginals_before_the_final_rescale(iterations):
     g = torch.Generator().manual_seed(1)
     z, c = torch.randn(b, 16, generator=g), torch.randn(k, 16, generator=g)
     scores = F.normalize(z, dim=1) @ F.normalize(c, dim=1).t()
-    q = swav.sinkhorn_knopp(scores, epsilon=0.05, iterations=iterations).t() / b  # K x B
+    q = sslplug.sinkhorn_knopp(scores, temperature=0.05, iterations=iterations).t() / b  # K x B
     reference = reference_sinkhorn(scores, 0.05, iterations)
     torch.testing.assert_close(q.sum(dim=0), torch.full((b,), 1.0 / b), rtol=1e-5, atol=0)
     torch.testing.assert_close(q.double(), reference, rtol=1e-4, atol=1e-9)
@@ -115,7 +115,7 @@ def test_sinkhorn_knopp_rows_approach_one_over_k():
     scores = F.normalize(z, dim=1) @ F.normalize(c, dim=1).t()
     off = []
     for iterations in (1, 3, 50):
-        rows = swav.sinkhorn_knopp(scores, 0.05, iterations).sum(dim=0) / b
+        rows = sslplug.sinkhorn_knopp(scores, 0.05, iterations).sum(dim=0) / b
         off.append((rows * k - 1).abs().max().item())
     assert off == sorted(off, reverse=True), off
     assert off[-1] < 1e-4, off
@@ -126,7 +126,7 @@ def test_sinkhorn_knopp_spreads_a_collapsed_batch_over_the_prototypes():
     scores = torch.full((40, 4), -0.5)
     scores[:, 0] = 1.0
     scores += 0.01 * torch.randn(40, 4)
-    codes = swav.sinkhorn_knopp(scores, epsilon=0.05, iterations=50)
+    codes = sslplug.sinkhorn_knopp(scores, temperature=0.05, iterations=50)
     torch.testing.assert_close(codes.sum(dim=0), torch.full((4,), 10.0), rtol=1e-3, atol=0)
 
 
@@ -381,7 +381,7 @@ def test_two_ranks_give_the_codes_and_gradients_of_one_process_with_the_whole_ba
     torch.testing.assert_close(mean, whole["prototypes_grad"], rtol=1e-4, atol=1e-7)
     # the sums ran over both ranks: rank 0's rows alone would give other codes
     z, state = _inputs()
-    alone = swav.sinkhorn_knopp(
+    alone = sslplug.sinkhorn_knopp(
         F.normalize(z[0][:ROWS], dim=1) @ state["prototypes.weight"].t(), 0.05, 3
     )
     assert not torch.allclose(alone, ranks[0]["codes"][0], atol=1e-3)

@@ -9,8 +9,8 @@ eq. 3-5)::
     Q = diag(u) exp(C^T Z / eps) diag(v),   rows of Q sum to 1/K, columns to 1/B
 
 computed with three iterations over the whole global batch (the sums over samples run over every
-rank). The loss then asks every other crop to predict those codes, the *swapped prediction*
-(eq. 1-2)::
+rank) by ``sslplug.sinkhorn_knopp``, which DINOv2's teacher centring shares. The loss then asks
+every other crop to predict those codes, the *swapped prediction* (eq. 1-2)::
 
     L = mean over global crops s, crops t != s of  -sum_k q_s^(k) log p_t^(k)
     p_t^(k) = softmax_k(z_t . c_k / tau)
@@ -103,26 +103,6 @@ class SwAVEncoder(sslplug.ProjectorEncoder):
         super().__init__(backbone, feature_dim, projector, settings.projection_dim)
 
 
-@torch.no_grad()
-def sinkhorn_knopp(scores: Tensor, epsilon: float, iterations: int) -> Tensor:
-    """The codes ``(B, K)`` of prototype scores ``(B, K)`` (Caron et al. 2020, eq. 3-5).
-
-    ``Q = exp(scores / epsilon)``, seen as ``K x B``, is scaled to total 1, then alternately
-    its rows to sum to ``1/K`` and its columns to ``1/B``, ``iterations`` times; ``B`` is the
-    whole global batch (every rank's rows: the sums over samples go through
-    ``sslplug.all_reduce_sum``). Each code is finally rescaled to sum to 1.
-    """
-    q = torch.exp(scores.float() / epsilon).t()  # K x B
-    k, batch = q.shape[0], q.shape[1] * sslplug.world_size()
-    q /= sslplug.all_reduce_sum(q.sum())
-    for _ in range(iterations):
-        q /= sslplug.all_reduce_sum(q.sum(dim=1, keepdim=True))
-        q /= k
-        q /= q.sum(dim=0, keepdim=True)
-        q /= batch
-    return (q * batch).t()
-
-
 def swapped_prediction(
     scores: tuple[Tensor, ...], codes: dict[int, Tensor], temperature: float
 ) -> Tensor:
@@ -199,7 +179,7 @@ class SwAVLoss(sslplug.Loss):
             rows = self.queue[slot, sslplug.rank() * share : (sslplug.rank() + 1) * share]
             scores = torch.cat([rows @ self.prototypes.weight.t(), scores])
         s = self.settings
-        return sinkhorn_knopp(scores, s.epsilon, s.sinkhorn_iterations)[-batch:]
+        return sslplug.sinkhorn_knopp(scores, s.epsilon, s.sinkhorn_iterations)[-batch:]
 
     @torch.no_grad()
     def push(self, embeddings: list[Tensor]) -> None:
