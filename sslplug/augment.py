@@ -365,6 +365,9 @@ class MultiViewGenerator(ViewGenerator):
     their ``extents``; every pipeline that starts with ``sslplug.RandomResizedCrop`` crops each
     image inside its own extent (``full_resolution``). A pipeline that starts otherwise gets
     the square batch the loader gives to every other view generator.
+
+    A subclass may declare ``requires`` and ``provides`` on the class; an instance provides
+    the class's capabilities and those of its pipelines (``two_views``, ``view_groups``).
     """
 
     requires = frozenset({"normalized_views"})
@@ -380,7 +383,9 @@ class MultiViewGenerator(ViewGenerator):
             )
         self.augmentations = nn.ModuleList(augmentations)
         self.groups = tuple(groups) or tuple(getattr(augmentations, "groups", ()))
-        provides = {"two_views"} if len(augmentations) >= 2 else set()
+        # what a subclass declares on the class is kept, with what these pipelines give
+        provides = set(type(self).provides)
+        provides |= {"two_views"} if len(augmentations) >= 2 else set()
         self.provides = frozenset(provides | ({"view_groups"} if self.groups else set()))
 
     @property

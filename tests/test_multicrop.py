@@ -34,6 +34,19 @@ def test_generator_provides_view_groups_taken_from_the_augmentations():
     assert plain.provides == {"two_views"} and plain.groups == ()
 
 
+def test_a_subclass_keeps_the_requires_and_provides_it_declares_on_the_class():
+    class MaskedViews(sslplug.MultiViewGenerator):
+        requires = frozenset({"normalized_views", "patch_tokens"})
+        provides = frozenset({"patch_mask"})
+
+    generator = MaskedViews(sslplug.multicrop_recipe(32, local_crops=1))
+    assert generator.provides == {"patch_mask", "two_views", "view_groups"}
+    assert generator.requires == {"normalized_views", "patch_tokens"}
+    assert MaskedViews.provides == {"patch_mask"}  # the class's own set is left as it was
+    one = MaskedViews([sslplug.simclr_recipe(32)[0]])
+    assert one.provides == {"patch_mask"}
+
+
 def test_groups_given_to_the_generator_win_over_those_of_the_augmentations():
     augmentations = sslplug.multicrop_recipe(32, local_crops=1)
     generator = sslplug.MultiViewGenerator(augmentations, groups=("a", "b", "c"))
