@@ -61,7 +61,7 @@ from sslplug.nn import (
 )
 from sslplug.optim import OptimRules, ParamGroup
 from sslplug.spreading import koleo_loss, sinkhorn_knopp
-from sslplug.teacher import FrozenTeacher
+from sslplug.teacher import EMATeacher, FrozenTeacher
 from sslplug.validate import non_negative, positive, scale_range, unit_interval
 from sslplug.vit import ViTBackbone, sincos_position_embedding, token_backbone
 from sslplug.weights import PretrainedBackbone, pretrained_backbone
@@ -78,6 +78,7 @@ __all__ = [
     "ComponentMismatchError",
     "ConfigError",
     "DataError",
+    "EMATeacher",
     "Encoder",
     "FrozenTeacher",
     "Loss",

@@ -386,6 +386,9 @@ class Loss(_Component):
 
     ``target`` is the target update's ``Outputs`` (for the views it reads), or ``None`` when
     the run has no target network. Parameters of the loss are trained with the encoder's.
+    State that follows the step's outputs (a running centre) is changed in an optional
+    ``update_from_step(outputs, views, target)``, called once per step after the optimiser
+    step, without gradient; a ``TargetUpdate`` may define it too.
 
     ``collapse_hint`` says what usually makes the method's embeddings collapse and what to
     check; the health monitor's collapse warning names it as the likely causes (``""``: the

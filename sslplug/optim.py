@@ -155,11 +155,26 @@ class OptimRules:
     - ``weight_decay_end``: the weight decay follows a cosine from ``optim.weight_decay`` at the
       first step to this value at the last, as in DINO (Caron et al. 2021); groups with a weight
       decay of their own are scaled by the same factor. ``None``: constant weight decay.
+    - ``weight_decay_end_factor``: the same cosine, relative to each group's own decay: every
+      group ends at this factor times the decay it starts with (``optim.weight_decay``, or its
+      ``ParamGroup.weight_decay``), whatever ``optim.weight_decay`` is. DINO's 0.04 to 0.4 is
+      ``ParamGroup(..., weight_decay=0.04)`` with ``weight_decay_end_factor=10``. Set one of
+      the two forms, not both.
     """
 
     groups: tuple[ParamGroup, ...] = attrs.field(default=(), converter=_groups_tuple)
     clip_grad_norm: float = attrs.field(default=0.0, validator=_finite_non_negative)
     weight_decay_end: float | None = attrs.field(default=None, validator=_finite_non_negative)
+    weight_decay_end_factor: float | None = attrs.field(
+        default=None, validator=_finite_non_negative
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.weight_decay_end is not None and self.weight_decay_end_factor is not None:
+            raise ConfigError(
+                f"OptimRules got weight_decay_end={self.weight_decay_end!r} and "
+                f"weight_decay_end_factor={self.weight_decay_end_factor!r}; set one of them"
+            )
 
 
 def _merge_rules(rules: Sequence[OptimRules]) -> OptimRules:
@@ -167,15 +182,19 @@ def _merge_rules(rules: Sequence[OptimRules]) -> OptimRules:
     gradient clipping, and the weight-decay schedule they agree on."""
     clips = [r.clip_grad_norm for r in rules if r.clip_grad_norm > 0]
     ends = sorted({r.weight_decay_end for r in rules if r.weight_decay_end is not None})
-    if len(ends) > 1:
+    factors = sorted(
+        {r.weight_decay_end_factor for r in rules if r.weight_decay_end_factor is not None}
+    )
+    if len(ends) + len(factors) > 1:
         raise ConfigError(
-            f"components ask for different final weight decays {ends}; "
-            "weight_decay_end must be the same in all the rules that set it"
+            f"components ask for different weight-decay schedules (weight_decay_end {ends}, "
+            f"weight_decay_end_factor {factors}); all the rules that set one must agree"
         )
     return OptimRules(
         groups=tuple(g for r in rules for g in r.groups),
         clip_grad_norm=min(clips, default=0.0),
         weight_decay_end=ends[0] if ends else None,
+        weight_decay_end_factor=factors[0] if factors else None,
     )
 
 
@@ -335,6 +354,7 @@ class Optimization:
         self.cycles = cycles or Cycles(((0, total_steps),))
         self.clip_grad_norm = merged.clip_grad_norm
         self.weight_decay_end = merged.weight_decay_end
+        self.weight_decay_end_factor = merged.weight_decay_end_factor
 
         claimed = self._claim(merged.groups)
         unclaimed = [p for p in _trainable(modules) if id(p) not in claimed]
@@ -385,13 +405,17 @@ class Optimization:
     def weight_decay_factor(self, step: int) -> float:
         """The scheduled weight decay at ``step`` over ``optim.weight_decay``: a cosine from 1 at
         a cycle's first step to ``weight_decay_end / optim.weight_decay`` at its last (1
-        unscheduled)."""
-        if self.weight_decay_end is None:
+        unscheduled). With ``weight_decay_end_factor``: a cosine from 1 to that factor."""
+        if self.weight_decay_end is None and self.weight_decay_end_factor is None:
             return 1.0
-        start, end = self.settings.weight_decay, self.weight_decay_end
         at, length = self.cycles.position(step)
-        progress = min(1.0, at / max(1, length - 1))
-        return (end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))) / start
+        cos = math.cos(math.pi * min(1.0, at / max(1, length - 1)))
+        if self.weight_decay_end_factor is not None:
+            end = self.weight_decay_end_factor
+            return end + (1.0 - end) * 0.5 * (1.0 + cos)
+        assert self.weight_decay_end is not None
+        start, end = self.settings.weight_decay, self.weight_decay_end
+        return (end + (start - end) * 0.5 * (1.0 + cos)) / start
 
     def step(self, step: int) -> None:
         """Apply the rules and take the optimizer and scheduler steps; call after the backward
@@ -403,13 +427,14 @@ class Optimization:
         """
         trained: list[nn.Parameter] = []
         factor = self.weight_decay_factor(step)
+        scheduled = self.weight_decay_end is not None or self.weight_decay_end_factor is not None
         for group, rule in zip(self.optimizer.param_groups, self._rules, strict=True):
             if step < rule.frozen_until:
                 for p in group["params"]:
                     p.grad = None
                 continue
             trained += [p for p in group["params"] if p.grad is not None]
-            if self.weight_decay_end is not None and rule.weight_decay > 0:
+            if scheduled and rule.weight_decay > 0:
                 group["weight_decay"] = rule.weight_decay * factor
         if self.clip_grad_norm > 0 and trained:
             torch.nn.utils.clip_grad_norm_(trained, self.clip_grad_norm)

@@ -83,8 +83,9 @@ def train_step(
     wrapped: Mapping[str, nn.Module] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
     """One optimisation step on ``views``: forward, loss, backward, the optimiser step (with
-    the components' rules) and the target update. Returns the detached loss, the loss's metrics
-    and the target's metrics; nothing is read back to the host. ``names`` (component -> plugin)
+    the components' rules), the components' ``update_from_step`` and the target update.
+    Returns the detached loss, the loss's metrics and the target's metrics; nothing is read
+    back to the host. ``names`` (component -> plugin)
     lets an exception raised inside a component name the plugin that raised it; ``wrapped``
     holds the DDP wrappers of the encoder and the loss, which the forward pass goes through when
     training on many ranks."""
@@ -104,6 +105,7 @@ def train_step(
     optimization.zero_grad()
     loss.backward()
     optimization.step(step)
+    _update_from_step(components, outputs, views, target, names)
     target_metrics: Any = {}
     if target_update is not None:
         with blame("target_update", names):
@@ -116,6 +118,19 @@ def train_step(
             target_metrics,
         )
     return loss.detach(), metrics, target_metrics or {}
+
+
+def _update_from_step(
+    components: Components, outputs: Outputs, views: Views, target: Any, names: Mapping[str, str]
+) -> None:
+    """Let the loss, then the target update, change their state from this step's outputs: each
+    that defines ``update_from_step(outputs, views, target)`` has it called after the optimiser
+    step, without gradient (DINO's running centre of the teacher's outputs)."""
+    for component in ("loss", "target_update"):
+        update = getattr(getattr(components, component), "update_from_step", None)
+        if update is not None:
+            with torch.no_grad(), blame(component, names):
+                update(outputs, views, target)
 
 
 def expect(ok: bool, component: str, names: Mapping[str, str], what: str, got: Any) -> None:

@@ -11,10 +11,15 @@ Its weights are not part of a checkpoint: a run rebuilds its teacher from the se
 name it, as it rebuilds its backbone. The checkpoint keeps a fingerprint of the teacher's
 weights instead, and resuming with a teacher whose weights differ is an error, so that a run
 never continues silently from another teacher than the one it started with.
+
+``EMATeacher`` is the other kind: a momentum copy of the whole encoder (DINO's, iBOT's and
+DINOv2's teacher) that returns what the encoder returns, tokens included.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -23,10 +28,11 @@ from torch import Tensor, nn
 
 from sslplug.components import Encoder, Outputs, TargetUpdate, Views
 from sslplug.errors import CheckpointError
+from sslplug.nn import cosine_tau, ema_update
 from sslplug.runtime import resolve_precision
 from sslplug.weights import PretrainedBackbone
 
-__all__ = ["FrozenTeacher", "fingerprint"]
+__all__ = ["EMATeacher", "FrozenTeacher", "fingerprint"]
 
 _PREFIX = "teacher."
 
@@ -115,3 +121,64 @@ def _teacher_not_missing(module: nn.Module, incompatible: Any) -> None:
     missing = [k for k in incompatible.missing_keys if k.startswith(_PREFIX) or f".{_PREFIX}" in k]
     for key in missing:
         incompatible.missing_keys.remove(key)
+
+
+class EMATeacher(TargetUpdate):
+    """A momentum copy of the whole encoder, for any encoder: ``forward(views)`` returns what
+    the encoder's ``forward`` returns (projections, logits, tokens in ``extras``), without
+    gradient; ``step`` moves every weight as ``theta <- m * theta + (1 - m) * theta_online``
+    and copies the buffers, with ``m`` on BYOL's cosine from ``momentum_base`` to 1 (or
+    constant with ``schedule="constant"``), logged under ``metric``.
+
+    The copy stays in eval mode however the run sets modes (``train_mode=True`` to follow the
+    run's): stochastic depth and dropout are off in the teacher, as DINO's, iBOT's and DINOv2's
+    official teachers are built without them, and a batch norm in it normalises with the
+    running statistics it copies from the online encoder. ``reads`` names the view groups it
+    sees (``("global",)`` for DINO's teacher; ``None``: every view) and ``provides`` the
+    capabilities its outputs carry. The copy is ``network``, in the checkpoint.
+    """
+
+    metric = "momentum"
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        momentum_base: float,
+        schedule: str = "cosine",
+        reads: Iterable[str] | None = None,
+        provides: Iterable[str] = (),
+        train_mode: bool = False,
+    ) -> None:
+        super().__init__()
+        if schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+        if not 0.0 <= momentum_base <= 1.0:
+            raise ValueError(f"momentum_base must be in [0, 1], got {momentum_base!r}")
+        self.network = copy.deepcopy(encoder)
+        self.network.requires_grad_(False)
+        self.momentum_base = momentum_base
+        self.schedule = schedule
+        self.reads = None if reads is None else tuple(reads)
+        self.provides = frozenset(provides)
+        self.train_mode = train_mode
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> EMATeacher:
+        super().train(mode)
+        self.network.train(mode and self.train_mode)
+        return self
+
+    def momentum(self, step: int, total_steps: int) -> float:
+        """``m`` after optimizer step ``step`` of ``total_steps``."""
+        if self.schedule == "constant":
+            return self.momentum_base
+        return cosine_tau(self.momentum_base, step, total_steps)
+
+    def forward(self, views: Views) -> Any:
+        return self.network(views)
+
+    @torch.no_grad()
+    def step(self, encoder: Encoder, step: int, total_steps: int) -> dict[str, Any] | None:
+        momentum = self.momentum(step, total_steps)
+        ema_update(self.network, encoder, momentum)
+        return {self.metric: momentum}

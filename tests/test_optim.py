@@ -275,6 +275,37 @@ def test_weight_decay_follows_a_cosine_from_start_to_end():
     assert optimization.weight_decay_factor(5) == pytest.approx(0.22 / 0.04)
 
 
+def test_a_relative_weight_decay_schedule_scales_each_groups_own_decay():
+    model = _model()
+    rules = [
+        OptimRules(
+            groups=(ParamGroup(model[3], "head", weight_decay=0.04),),
+            weight_decay_end_factor=10.0,
+        )
+    ]
+    # optim.weight_decay 0 is allowed: nothing is relative to it
+    optimization = Optimization(OptimSettings(weight_decay=0.0), [model], 2, 11, rules)
+    seen: list[dict[str, float]] = []
+    optimization.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.append(
+            {g["name"]: g["weight_decay"] for g in opt.param_groups}
+        )
+    )
+    _train(model, optimization, range(11))
+    for step, head in {0: 0.04, 5: 0.22, 10: 0.4}.items():
+        assert seen[step]["head"] == pytest.approx(head)
+        assert seen[step]["decay"] == 0.0 and seen[step]["head.no_decay"] == 0.0
+    assert all(a["head"] < b["head"] for a, b in itertools.pairwise(seen))
+
+
+def test_both_forms_of_a_weight_decay_schedule_are_an_error_naming_them():
+    with pytest.raises(ConfigError, match=r"weight_decay_end=0.4 and weight_decay_end_factor=10"):
+        OptimRules(weight_decay_end=0.4, weight_decay_end_factor=10.0)
+    rules = [OptimRules(weight_decay_end=0.4), OptimRules(weight_decay_end_factor=10.0)]
+    with pytest.raises(ConfigError, match=r"weight_decay_end \[0.4\], weight_decay_end_factor"):
+        Optimization(OptimSettings(), [_model()], 2, 4, rules)
+
+
 def test_a_weight_decay_schedule_needs_a_starting_weight_decay():
     with pytest.raises(ConfigError, match=r"optim.weight_decay, which is 0.0"):
         Optimization(
@@ -298,6 +329,7 @@ def test_different_final_weight_decays_are_an_error_naming_them():
         lambda: ParamGroup([], frozen_steps=-1),
         lambda: OptimRules(clip_grad_norm=math.nan),
         lambda: OptimRules(weight_decay_end=-0.1),
+        lambda: OptimRules(weight_decay_end_factor=math.nan),
         lambda: Optimization(OptimSettings(lr=math.inf), [_model()], 2, 4),
         lambda: Optimization(OptimSettings(weight_decay=math.nan), [_model()], 2, 4),
     ],
