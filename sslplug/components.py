@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslplug.errors import ComponentMismatchError
-from sslplug.nn import cosine_tau, ema_update
+from sslplug.nn import ema_update, scheduled_momentum
 
 if TYPE_CHECKING:
     from sslplug.optim import OptimRules
@@ -246,9 +246,9 @@ class LossResult:
         return iter((self.loss, self.metrics))
 
 
-def run_by_resolution(module: Callable[[Tensor], Tensor], images: Sequence[Tensor]) -> tuple[
-    Tensor, ...
-]:
+def run_by_resolution(
+    module: Callable[[Tensor], Tensor], images: Sequence[Tensor]
+) -> tuple[Tensor, ...]:
     """``module`` applied to every view, in one batched call per resolution.
 
     Views of the same shape are concatenated and go through ``module`` together (two global
@@ -485,8 +485,7 @@ class MomentumTarget(TargetUpdate):
                 f"{name} copies the encoder's backbone and projector, but the encoder "
                 f"{type(encoder).__name__} has no 'projector' module and projection_dim"
             )
-        if schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+        scheduled_momentum(momentum_base, schedule, 0, 1)  # an unknown schedule is refused now
         self.network = nn.Sequential(copy.deepcopy(encoder.backbone), copy.deepcopy(projector))
         self.network.requires_grad_(False)
         self.momentum_base = momentum_base
@@ -494,9 +493,7 @@ class MomentumTarget(TargetUpdate):
 
     def momentum(self, step: int, total_steps: int) -> float:
         """``m`` after optimizer step ``step`` of ``total_steps``."""
-        if self.schedule == "constant":
-            return self.momentum_base
-        return cosine_tau(self.momentum_base, step, total_steps)
+        return scheduled_momentum(self.momentum_base, self.schedule, step, total_steps)
 
     def forward(self, views: Views) -> Outputs:
         return Outputs(projections=run_by_resolution(self.network, views.images))

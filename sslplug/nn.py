@@ -258,6 +258,17 @@ def cosine_tau(tau_base: float, step: int, total_steps: int) -> float:
     return 1.0 - (1.0 - tau_base) * (math.cos(math.pi * progress) + 1.0) / 2.0
 
 
+def scheduled_momentum(momentum_base: float, schedule: str, step: int, total_steps: int) -> float:
+    """The EMA rate of a target network after optimizer step ``step`` of ``total_steps``:
+    ``cosine_tau`` (``schedule="cosine"``, BYOL) or ``momentum_base`` throughout
+    (``"constant"``, MoCo v2); another schedule is a ``ValueError`` naming it."""
+    if schedule == "constant":
+        return momentum_base
+    if schedule == "cosine":
+        return cosine_tau(momentum_base, step, total_steps)
+    raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+
+
 def projection_dim_for(encoder: Encoder, loss: str) -> int:
     """``encoder.projection_dim``, which the ``loss`` loss (``"BYOL"``) needs; refused with a
     ``ComponentMismatchError`` that says what the encoder provides instead when it is 0."""

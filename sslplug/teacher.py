@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from sslplug.components import Encoder, Outputs, TargetUpdate, Views
 from sslplug.errors import CheckpointError
-from sslplug.nn import cosine_tau, ema_update
+from sslplug.nn import ema_update, scheduled_momentum
 from sslplug.runtime import resolve_precision
 from sslplug.weights import PretrainedBackbone
 
@@ -150,8 +150,7 @@ class EMATeacher(TargetUpdate):
         train_mode: bool = False,
     ) -> None:
         super().__init__()
-        if schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+        scheduled_momentum(momentum_base, schedule, 0, 1)  # an unknown schedule is refused now
         if not 0.0 <= momentum_base <= 1.0:
             raise ValueError(f"momentum_base must be in [0, 1], got {momentum_base!r}")
         self.network = copy.deepcopy(encoder)
@@ -170,9 +169,7 @@ class EMATeacher(TargetUpdate):
 
     def momentum(self, step: int, total_steps: int) -> float:
         """``m`` after optimizer step ``step`` of ``total_steps``."""
-        if self.schedule == "constant":
-            return self.momentum_base
-        return cosine_tau(self.momentum_base, step, total_steps)
+        return scheduled_momentum(self.momentum_base, self.schedule, step, total_steps)
 
     def forward(self, views: Views) -> Any:
         return self.network(views)

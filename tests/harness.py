@@ -82,6 +82,18 @@ def train_pinned(
         torch.set_num_threads(before)
 
 
+def run_one_epoch(data: Path, out: Path, settings: Sequence[str], *args: str) -> Path:
+    """``sslplug run --data DATA --epochs 1 --out OUT ARGS`` with ``--set`` of each of
+    ``settings``, through the command line; returns ``out``."""
+    from sslplug.cli import main
+
+    command = ["run", "--data", str(data), "--epochs", "1", "--out", str(out), *args]
+    for item in settings:
+        command += ["--set", item]
+    assert main(command) == 0
+    return out
+
+
 def stop_and_resume(
     out: Path, assignments: Sequence[str], stop_after: int, *plugins: object
 ) -> dict[str, Any]:

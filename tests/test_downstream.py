@@ -18,14 +18,11 @@ from sslplug.nn import SmallConvNet
 from sslplug.pretrained import build_encoder, load_run
 
 from .conftest import FAST
+from .harness import run_one_epoch
 
 
 def _train(shapes_folder: Path, out: Path, *extra: str) -> Path:
-    args = ["run", "--data", str(shapes_folder), "--epochs", "1", "--out", str(out), *extra]
-    for item in FAST:
-        args += ["--set", item]
-    assert main(args) == 0
-    return out
+    return run_one_epoch(shapes_folder, out, FAST, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +123,7 @@ def test_export_small_backbone_loads_strictly_and_gives_the_same_features(
     encoder = build_encoder(load_run(byol_run, registry), registry, 32, 10, torch.device("cpu"))
     x = torch.randn(4, 3, 32, 32)
     assert torch.allclose(net.eval()(x), encoder.features(x), atol=1e-6)
+
 
 @pytest.mark.slow  # a run with a ResNet-18
 def test_export_resnet18_loads_into_torchvision_with_strict(shapes_folder, tmp_path, registry):

@@ -22,6 +22,7 @@ from sslplug.onnx_export import _check
 from sslplug.pretrained import EXPORT_FORMATS, build_encoder, load_run
 
 from .conftest import FAST
+from .harness import run_one_epoch
 
 onnxruntime = pytest.importorskip("onnxruntime")
 
@@ -36,12 +37,7 @@ QUICK = [
 
 
 def _train(shapes_folder: Path, out: Path, backbone: str) -> Path:
-    args = ["run", "--data", str(shapes_folder), "--epochs", "1", "--out", str(out)]
-    args += ["--backbone", backbone]
-    for item in QUICK:
-        args += ["--set", item]
-    assert main(args) == 0
-    return out
+    return run_one_epoch(shapes_folder, out, QUICK, "--backbone", backbone)
 
 
 @pytest.fixture(scope="module")

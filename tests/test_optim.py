@@ -251,6 +251,17 @@ def test_clipping_ignores_frozen_groups():
     assert norms == pytest.approx([0.5], rel=1e-4)
 
 
+def _weight_decays_seen(optimization: Optimization) -> list[dict[str, float]]:
+    """The weight decay of each parameter group at every optimizer step, as it steps."""
+    seen: list[dict[str, float]] = []
+    optimization.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.append(
+            {g["name"]: g["weight_decay"] for g in opt.param_groups}
+        )
+    )
+    return seen
+
+
 def test_weight_decay_follows_a_cosine_from_start_to_end():
     model = _model()
     rules = [
@@ -259,12 +270,7 @@ def test_weight_decay_follows_a_cosine_from_start_to_end():
         OptimRules(weight_decay_end=0.4),
     ]
     optimization = Optimization(OptimSettings(weight_decay=0.04), [model], 2, 11, rules)
-    seen: list[dict[str, float]] = []
-    optimization.optimizer.register_step_pre_hook(
-        lambda opt, args, kwargs: seen.append(
-            {g["name"]: g["weight_decay"] for g in opt.param_groups}
-        )
-    )
+    seen = _weight_decays_seen(optimization)
     _train(model, optimization, range(11))
     expected = {0: (0.04, 0.08), 5: (0.22, 0.44), 10: (0.4, 0.8)}
     for step, (default, head) in expected.items():
@@ -285,12 +291,7 @@ def test_a_relative_weight_decay_schedule_scales_each_groups_own_decay():
     ]
     # optim.weight_decay 0 is allowed: nothing is relative to it
     optimization = Optimization(OptimSettings(weight_decay=0.0), [model], 2, 11, rules)
-    seen: list[dict[str, float]] = []
-    optimization.optimizer.register_step_pre_hook(
-        lambda opt, args, kwargs: seen.append(
-            {g["name"]: g["weight_decay"] for g in opt.param_groups}
-        )
-    )
+    seen = _weight_decays_seen(optimization)
     _train(model, optimization, range(11))
     for step, head in {0: 0.04, 5: 0.22, 10: 0.4}.items():
         assert seen[step]["head"] == pytest.approx(head)
