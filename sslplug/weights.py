@@ -100,7 +100,8 @@ def read_weights(source: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise CheckpointError(
             f"model.pretrained={str(source)!r}: no such file or folder; give a weights file "
-            f"(.pt, .pth, .safetensors), an sslplug export or a run folder"
+            f"(.pt, .pth, .safetensors), an sslplug export, a run folder, or true for the "
+            f"backbone's published weights"
         )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -262,6 +263,13 @@ def pretrained_backbone(source: str, image_size: int = 0, backbone: str = "") ->
         size = image_size or _published_size(source)
         net, width = build_backbone(source, size, published=True)
         return PretrainedBackbone(net.eval(), width, size, source)
+    if not Path(source).expanduser().exists():
+        resnets = ", ".join(b for b in sorted(BACKBONES) if b.startswith("resnet"))
+        raise ConfigError(
+            f"the weights {source!r} are neither published nor a file or folder; give "
+            f"timm:NAME, a torchvision ResNet ({resnets}), "
+            f"{RANDOM_PREFIX}BACKBONE, a run folder, an export or a weights file"
+        )
     name, stem, size, patch = _architecture(Path(source).expanduser(), backbone)
     size = image_size or size
     if not size:

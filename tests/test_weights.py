@@ -210,3 +210,8 @@ def test_a_run_from_weights_resumes_and_exports_once_the_file_is_gone(registry, 
     assert main(["export", str(tmp_path / "resumed"), str(tmp_path / "backbone.pt")]) == 0
     with pytest.raises(CheckpointError, match="no such file"):  # the start is the file's
         _backbone(registry, settings)
+
+
+def test_a_teacher_that_names_nothing_known_is_refused_listing_what_would_be_valid():
+    with pytest.raises(ConfigError, match=r"'nosuch:thing' are neither published.*timm:NAME"):
+        pretrained_backbone("nosuch:thing")
