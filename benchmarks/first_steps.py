@@ -2,7 +2,8 @@
 refactor changed no result.
 
 Each method trains one epoch of three steps (seed 0, one torch thread, the loss logged at every
-step, no monitors), MAE and I-JEPA on ``vit_micro``; the losses are written as ``repr`` strings
+step, no monitors), MAE, I-JEPA, iBOT and DINOv2 on ``vit_micro``, distillation from a
+teacher of random weights; the losses are written as ``repr`` strings
 to a JSON file, so that two files compare to the last digit::
 
     OMP_NUM_THREADS=1 python benchmarks/first_steps.py before.json      # on the old code
@@ -28,7 +29,9 @@ from sslplug.config import load_config
 from sslplug.engine import train
 from sslplug.plugins import PluginRegistry
 
-VIT_ONLY = {"mae", "ijepa"}
+VIT_ONLY = {"mae", "ijepa", "ibot", "dinov2"}
+# distillation's default teacher is downloaded: a teacher of random weights offline
+TEACHER = {"distill": "distill.teacher=random:resnet18"}
 
 
 def first_losses(method: str, steps: int = 3) -> list[str]:
@@ -56,6 +59,8 @@ def first_losses(method: str, steps: int = 3) -> list[str]:
         ]
         if method in VIT_ONLY:
             settings.append("model.backbone=vit_micro")
+        if method in TEACHER:
+            settings.append(TEACHER[method])
         train(load_config(None, settings, registry.settings_classes()), registry)
     return losses
 

@@ -127,6 +127,7 @@ def _build_parts(
         stem_choice(model.cifar_stem, model.pretrained),
         patch_size=model.patch_size,
         drop_path_rate=model.drop_path_rate,
+        registers=model.registers,
         pool=model.pool,
         published=model.pretrained is True and start_weights,
     )

@@ -187,6 +187,8 @@ class ModelSettings:
     timm model (``sslplug.vit``). ``cifar_stem``: 3x3 stride-1 first conv and no max-pool, for
     small images (ResNets). For ViTs: ``patch_size`` (0: an eighth of the image side up to 16
     px for presets, the timm model's own for ``timm:``), ``drop_path_rate`` (stochastic depth),
+    ``registers`` (register tokens, Darcet et al. 2024: learned tokens beside the class token
+    that no evaluation reads; 0: the model's own, none for the presets),
     and ``pool``, the features that evaluation reads: the class token (``token``), the mean
     patch token (``avg``), or ``auto`` (the class token, or the mean where the method says so:
     I-JEPA, whose class token is never trained).
@@ -203,6 +205,7 @@ class ModelSettings:
     cifar_stem: Literal["auto", "on", "off"] = "auto"
     patch_size: int = attrs.field(default=0, validator=non_negative)
     drop_path_rate: float = attrs.field(default=0.0, validator=_fraction)
+    registers: int = attrs.field(default=0, validator=non_negative)
     pool: Literal["auto", "token", "avg"] = "auto"
     pretrained: bool | str = attrs.field(default=False, validator=_weights_source)
 

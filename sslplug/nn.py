@@ -163,18 +163,26 @@ def build_backbone(
     drop_path_rate: float = 0.0,
     pool: str = "auto",
     published: bool = False,
+    registers: int = 0,
 ) -> tuple[nn.Module, int]:
     """The backbone ``name`` and the width of its pooled output, randomly initialised, or with
     the weights its library publishes (``published``; see ``sslplug.weights.fetch_published``).
 
     ``name`` is ``small``, a torchvision ResNet, a ViT preset or ``timm:NAME``
-    (``sslplug.vit.build_timm_backbone``, which takes the last three arguments). The published
+    (``sslplug.vit.build_timm_backbone``, which takes the keyword arguments). The published
     weights have the ImageNet stem, so ``cifar_stem = "auto"`` keeps it with them.
     """
     from sslplug.vit import TIMM_PREFIX, VIT_PRESETS, build_timm_backbone
 
     if name in VIT_PRESETS or name.startswith(TIMM_PREFIX):
-        return build_timm_backbone(name, image_size, patch_size, drop_path_rate, pool, published)
+        return build_timm_backbone(
+            name, image_size, patch_size, drop_path_rate, pool, published, registers
+        )
+    if registers:
+        raise ConfigError(
+            f"model.registers={registers}: register tokens belong to Vision Transformers, and "
+            f"the backbone {name!r} is not one; choose a ViT preset or timm:NAME, or leave it 0"
+        )
     if name == "small":
         if published:
             raise ConfigError(

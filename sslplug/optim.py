@@ -13,7 +13,7 @@ decay (DINO). ``Optimization`` builds the optimizer and the schedule from the se
 rules, and applies the rules after each backward pass::
 
     rules = OptimRules(groups=(ParamGroup(head.last_layer, name="last_layer", frozen_epochs=1),),
-                       clip_grad_norm=3.0, weight_decay_end=0.4)
+                       clip_grad_norm=3.0, weight_decay_end_factor=10.0)
     optimization = Optimization(settings, [encoder, loss], steps_per_epoch, total_steps, [rules])
     for step, batch in enumerate(batches):
         optimization.zero_grad()
@@ -152,9 +152,11 @@ class OptimRules:
     - ``groups``: parameter groups with rules of their own (``ParamGroup``).
     - ``clip_grad_norm``: when above 0, the gradient norm of all trained parameters together is
       clipped to this before each step (0: no clipping).
-    - ``weight_decay_end``: the weight decay follows a cosine from ``optim.weight_decay`` at the
-      first step to this value at the last, as in DINO (Caron et al. 2021); groups with a weight
-      decay of their own are scaled by the same factor. ``None``: constant weight decay.
+    - ``weight_decay_end``: deprecated (``weight_decay_end_factor`` replaces it; a component
+      that sets it gets a ``DeprecationWarning`` naming its plugin, and it works until sslplug
+      0.3): the weight decay follows a cosine from ``optim.weight_decay`` at the first step to
+      this value at the last, as in DINO (Caron et al. 2021); groups with a weight decay of
+      their own are scaled by the same factor. ``None``: constant weight decay.
     - ``weight_decay_end_factor``: the same cosine, relative to each group's own decay: every
       group ends at this factor times the decay it starts with (``optim.weight_decay``, or its
       ``ParamGroup.weight_decay``), whatever ``optim.weight_decay`` is. DINO's 0.04 to 0.4 is

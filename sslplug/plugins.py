@@ -112,13 +112,25 @@ class Components:
         }
 
     def optim_rules(self) -> list[Any]:
-        """The optimiser rules the components declared (``sslplug.OptimRules``)."""
+        """The optimiser rules the components declared (``sslplug.OptimRules``); the absolute
+        ``weight_decay_end`` is deprecated, with a warning naming the component's plugin."""
         rules = []
-        for module in self.modules().values():
+        for name, module in self.modules().items():
             method = getattr(module, "optim_rules", None)
             rule = method() if callable(method) else None
-            if rule is not None:
-                rules.append(rule)
+            if rule is None:
+                continue
+            if getattr(rule, "weight_decay_end", None) is not None:
+                warnings.warn(
+                    f"the {name.replace('_', ' ')} of plugin {self.sources.get(name)!r} sets "
+                    f"OptimRules(weight_decay_end={rule.weight_decay_end!r}), an absolute end "
+                    f"that scales every group by its ratio to optim.weight_decay; give "
+                    f"weight_decay_end_factor (the end over each group's own starting decay) "
+                    f"instead. The absolute form works until sslplug 0.3",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+            rules.append(rule)
         return rules
 
 

@@ -243,6 +243,37 @@ def _timm_name(name: str) -> tuple[str, dict[str, Any]]:
     return model, {}
 
 
+def _vit_args(
+    name: str,
+    timm_name: str,
+    image_size: int,
+    patch_size: int,
+    drop_path_rate: float,
+    published: bool,
+    registers: int,
+) -> dict[str, Any]:
+    """The arguments a Vision Transformer is made with, the settings checked."""
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ConfigError(f"model.drop_path_rate {drop_path_rate} must be in [0, 1)")
+    if patch_size < 0 or patch_size > image_size:
+        raise ConfigError(
+            f"model.patch_size {patch_size} must be between 1 and the image size {image_size} "
+            f"(0: the backbone's default)"
+        )
+    vit_args: dict[str, Any] = {"img_size": image_size}
+    if patch_size or name in VIT_PRESETS:
+        vit_args["patch_size"] = patch_size or default_patch_size(image_size)
+    if registers:
+        if published:
+            raise ConfigError(
+                f"model.registers={registers} with model.pretrained=true: the published weights "
+                f"of {timm_name} fix its tokens; choose a timm model published with registers "
+                f"(timm:vit_small_patch14_reg4_dinov2.lvd142m) and leave model.registers 0"
+            )
+        vit_args["reg_tokens"] = registers
+    return vit_args
+
+
 def build_timm_backbone(
     name: str,
     image_size: int,
@@ -250,6 +281,7 @@ def build_timm_backbone(
     drop_path_rate: float = 0.0,
     pool: str = "auto",
     published: bool = False,
+    registers: int = 0,
 ) -> tuple[nn.Module, int]:
     """The backbone ``name`` (a preset or ``timm:NAME``), randomly initialised, and the width of
     its pooled output.
@@ -258,23 +290,18 @@ def build_timm_backbone(
     choice, ``default_patch_size``, or the timm model's own for ``timm:NAME``) and accepts other
     sizes too (local crops): its position embedding is interpolated and the image padded to
     whole patches. ``published``: with the weights timm publishes for the model (resampled by
-    timm to this image and patch size), through its own download and cache.
+    timm to this image and patch size), through its own download and cache. ``registers``: that
+    many register tokens (timm's ``reg_tokens``) after the class token, for a ViT; 0 keeps the
+    model's own (the ``_reg4`` models have four).
     """
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
-    if not 0.0 <= drop_path_rate < 1.0:
-        raise ConfigError(f"model.drop_path_rate {drop_path_rate} must be in [0, 1)")
-    if patch_size < 0 or patch_size > image_size:
-        raise ConfigError(
-            f"model.patch_size {patch_size} must be between 1 and the image size {image_size} "
-            f"(0: the backbone's default)"
-        )
     timm_name, args = _timm_name(name)
     args = dict(args)
-    vit_args: dict[str, Any] = {"img_size": image_size}
-    if patch_size or name in VIT_PRESETS:
-        vit_args["patch_size"] = patch_size or default_patch_size(image_size)
+    vit_args = _vit_args(
+        name, timm_name, image_size, patch_size, drop_path_rate, published, registers
+    )
     common: dict[str, Any] = {"num_classes": 0, "drop_path_rate": drop_path_rate}
 
     def create(**more: Any) -> nn.Module:
@@ -291,9 +318,12 @@ def build_timm_backbone(
     try:
         net = create(dynamic_img_size=True, dynamic_img_pad=True, **vit_args)
     except TypeError:  # not a ViT: no image size, patch size or dynamic size to set
-        if patch_size:
+        if patch_size or registers:
+            setting = f"model.patch_size={patch_size}"
+            if not patch_size:
+                setting = f"model.registers={registers}"
             raise ConfigError(
-                f"model.patch_size={patch_size}: timm's {timm_name} has no patches; leave it 0"
+                f"{setting}: timm's {timm_name} is not a Vision Transformer; leave it 0"
             ) from None
         net = create()
         return TimmBackbone(net, timm_name, {**args}), _width(net)

@@ -270,13 +270,13 @@ def pretrained_backbone(source: str, image_size: int = 0, backbone: str = "") ->
             f"timm:NAME, a torchvision ResNet ({resnets}), "
             f"{RANDOM_PREFIX}BACKBONE, a run folder, an export or a weights file"
         )
-    name, stem, size, patch = _architecture(Path(source).expanduser(), backbone)
+    name, stem, size, patch, registers = _architecture(Path(source).expanduser(), backbone)
     size = image_size or size
     if not size:
         raise ConfigError(
             f"the weights {source!r} do not say the image size they were trained on; give it"
         )
-    net, width = build_backbone(name, size, stem, patch_size=patch)
+    net, width = build_backbone(name, size, stem, patch_size=patch, registers=registers)
     load_weights(net, source)
     return PretrainedBackbone(net.eval(), width, size, source)
 
@@ -294,9 +294,10 @@ def _published_size(name: str) -> int:
     return int(size[-1]) if size else 224
 
 
-def _architecture(path: Path, backbone: str) -> tuple[str, str, int, int]:
-    """The backbone, CIFAR stem, image size and patch size of the weights at ``path``: from a
-    run's saved settings, an export's note, or ``backbone`` for any other file."""
+def _architecture(path: Path, backbone: str) -> tuple[str, str, int, int, int]:
+    """The backbone, CIFAR stem, image size, patch size and register tokens of the weights at
+    ``path``: from a run's saved settings, an export's note, or ``backbone`` for any other
+    file."""
     from sslplug.checkpoint import FILENAME
     from sslplug.nn import stem_choice
 
@@ -307,9 +308,11 @@ def _architecture(path: Path, backbone: str) -> tuple[str, str, int, int]:
 
         data = json.loads(note.read_text())
         if data.get("format") == "sslplug-backbone":
-            patch = int(data.get("timm_args", {}).get("patch_size", 0))
+            args = data.get("timm_args", {})
+            patch, registers = int(args.get("patch_size", 0)), int(args.get("reg_tokens", 0))
             stem = "on" if data.get("cifar_stem") else "off"
-            return backbone or data["backbone"], stem, int(data.get("image_size", 0)), patch
+            size = int(data.get("image_size", 0))
+            return backbone or data["backbone"], stem, size, patch, registers
     if checkpoint.is_file() and checkpoint.suffix in (".pt", ".pth") and not backbone:
         from sslplug.checkpoint import load_checkpoint
 
@@ -325,6 +328,7 @@ def _architecture(path: Path, backbone: str) -> tuple[str, str, int, int]:
                 stem,
                 int(state.get("image_size") or 0),
                 int(model.get("patch_size", 0)),
+                int(model.get("registers", 0)),
             )
     if not backbone:
         raise ConfigError(
@@ -332,4 +336,4 @@ def _architecture(path: Path, backbone: str) -> tuple[str, str, int, int]:
             f"export note beside them); name it: the backbone setting beside the path "
             f"(model.backbone for model.pretrained, distill.teacher_backbone for a teacher)"
         )
-    return backbone, "auto", 0, 0
+    return backbone, "auto", 0, 0, 0

@@ -161,7 +161,7 @@ def test_teacher_centres_and_sharpens_then_updates_the_centre_by_eq_4() -> None:
             centred = [[x - c for x, c in zip(row, center)] for row in rows]
             expected = torch.tensor(softmax_rows(centred, 0.07))
             torch.testing.assert_close(out.extras["teacher_distribution"][crop], expected)
-        teacher.update_center()
+        teacher.update_from_step(sslplug.Outputs(), views, out)
         flat = [row for rows in logits for row in rows]
         mean = [sum(col) / len(flat) for col in zip(*flat)]
         center = [0.9 * c + 0.1 * m for c, m in zip(center, mean)]
@@ -273,7 +273,7 @@ def _center_and_loss(views: sslplug.Views, student: tuple[Tensor, ...]) -> dict[
     student = tuple(s.clone().requires_grad_() for s in student)
     loss = dino.DINOLoss(0.1)(sslplug.Outputs(projections=student), all_views, target).loss
     loss.backward()
-    teacher.update_center()
+    teacher.update_from_step(sslplug.Outputs(projections=student), all_views, target)
     return {"loss": loss.detach(), "center": teacher.center, "grads": [s.grad for s in student]}
 
 

@@ -1,4 +1,4 @@
-"""The contract every built-in method keeps, one parametrized test over all fifteen: it trains
+"""The contract every built-in method keeps, one parametrized test over all of them: it trains
 two steps, resumes bit for bit, exports its backbone, and mixes with another plugin's
 augmentation."""
 
@@ -46,13 +46,18 @@ NARROW = {
     "ijepa": ["model.backbone=vit_micro"],
     # a teacher of random weights: the default one is downloaded, and tests run offline
     "distill": ["distill.teacher=random:small", "distill.head_hidden_dim=64"],
+    "ibot": ["model.backbone=vit_micro", "ibot.out_dim=256", "ibot.local_crops_number=2"],
+    "dinov2": [
+        "model.backbone=vit_micro", "model.registers=2", "dinov2.out_dim=256",
+        "dinov2.local_crops_number=2", "dinov2.centering=sinkhorn_knopp",
+    ],
 }  # fmt: skip
 # a foreign augmentation each method accepts: the views it needs come from another plugin
 FOREIGN: dict[str, str | None] = {
     "byol": "simclr", "simclr": "byol", "barlow_twins": "simclr", "rotnet": "simclr",
     "jigsaw": "simclr", "cpc": None, "moco_v2": "byol", "moco_v3": "simclr",
     "swav": "dino", "dino": "swav", "vicreg": "byol", "nnclr": "simclr", "simsiam": "byol",
-    "mae": "simclr", "ijepa": "simclr", "distill": "byol",
+    "mae": "simclr", "ijepa": "simclr", "distill": "byol", "ibot": "dino", "dinov2": "dino",
 }  # fmt: skip
 
 

@@ -38,7 +38,7 @@ def test_builtin_byol_is_loaded_from_the_entry_point_group(registry):
     assert registry.failures == []
 
 
-WITH_TARGET = {"byol", "moco_v2", "moco_v3", "dino", "ijepa", "distill"}
+WITH_TARGET = {"byol", "moco_v2", "moco_v3", "dino", "ijepa", "distill", "ibot", "dinov2"}
 WITHOUT_TARGET = {
     "simclr", "barlow_twins", "rotnet", "jigsaw", "cpc", "swav", "vicreg", "nnclr", "simsiam",
     "mae",

@@ -326,6 +326,19 @@ def test_dino_like_needs_its_teacher() -> None:
         registry.build(config, RunContext(config=config, image_size=SIZE), backbone, dim)
 
 
+def test_dino_likes_absolute_weight_decay_end_still_works_with_a_deprecation_warning() -> None:
+    registry = _registry("dino_like")
+    config = load_config(None, ["components.plugin=dino_like"], registry.settings_classes())
+    backbone, dim = build_backbone("small", SIZE)
+    parts = registry.build(config, RunContext(config=config, image_size=SIZE), backbone, dim)
+    with pytest.warns(DeprecationWarning) as caught:
+        rules = parts.optim_rules()
+    message = str(caught[0].message)
+    assert "the encoder of plugin 'dino_like' sets OptimRules(weight_decay_end=0.4)" in message
+    assert "weight_decay_end_factor" in message and "until sslplug 0.3" in message
+    assert [r.weight_decay_end for r in rules if r.weight_decay_end is not None] == [0.4]
+
+
 # MoCo -----------------------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ import warnings
 
 METHODS = (
     "byol", "simclr", "barlow_twins", "rotnet", "jigsaw", "cpc", "moco_v2", "moco_v3", "swav",
-    "dino", "vicreg", "nnclr", "simsiam", "mae", "ijepa", "distill",
+    "dino", "vicreg", "nnclr", "simsiam", "mae", "ijepa", "distill", "ibot", "dinov2",
 )
 
 

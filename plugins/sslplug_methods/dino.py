@@ -81,8 +81,8 @@ class DINOSettings:
 
     ``freeze_last_layer`` and ``warmup_teacher_temp_epochs`` are in epochs. ``weight_decay``
     and ``weight_decay_end`` are the student's weight decay at the first and last step (AdamW,
-    as the official code), whatever ``optim.weight_decay`` is (it must be above 0: the core's
-    schedule scales from it, see ``DINOEncoder.optim_rules``).
+    as the official code), whatever ``optim.weight_decay`` is (0 included; see
+    ``DINOEncoder.optim_rules``).
     """
 
     out_dim: int = attrs.field(default=1024, validator=sslplug.positive)
@@ -120,10 +120,11 @@ class DINOHead(nn.Module):
     """The projection head (Section 3.1 and Appendix): a 3-layer MLP with GELU onto a
     bottleneck (batch norm after each hidden layer with ``use_bn_in_head``, the official code's
     option), L2 normalisation, then a weight-normalised linear layer without bias onto
-    ``out_dim`` prototypes. Linear layers start from a truncated normal of std 0.02 with zero
-    biases, as in the official code."""
+    ``out_dim`` prototypes (``settings.out_dim``, or ``out_dim`` when given: iBOT's patch head).
+    Linear layers start from a truncated normal of std 0.02 with zero biases, as in the
+    official code."""
 
-    def __init__(self, in_dim: int, settings: DINOSettings) -> None:
+    def __init__(self, in_dim: int, settings: DINOSettings, out_dim: int | None = None) -> None:
         super().__init__()
         hidden = settings.hidden_dim
         self.mlp = MLP(
@@ -141,7 +142,7 @@ class DINOHead(nn.Module):
         self.prototypes = MLP(
             settings.bottleneck_dim,
             [],
-            settings.out_dim,
+            settings.out_dim if out_dim is None else out_dim,
             weight_norm_last=True,
             norm_last_layer=settings.norm_last_layer,
         )
@@ -163,7 +164,7 @@ class DINOEncoder(sslplug.ProjectorEncoder):
         backbone: nn.Module,
         feature_dim: int,
         settings: DINOSettings,
-        optim_weight_decay: float,
+        optim_weight_decay: float = 0.0,
     ) -> None:
         head = DINOHead(feature_dim, settings)
         super().__init__(backbone, feature_dim, head, settings.out_dim)
@@ -174,10 +175,10 @@ class DINOEncoder(sslplug.ProjectorEncoder):
         """The last layer frozen for ``freeze_last_layer`` epochs, clipping to ``clip_grad``, and
         the student's weight decay on a cosine from ``weight_decay`` to ``weight_decay_end``.
 
-        The core's schedule runs from ``optim.weight_decay`` to ``OptimRules.weight_decay_end``
-        and scales every group's own weight decay by the same factor; the student's parameters
-        therefore form groups of weight decay ``weight_decay``, and the schedule ends at the
-        same ratio to ``optim.weight_decay`` as ``weight_decay_end`` to ``weight_decay``.
+        The student's parameters form groups of weight decay ``weight_decay``, and the core's
+        schedule ends each group at ``weight_decay_end / weight_decay`` times its own decay
+        (``OptimRules.weight_decay_end_factor``), whatever ``optim.weight_decay`` is.
+        (``optim_weight_decay``, which the absolute end of sslplug 0.2 needed, is unused.)
         """
         s = self.settings
         head = self.projector
@@ -194,8 +195,11 @@ class DINOEncoder(sslplug.ProjectorEncoder):
                 frozen_epochs=s.freeze_last_layer,
             ),
         )
-        end = self.optim_weight_decay * s.weight_decay_end / s.weight_decay
-        return sslplug.OptimRules(groups=groups, clip_grad_norm=s.clip_grad, weight_decay_end=end)
+        return sslplug.OptimRules(
+            groups=groups,
+            clip_grad_norm=s.clip_grad,
+            weight_decay_end_factor=s.weight_decay_end / s.weight_decay,
+        )
 
 
 def dino_cross_entropy(
@@ -263,11 +267,11 @@ class DINOTeacher(sslplug.MomentumTarget):
 
     ``forward`` (global crops only) returns the teacher's logits and, in
     ``extras["teacher_distribution"]``, ``P_t`` of shape ``(global crops, B, K)``: centred with
-    the centre of the earlier steps and sharpened at the temperature of ``run.progress``. It
-    keeps the batch's sum of logits; ``step`` then moves the teacher (EMA rate on a cosine to 1)
-    and folds the mean over the global batch (summed over ranks) into the centre, as the
-    official code updates the centre after computing the loss. The centre is a buffer, so
-    checkpoints hold it.
+    the centre of the earlier steps and sharpened at the temperature of ``run.progress``.
+    ``update_from_step`` folds the mean of those logits over the global batch (summed over
+    ranks) into the centre after the optimiser step, as the official code updates the centre
+    after computing the loss, and ``step`` moves the teacher (EMA rate on a cosine to 1). The
+    centre is a buffer, so checkpoints hold it.
     """
 
     reads = ("global",)
@@ -280,8 +284,6 @@ class DINOTeacher(sslplug.MomentumTarget):
         self.register_buffer("center", torch.zeros(1, encoder.projection_dim))
         self.settings = settings
         self.run = run
-        self._batch_sum: Tensor | None = None
-        self._batch_count = 0
         self._temperature = settings.warmup_teacher_temp
 
     def temperature(self) -> float:
@@ -297,25 +299,24 @@ class DINOTeacher(sslplug.MomentumTarget):
         stacked = torch.stack(logits).float()  # (global crops, B, K)
         self._temperature = self.temperature()
         distribution = F.softmax((stacked - self.center) / self._temperature, dim=-1)
-        self._batch_sum = stacked.sum(dim=(0, 1))
-        self._batch_count = stacked.shape[0] * stacked.shape[1]
         return Outputs(projections=logits, extras={"teacher_distribution": distribution})
 
     @torch.no_grad()
-    def update_center(self) -> None:
-        """``c <- m c + (1 - m) mean(g_t)`` over the global crops of the whole batch (eq. 4)."""
-        if self._batch_sum is None:
+    def update_from_step(self, outputs: Outputs, views: Views, target: Outputs | None) -> None:
+        """``c <- m c + (1 - m) mean(g_t)`` over the global crops of the whole batch (eq. 4),
+        from this step's teacher logits (``target.projections``)."""
+        if target is None:
             return
-        total = sslplug.all_reduce_sum(self._batch_sum)
-        batch_center = total / (self._batch_count * sslplug.world_size())
+        stacked = torch.stack(target.projections).float()
+        total = sslplug.all_reduce_sum(stacked.sum(dim=(0, 1)))
+        count = stacked.shape[0] * stacked.shape[1]
+        batch_center = total / (count * sslplug.world_size())
         self.center.lerp_(batch_center.unsqueeze(0), 1.0 - self.settings.center_momentum)
-        self._batch_sum = None
 
     @torch.no_grad()
     def step(self, encoder: Encoder, step: int, total_steps: int) -> dict[str, float]:
         tau = self.momentum(step, total_steps)
         super().step(encoder, step, total_steps)
-        self.update_center()
         return {"tau": tau, "teacher_temperature": self._temperature}
 
 

@@ -298,18 +298,18 @@ class IJEPAEncoder(Encoder):
         """The weight decay on a cosine from ``weight_decay`` to ``weight_decay_end``, as in
         the official ``src/helper.py`` (``CosineWDSchedule``), for encoder and predictor.
 
-        The core's schedule runs from ``optim.weight_decay`` to ``OptimRules.weight_decay_end``
-        and scales every group's own weight decay by the same factor (as for DINO, whose
-        recipe is the same): the parameters form one group of weight decay ``weight_decay``,
-        and the schedule ends at the same ratio to ``optim.weight_decay``. The group learns at
-        ``lr_scale`` times ``optim.lr``.
+        The parameters form one group of weight decay ``weight_decay``, and the core's schedule
+        ends it at ``weight_decay_end / weight_decay`` times that
+        (``OptimRules.weight_decay_end_factor``, as for DINO, whose recipe is the same). The
+        group learns at ``lr_scale`` times ``optim.lr``.
         """
         s = self.settings
         group = sslplug.ParamGroup(
             self, name="ijepa", weight_decay=s.weight_decay, lr_scale=s.lr_scale
         )
-        end = self.optim_weight_decay * s.weight_decay_end / s.weight_decay
-        return sslplug.OptimRules(groups=(group,), weight_decay_end=end)
+        return sslplug.OptimRules(
+            groups=(group,), weight_decay_end_factor=s.weight_decay_end / s.weight_decay
+        )
 
 
 class IJEPALoss(sslplug.Loss):
