@@ -193,6 +193,9 @@ def load_weights(backbone: nn.Module, source: str | Path) -> None:
     matches = [(t, _match_keys(state, set(t.state_dict()))) for t in _targets(backbone)]
     target, state = max(matches, key=lambda m: len(set(m[0].state_dict()) & m[1].keys()))
     own = target.state_dict()
+    if "mask_token" in state and "mask_token" not in own:
+        # a masked method's training machinery (iBOT, DINOv2), not a feature of the backbone
+        del state["mask_token"]
     if hasattr(target, "patch_embed"):
         _resample_vit(target, state)
     missing = sorted(set(own) - set(state))

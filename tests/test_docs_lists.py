@@ -292,8 +292,8 @@ def passages() -> list[Passage]:
     return all_passages()
 
 
-def test_sslplug_list_names_the_sixteen_methods_and_five_lifecycle_plugins(listed):
-    assert len(listed.methods) == 16, listed.methods
+def test_sslplug_list_names_the_eighteen_methods_and_five_lifecycle_plugins(listed):
+    assert len(listed.methods) == 18, listed.methods
     assert listed.lifecycle == ["tensorboard", "progress", "knn", "health", "view_grid"]
 
 

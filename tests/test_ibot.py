@@ -301,3 +301,17 @@ def test_the_ibot_loss_mixes_with_dinos_augmentation_and_the_dinov2_encoder(tmp_
     assert mixed["components"]["loss"] == "ibot"
     assert mixed["components"]["augmentation"] == "dino"
     assert math.isfinite(mixed["final_loss"])
+
+
+@pytest.mark.slow  # a short run and an export
+def test_a_run_with_registers_exports_and_loads_as_a_teacher_with_them(tmp_path: Path):
+    run = tmp_path / "run"
+    train_pinned(run, [*SHORT, "components.plugin=dinov2", "model.registers=2"])
+    exported = tmp_path / "backbone.pt"
+    assert main(["export", str(run), str(exported)]) == 0
+    for source in (run, exported):  # the run's settings, the export's note
+        teacher = sslplug.pretrained_backbone(str(source))
+        vit = teacher.module
+        assert isinstance(vit, sslplug.ViTBackbone) and vit.num_prefix_tokens == 3
+        state = torch.load(exported, weights_only=True)
+        torch.testing.assert_close(vit.vit.state_dict()["reg_token"], state["reg_token"])

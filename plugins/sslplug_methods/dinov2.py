@@ -67,6 +67,14 @@ class DINOv2Settings(IBOTSettings):
     koleo_weight: float = attrs.field(default=0.1, validator=sslplug.non_negative)
 
 
+class DINOv2Encoder(MaskedTokenEncoder):
+    """The student: iBOT's (a ViT with a mask token, one DINO head on class and patch tokens),
+    its class tokens of the global crops KoLeo's input. A ConvNet is refused naming DINOv2."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, settings: DINOv2Settings) -> None:
+        super().__init__(backbone, feature_dim, settings, "DINOv2's encoder")
+
+
 class DINOv2Loss(IBOTLoss):
     """iBOT's loss with KoLeo's weight from the settings and the patch centre following the
     teacher at the masked patches only, as ``dinov2/train/ssl_meta_arch.py`` updates it."""
@@ -99,7 +107,7 @@ def sslplug_augmentation(settings: DINOv2Settings, run: RunContext) -> sslplug.A
 
 @sslplug.hookimpl
 def sslplug_encoder(settings: DINOv2Settings, backbone: nn.Module, feature_dim: int) -> Encoder:
-    return MaskedTokenEncoder(backbone, feature_dim, settings, "DINOv2's encoder")
+    return DINOv2Encoder(backbone, feature_dim, settings)
 
 
 @sslplug.hookimpl
