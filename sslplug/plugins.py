@@ -32,7 +32,7 @@ from sslplug.components import (
     ViewGenerator,
 )
 from sslplug.config import COMPONENTS, NO_TARGET, RunConfig, RunContext
-from sslplug.errors import ComponentMismatchError, ConfigError, PluginError
+from sslplug.errors import ComponentMismatchError, ConfigError, PluginError, SslplugError
 from sslplug.lifecycle import LIFECYCLE_HOOKS, Lifecycle
 from sslplug.plugin_checks import check_settings, describe_type, qualified_name
 from sslplug.settings_values import did_you_mean, one_message
@@ -427,6 +427,8 @@ class PluginRegistry:
             ) from exc
         except PluginError:
             raise
+        except SslplugError as exc:  # the plugin's own clear error (a setting, a file): kept
+            raise type(exc)(f"plugin {name!r}, building its {component}: {exc}") from exc
         except Exception as exc:
             raise PluginError(f"plugin {name!r} failed to build its {component}: {exc!r}") from exc
         if result is None and component == "target_update":

@@ -14,7 +14,7 @@ from torch import nn
 import sslplug
 from sslplug.config import RunContext, load_config
 from sslplug.engine import train
-from sslplug.errors import ComponentMismatchError, PluginError
+from sslplug.errors import ComponentMismatchError, ConfigError, PluginError
 from sslplug.nn import build_backbone
 from sslplug.plugins import PluginRegistry
 
@@ -329,3 +329,17 @@ def test_hook_run_end_comes_last_with_the_summary(lifecycle):
     hook, args = calls[-1]
     assert hook == "run_end" and [h for h, _ in calls].count("run_end") == 1
     assert args["summary"]["epochs"] == 2 and args["summary"]["steps"] == summary["steps"]
+
+
+def test_a_config_error_while_building_keeps_its_type_and_reads_plainly(registry):
+    @sslplug.hookimpl
+    def sslplug_loss():
+        raise ConfigError("the teacher 'nosuch:thing' is neither published nor a file")
+
+    registry.register(_module("picky", sslplug_loss=sslplug_loss), "picky")
+    with pytest.raises(ConfigError) as caught:
+        _build(registry, "components.loss=picky")
+    assert str(caught.value) == (
+        "plugin 'picky', building its loss: the teacher 'nosuch:thing' is neither published "
+        "nor a file"
+    )
