@@ -106,10 +106,12 @@ class MaskedTokenEncoder(sslplug.Encoder):
 
     In training mode the global crops are masked (``sample_blockwise_masks``, the ratios drawn
     over the global crops of the batch together, as DINOv2's collate does) and ``forward``
-    returns, per global crop, the masks, the class tokens (KoLeo's input) and the patch head's
-    logits at the masked positions only (``(masked patches, K)``, in the order of
-    ``patches[mask]``). In eval mode, the teacher's (``EMATeacher`` keeps its copy there),
-    nothing is masked and the patch logits of every patch come back, ``(B, N, K)``.
+    returns in ``extras``, for the ``G`` global crops: ``masks`` ``(G, B, N)``, ``class_tokens``
+    ``(G, B, D)`` (KoLeo's input) and the patch head's logits at the masked positions only,
+    ``masked_patch_logits`` ``(masked patches, K)`` in the order of ``masks``' True entries
+    (row-major over crop, image, patch). In eval mode, the teacher's (``EMATeacher`` keeps its
+    copy there), nothing is masked and ``patch_logits`` ``(G, B, N, K)`` of every patch come
+    back. The global crops share one size, as multi-crop makes them.
     ``projections`` are the class-token logits of every view.
     """
 
@@ -189,22 +191,15 @@ class MaskedTokenEncoder(sslplug.Encoder):
         sizes = [c.shape[0] for c in cls]
         logits = self.head(torch.cat(cls)).split(sizes)
         pooled = cls if self.vit.pool == "token" else [p.mean(dim=1) for p in patches]
-        extras: dict[str, tuple[Tensor, ...]] = {
-            "class_tokens": tuple(cls[i] for i in global_index)
-        }
+        extras = {"class_tokens": torch.stack([cls[i] for i in global_index])}
+        tokens = torch.stack([patches[i] for i in global_index])  # (G, B, N, D)
         if masks:
-            picked = [patches[i][masks[i]] for i in global_index]
-            counts = [p.shape[0] for p in picked]
-            extras["masks"] = tuple(masks[i] for i in global_index)
-            extras["masked_patch_logits"] = self.patch_head(torch.cat(picked)).split(counts)
+            mask = torch.stack([masks[i] for i in global_index])
+            extras["masks"] = mask
+            extras["masked_patch_logits"] = self.patch_head(tokens[mask])
         else:
-            every = [patches[i] for i in global_index]
-            shape = [(p.shape[0], p.shape[1]) for p in every]
-            flat = self.patch_head(torch.cat([p.flatten(0, 1) for p in every]))
-            parts = flat.split([b * n for b, n in shape])
-            extras["patch_logits"] = tuple(
-                part.view(b, n, -1) for part, (b, n) in zip(parts, shape, strict=True)
-            )
+            every = self.patch_head(tokens.flatten(0, 2))
+            extras["patch_logits"] = every.view(*tokens.shape[:3], -1)
         return Outputs(features=tuple(pooled), projections=logits, extras=extras)
 
     def optim_rules(self) -> sslplug.OptimRules:
@@ -336,20 +331,22 @@ class IBOTLoss(sslplug.Loss):
         self, outputs: Outputs, target: Outputs, temp: float
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``L_patch``, the teacher's mean entropy on the masked patches, the masked fraction."""
-        masks = outputs.extras.get("masks", ())
-        if not masks:  # nothing masked (mask_probability 0): the class-token loss alone
+        masks = outputs.extras.get("masks")
+        if masks is None:  # nothing masked (mask_probability 0): the class-token loss alone
             zero = outputs.projections[0].sum() * 0.0
             return zero, torch.tensor(0.0), torch.tensor(0.0)
         terms, entropies = [], []
+        counts = masks.flatten(1).sum(dim=1).tolist()
+        students = outputs.extras["masked_patch_logits"].split(counts)
         for mask, student, every in zip(
-            masks, outputs.extras["masked_patch_logits"], target.extras["patch_logits"], strict=True
+            masks, students, target.extras["patch_logits"], strict=True
         ):
             teacher = self.distribution(every[mask], self.patch_center, temp)
             temp_s = self.settings.student_temp
             terms.append(masked_patch_cross_entropy(teacher, student, mask, temp_s))
             if teacher.shape[0]:
                 entropies.append(_entropy(teacher))
-        masked = torch.stack([m.float().mean() for m in masks]).mean()
+        masked = masks.float().mean()
         entropy = torch.stack(entropies).mean() if entropies else torch.tensor(0.0)
         return torch.stack(terms).mean(), entropy.detach(), masked
 
@@ -363,12 +360,11 @@ class IBOTLoss(sslplug.Loss):
         momentum = self.settings.center_momentum
         logits = torch.stack(target.projections).float()
         _follow(self.center, logits.flatten(0, -2), momentum)
-        every = target.extras["patch_logits"]
-        masks = outputs.extras.get("masks", ())
-        if self.centre_masked_only and masks:
-            rows = torch.cat([p[m] for p, m in zip(every, masks, strict=True)])
-        else:
-            rows = torch.cat([p.flatten(0, 1) for p in every])
+        every = target.extras["patch_logits"]  # (G, B, N, K)
+        masks = outputs.extras.get("masks")
+        rows = (
+            every[masks] if self.centre_masked_only and masks is not None else every.flatten(0, 2)
+        )
         _follow(self.patch_center, rows.float(), momentum)
 
 
@@ -393,13 +389,13 @@ def teacher(encoder: Encoder, settings: IBOTSettings) -> TargetUpdate:
 def register_capabilities(register: Callable[[str, str], None]) -> None:
     register(
         MASKED_PATCHES,
-        "encoder Outputs.extras: 'masks' (B, N) per global crop, 'masked_patch_logits' (masked "
-        "patches, K) at those masks, 'class_tokens' (B, D) per global crop (iBOT, DINOv2)",
+        "encoder Outputs.extras: 'masks' (G, B, N) of the G global crops, 'masked_patch_logits' "
+        "(masked patches, K) at those masks, 'class_tokens' (G, B, D) (iBOT, DINOv2)",
     )
     register(
         TEACHER_PATCHES,
         "target Outputs: class-token logits per global crop in projections, and "
-        "extras['patch_logits'] (B, N, K) of every patch (iBOT, DINOv2)",
+        "extras['patch_logits'] (G, B, N, K) of every patch (iBOT, DINOv2)",
     )
 
 
