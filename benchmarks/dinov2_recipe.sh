@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/dinov2_recipe.sh OUT [SEEDS...]
 #
-# Two runs at a time, one thread each (about 40 minutes per run on two AMD EPYC cores, fp32);
+# Two runs at a time, one thread each (under an hour per run on two AMD EPYC cores, fp32);
 # run nothing else on the machine meanwhile.
 set -euo pipefail
 out=$1

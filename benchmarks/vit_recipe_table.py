@@ -1,5 +1,5 @@
 """The table of docs/benchmarks.md's DINO, iBOT and DINOv2 section from run folders: kNN top-1
-of the random initialisation and after epochs 5, 10 and 15, with the health measures at the
+of the random initialisation and after epochs 5, 10 and 15 (``knn.every`` 5, the default), with the health measures at the
 end (effective rank, spread) and the teacher's class-token entropy over the last epoch::
 
     python benchmarks/vit_recipe_table.py runs/ibot-0 runs/dinov2-0 ...
@@ -17,7 +17,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 def row(folder: Path) -> str:
     events = EventAccumulator(str(folder / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
-    knn = {int(s.step): s.value for s in events.Scalars("knn/top1")}
+    # measured before the first step and every knn.every (5) epochs: 0, 5, 10, 15
+    knn = dict(zip((0, 5, 10, 15), (s.value for s in events.Scalars("knn/top1")), strict=False))
     tags = events.Tags()["scalars"]
     rank = events.Scalars("eval/rank_features")[-1].value
     spread = events.Scalars("eval/spread_features")[-1].value

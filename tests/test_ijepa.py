@@ -341,7 +341,8 @@ def test_weight_decay_follows_the_official_cosine_from_0_04_to_0_4(
     (rules,) = parts.optim_rules()
     (group,) = rules.groups
     assert group.weight_decay == 0.04 and group.params is parts.encoder
-    assert rules.weight_decay_end == pytest.approx(1e-3)  # 0.4 / 0.04 times optim.weight_decay
+    assert rules.weight_decay_end is None  # the deprecated absolute form is gone
+    assert rules.weight_decay_end_factor == pytest.approx(10.0)  # 0.4 / 0.04, relative
     assert group.lr_scale == 0.25  # a quarter of optim.lr: 5e-4 at the core's 2e-3
     assert _build(registry, "ijepa.lr_scale=1.0").optim_rules()[0].groups[0].lr_scale == 1.0
 
