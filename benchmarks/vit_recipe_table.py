@@ -1,6 +1,7 @@
 """The table of docs/benchmarks.md's DINO, iBOT and DINOv2 section from run folders: kNN top-1
-of the random initialisation and after epochs 5, 10 and 15 (``knn.every`` 5, the default), with the health measures at the
-end (effective rank, spread) and the teacher's class-token entropy over the last epoch::
+of the random initialisation and after epochs 5, 10 and 15 (``knn.every`` 5, the default),
+with the health measures at the end (effective rank, spread) and the teacher's class-token
+entropy over the last logged steps::
 
     python benchmarks/vit_recipe_table.py runs/ibot-0 runs/dinov2-0 ...
 """
