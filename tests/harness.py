@@ -134,3 +134,34 @@ def assert_same_checkpoints(run_a: Path, run_b: Path, parts: Sequence[str] = STA
         if a.get(part) is None and b.get(part) is None:
             continue
         assert_same_state(a[part], b[part], part)
+
+
+def assert_public_api_only(path: Path, allowed_imports: set[str]) -> None:
+    """The module at ``path`` imports nothing but ``allowed_imports`` and ``sslplug``, names
+    only what ``sslplug.__all__`` exports, and reads no private attribute but its own."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            modules = [node.module or ""]
+        else:
+            continue
+        assert set(modules) <= allowed_imports | {"sslplug"}, (
+            f"line {node.lineno} imports {modules}"
+        )
+    attributes = [node for node in ast.walk(tree) if isinstance(node, ast.Attribute)]
+    used = {a.attr for a in attributes if isinstance(a.value, ast.Name) and a.value.id == "sslplug"}
+    assert used <= set(sslplug.__all__), sorted(used - set(sslplug.__all__))
+    private = sorted(
+        {
+            a.attr
+            for a in attributes
+            if a.attr.startswith("_")
+            and not a.attr.endswith("__")
+            and not (isinstance(a.value, ast.Name) and a.value.id == "self")
+        }
+    )
+    assert not private, f"reaches into private names: {private}"

@@ -16,7 +16,6 @@ run of the same settings stopped after epoch 2 and resumed must end with equal t
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import importlib.util
 import math
@@ -40,7 +39,7 @@ from sslplug.errors import ComponentMismatchError
 from sslplug.nn import build_backbone
 from sslplug.plugins import PluginRegistry
 
-from .harness import StopAfterEpoch
+from .harness import StopAfterEpoch, assert_public_api_only
 
 FIXTURES = Path(__file__).parent / "fixtures" / "third_party"
 BATCH = 64
@@ -438,23 +437,7 @@ _ALLOWED_IMPORTS = {
 
 @pytest.mark.parametrize("name", sorted(PLUGINS))
 def test_fixture_uses_the_public_api_only(name: str) -> None:
-    tree = ast.parse(Path(PLUGINS[name].__file__).read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            modules = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            modules = [node.module or ""]
-        else:
-            continue
-        assert set(modules) <= _ALLOWED_IMPORTS, f"line {node.lineno} imports {modules}"
-    used = {
-        node.attr
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Attribute)
-        and isinstance(node.value, ast.Name)
-        and node.value.id == "sslplug"
-    }
-    assert used <= set(sslplug.__all__), sorted(used - set(sslplug.__all__))
+    assert_public_api_only(Path(PLUGINS[name].__file__), _ALLOWED_IMPORTS)
 
 
 def test_multi_crop_views_flow_through_the_view_grid_and_the_benchmark(tmp_path):

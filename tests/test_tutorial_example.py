@@ -4,7 +4,6 @@ resumes bit for bit and learns to match its teacher at the hidden patches."""
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import math
 import re
@@ -14,9 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import sslplug
-
-from .harness import StepRecorder, StopAfterEpoch, assert_same_checkpoints, train_pinned
+from .harness import (
+    StepRecorder,
+    StopAfterEpoch,
+    assert_public_api_only,
+    assert_same_checkpoints,
+    train_pinned,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "docs" / "examples" / "sslplug-masked-tokens" / "sslplug_masked_tokens.py"
@@ -40,22 +43,7 @@ def test_the_tutorial_shows_the_module_as_it_is_in_under_150_lines() -> None:
 
 
 def test_the_module_uses_sslplugs_public_api_only() -> None:
-    tree = ast.parse(MODULE.read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            modules = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            modules = [node.module or ""]
-        else:
-            continue
-        assert set(modules) <= ALLOWED | {"sslplug"}, f"line {node.lineno} imports {modules}"
-    attributes = [node for node in ast.walk(tree) if isinstance(node, ast.Attribute)]
-    used = {a.attr for a in attributes if isinstance(a.value, ast.Name) and a.value.id == "sslplug"}
-    assert used <= set(sslplug.__all__), sorted(used - set(sslplug.__all__))
-    private = sorted(
-        {a.attr for a in attributes if a.attr.startswith("_") and not a.attr.endswith("__")}
-    )
-    assert not private, f"reaches into private names: {private}"
+    assert_public_api_only(MODULE, ALLOWED)
 
 
 # the module is registered beside the installed plugins under the name extra0

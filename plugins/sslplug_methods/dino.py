@@ -180,26 +180,43 @@ class DINOEncoder(sslplug.ProjectorEncoder):
         (``OptimRules.weight_decay_end_factor``), whatever ``optim.weight_decay`` is.
         (``optim_weight_decay``, which the absolute end of sslplug 0.2 needed, is unused.)
         """
-        s = self.settings
         head = self.projector
         assert isinstance(head, DINOHead)
-        last = list(head.last_layer.parameters())
-        frozen = {id(p) for p in last}
-        body = [p for p in self.parameters() if id(p) not in frozen]
-        groups = (
-            sslplug.ParamGroup(body, name="student", weight_decay=s.weight_decay),
-            sslplug.ParamGroup(
-                last,
-                name="last_layer",
-                weight_decay=s.weight_decay,
-                frozen_epochs=s.freeze_last_layer,
-            ),
-        )
-        return sslplug.OptimRules(
-            groups=groups,
-            clip_grad_norm=s.clip_grad,
-            weight_decay_end_factor=s.weight_decay_end / s.weight_decay,
-        )
+        return dino_optim_rules(self, [head], self.settings)
+
+
+def dino_optim_rules(
+    student: nn.Module, heads: list[DINOHead], settings: DINOSettings
+) -> sslplug.OptimRules:
+    """DINO's optimiser rules for ``student`` (iBOT and DINOv2 use them too): the last layer of
+    each of ``heads`` frozen for ``freeze_last_layer`` epochs, gradients clipped to
+    ``clip_grad``, and every parameter's weight decay on a cosine from ``weight_decay`` to
+    ``weight_decay_end``, relative to the groups' own decay."""
+    s = settings
+    last = [p for head in heads for p in head.last_layer.parameters()]
+    frozen = {id(p) for p in last}
+    body = [p for p in student.parameters() if id(p) not in frozen]
+    groups = (
+        sslplug.ParamGroup(body, name="student", weight_decay=s.weight_decay),
+        sslplug.ParamGroup(
+            last,
+            name="last_layer",
+            weight_decay=s.weight_decay,
+            frozen_epochs=s.freeze_last_layer,
+        ),
+    )
+    return sslplug.OptimRules(
+        groups=groups,
+        clip_grad_norm=s.clip_grad,
+        weight_decay_end_factor=s.weight_decay_end / s.weight_decay,
+    )
+
+
+def warmed_up(start: float, end: float, run: RunContext, epochs: float) -> float:
+    """A value linear from ``start`` to ``end`` over the first ``epochs`` epochs of ``run``
+    (``run.progress.epoch_float``), then ``end``: the teacher's temperatures."""
+    done = 1.0 if epochs <= 0 else min(1.0, run.progress.epoch_float / epochs)
+    return start + done * (end - start)
 
 
 def dino_cross_entropy(
@@ -290,9 +307,9 @@ class DINOTeacher(sslplug.MomentumTarget):
         """``tau_t`` now: linear from ``warmup_teacher_temp`` to ``teacher_temp`` over the first
         ``warmup_teacher_temp_epochs`` epochs, then constant."""
         s = self.settings
-        warm = s.warmup_teacher_temp_epochs
-        done = 1.0 if warm <= 0 else min(1.0, self.run.progress.epoch_float / warm)
-        return s.warmup_teacher_temp + done * (s.teacher_temp - s.warmup_teacher_temp)
+        return warmed_up(
+            s.warmup_teacher_temp, s.teacher_temp, self.run, s.warmup_teacher_temp_epochs
+        )
 
     def forward(self, views: Views) -> Outputs:
         logits = sslplug.run_by_resolution(self.network, views.images)
@@ -320,6 +337,19 @@ class DINOTeacher(sslplug.MomentumTarget):
         return {"tau": tau, "teacher_temperature": self._temperature}
 
 
+def dino_augmentation(settings: DINOSettings, run: RunContext) -> sslplug.Augmentations:
+    """DINO's multi-crop from the settings' crops (iBOT and DINOv2 use it with theirs)."""
+    return sslplug.multicrop_recipe(
+        run.image_size,
+        local_crops=settings.local_crops_number,
+        local_size=settings.local_crop_size,
+        global_scale=settings.global_crops_scale,
+        local_scale=settings.local_crops_scale,
+        blur_prob=settings.blur_prob,
+        solarize_prob=settings.solarize_prob,
+    )
+
+
 @sslplug.hookimpl
 def sslplug_settings() -> type:
     return DINOSettings
@@ -336,15 +366,7 @@ def sslplug_capabilities(register: Callable[[str, str], None]) -> None:
 
 @sslplug.hookimpl
 def sslplug_augmentation(settings: DINOSettings, run: RunContext) -> sslplug.Augmentations:
-    return sslplug.multicrop_recipe(
-        run.image_size,
-        local_crops=settings.local_crops_number,
-        local_size=settings.local_crop_size,
-        global_scale=settings.global_crops_scale,
-        local_scale=settings.local_crops_scale,
-        blur_prob=settings.blur_prob,
-        solarize_prob=settings.solarize_prob,
-    )
+    return dino_augmentation(settings, run)
 
 
 @sslplug.hookimpl

@@ -33,6 +33,7 @@ from torch import nn
 
 import sslplug
 from sslplug import Encoder, RunContext, TargetUpdate
+from sslplug_methods.dino import dino_augmentation
 from sslplug_methods.ibot import IBOTLoss, IBOTSettings, MaskedTokenEncoder, teacher
 
 
@@ -94,15 +95,7 @@ def sslplug_settings() -> type:
 
 @sslplug.hookimpl
 def sslplug_augmentation(settings: DINOv2Settings, run: RunContext) -> sslplug.Augmentations:
-    return sslplug.multicrop_recipe(
-        run.image_size,
-        local_crops=settings.local_crops_number,
-        local_size=settings.local_crop_size,
-        global_scale=settings.global_crops_scale,
-        local_scale=settings.local_crops_scale,
-        blur_prob=settings.blur_prob,
-        solarize_prob=settings.solarize_prob,
-    )
+    return dino_augmentation(settings, run)
 
 
 @sslplug.hookimpl

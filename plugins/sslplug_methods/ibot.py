@@ -45,7 +45,14 @@ from torch import Tensor, nn
 
 import sslplug
 from sslplug import Encoder, Outputs, RunContext, TargetUpdate, Views
-from sslplug_methods.dino import DINOHead, DINOSettings, dino_cross_entropy
+from sslplug_methods.dino import (
+    DINOHead,
+    DINOSettings,
+    dino_augmentation,
+    dino_cross_entropy,
+    dino_optim_rules,
+    warmed_up,
+)
 
 MASKED_PATCHES = "masked_patch_logits"
 TEACHER_PATCHES = "teacher_patch_logits"
@@ -203,27 +210,8 @@ class MaskedTokenEncoder(sslplug.Encoder):
         return Outputs(features=tuple(pooled), projections=logits, extras=extras)
 
     def optim_rules(self) -> sslplug.OptimRules:
-        """DINO's rules: the last layer of each head frozen for ``freeze_last_layer`` epochs,
-        gradients clipped to ``clip_grad``, and the weight decay on a cosine from
-        ``weight_decay`` to ``weight_decay_end`` (relative to the groups' own decay)."""
-        s = self.settings
-        last = [p for head in self.heads() for p in head.last_layer.parameters()]
-        frozen = {id(p) for p in last}
-        body = [p for p in self.parameters() if id(p) not in frozen]
-        groups = (
-            sslplug.ParamGroup(body, name="student", weight_decay=s.weight_decay),
-            sslplug.ParamGroup(
-                last,
-                name="last_layer",
-                weight_decay=s.weight_decay,
-                frozen_epochs=s.freeze_last_layer,
-            ),
-        )
-        return sslplug.OptimRules(
-            groups=groups,
-            clip_grad_norm=s.clip_grad,
-            weight_decay_end_factor=s.weight_decay_end / s.weight_decay,
-        )
+        """DINO's rules (``dino_optim_rules``), with the last layer of each head frozen."""
+        return dino_optim_rules(self, self.heads(), self.settings)
 
 
 def masked_patch_cross_entropy(
@@ -277,14 +265,9 @@ class IBOTLoss(sslplug.Loss):
     def temperatures(self) -> tuple[float, float]:
         """The teacher's temperatures now (class token, patches): linear from the warm-up
         values over ``warmup_teacher_temp_epochs`` epochs, then constant."""
-        s = self.settings
-        warm = s.warmup_teacher_temp_epochs
-        done = 1.0 if warm <= 0 else min(1.0, self.run.progress.epoch_float / warm)
-        cls = s.warmup_teacher_temp + done * (s.teacher_temp - s.warmup_teacher_temp)
-        patch = s.warmup_teacher_patch_temp + done * (
-            s.teacher_patch_temp - s.warmup_teacher_patch_temp
-        )
-        return cls, patch
+        s, run, warm = self.settings, self.run, self.settings.warmup_teacher_temp_epochs
+        cls = warmed_up(s.warmup_teacher_temp, s.teacher_temp, run, warm)
+        return cls, warmed_up(s.warmup_teacher_patch_temp, s.teacher_patch_temp, run, warm)
 
     def distribution(self, logits: Tensor, centre: Tensor, temp: float) -> Tensor:
         """The teacher's targets for rows of ``logits`` ``(n, K)``."""
@@ -411,15 +394,7 @@ def sslplug_capabilities(register: Callable[[str, str], None]) -> None:
 
 @sslplug.hookimpl
 def sslplug_augmentation(settings: IBOTSettings, run: RunContext) -> sslplug.Augmentations:
-    return sslplug.multicrop_recipe(
-        run.image_size,
-        local_crops=settings.local_crops_number,
-        local_size=settings.local_crop_size,
-        global_scale=settings.global_crops_scale,
-        local_scale=settings.local_crops_scale,
-        blur_prob=settings.blur_prob,
-        solarize_prob=settings.solarize_prob,
-    )
+    return dino_augmentation(settings, run)
 
 
 @sslplug.hookimpl
