@@ -284,7 +284,6 @@ class IJEPAEncoder(Encoder):
             vit.embed_dim, settings.pred_emb_dim, settings.pred_depth, settings.pred_num_heads
         )
         self.settings = settings
-        self.optim_weight_decay = run.config.optim.weight_decay
 
     def forward(self, views: Views) -> Outputs:
         vit = sslplug.token_backbone(self.backbone, "I-JEPA's context encoder")
